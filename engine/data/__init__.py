@@ -1,0 +1,1 @@
+"""Data shipped inside the package: the bundled real slide and the default model weights."""
