@@ -1,0 +1,121 @@
+"""The ``cellvit-optimus`` command line: maps flags onto the engine's configuration objects.
+
+Exit codes (all commands): 0 every input succeeded, 1 some inputs failed (partial), 2 every input
+failed or the command was used wrongly. Progress output and colour live here only; the library
+stays silent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import OptimusError
+
+__all__ = ("main", "cli", "EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED")
+
+EXIT_OK, EXIT_PARTIAL, EXIT_FAILED = 0, 1, 2
+
+
+def _exit_code(n_ok: int, n_failed: int) -> int:
+    if n_failed == 0:
+        return EXIT_OK
+    return EXIT_PARTIAL if n_ok else EXIT_FAILED
+
+
+def _inputs(slides: tuple[str, ...]) -> list[Path]:
+    from .data import bundled_slide
+    from .slide import iter_slide_paths
+
+    if not slides:
+        return [bundled_slide()]
+    return list(iter_slide_paths(slides))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cellvit-optimus")
+@click.option("-v", "--verbose", count=True, help="more log output (-vv for debug)")
+def cli(verbose: int) -> None:
+    """CellViT-Optimus: streaming whole-slide H&E triage."""
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+
+
+def _tiling_options(f):
+    f = click.option("--mpp", type=float, default=None,
+                     help="level-0 microns per pixel, overriding or replacing the slide's metadata")(f)
+    f = click.option("--target-mpp", type=float, default=0.5, show_default=True,
+                     help="resolution of the tiles (um/px)")(f)
+    f = click.option("--tile-size", type=int, default=224, show_default=True, help="tile side in pixels")(f)
+    f = click.option("--overlap", type=float, default=0.0, show_default=True,
+                     help="fraction of a tile shared with its neighbour")(f)
+    f = click.option("--min-tissue", type=float, default=0.25, show_default=True,
+                     help="minimum tissue fraction of a kept tile")(f)
+    f = click.option("--backend", type=click.Choice(["auto", "cucim", "tiffslide", "dicom", "openslide"]),
+                     default="auto", show_default=True, help="slide reader")(f)
+    return f
+
+
+@cli.command()
+@click.argument("slides", nargs=-1, type=click.Path())
+@_tiling_options
+@click.option("--thumbnails", "thumbnail_dir", type=click.Path(file_okay=False), default=None,
+              help="write a PNG per slide with the tissue mask and the tile grid drawn on it")
+@click.option("--json", "as_json", is_flag=True, help="print the facts as JSON instead of a table")
+def inspect(slides, mpp, target_mpp, tile_size, overlap, min_tissue, backend, thumbnail_dir, as_json):
+    """Describe SLIDES (files or folders; default: the bundled real slide) and count tissue tiles."""
+    from .inspect import Failure, inspect_many
+    from .tissue import TilingConfig
+
+    try:
+        tiling = TilingConfig(tile_size=tile_size, target_mpp=target_mpp, overlap=overlap,
+                              min_tissue_fraction=min_tissue)
+    except OptimusError as exc:
+        raise click.UsageError(str(exc)) from exc
+    paths = _inputs(slides)
+    if not paths:
+        raise click.UsageError("no slides found in the given inputs")
+    results = list(inspect_many(paths, mpp=mpp, backend=backend, tiling=tiling,
+                                thumbnail_dir=thumbnail_dir))
+    ok = [r for r in results if not isinstance(r, Failure)]
+    bad = [r for r in results if isinstance(r, Failure)]
+    if as_json:
+        click.echo(json.dumps({"slides": [r.to_dict() for r in ok], "failures": [f.to_dict() for f in bad]},
+                              indent=2))
+    else:
+        _print_table(ok, bad, target_mpp)
+    sys.exit(_exit_code(len(ok), len(bad)))
+
+
+def _print_table(ok, bad, target_mpp: float) -> None:
+    head = ("slide", "backend", "vendor", "dimensions", "levels", "mpp", f"tiles@{target_mpp:g}")
+    rows = []
+    for r in ok:
+        mpp = f"{r.mpp[0]:.3f}" + ("*" if r.mpp_source == "override" else "") if r.mpp else "-"
+        rows.append((Path(r.path).name, r.backend, r.vendor or "-", f"{r.dimensions[0]}x{r.dimensions[1]}",
+                     str(r.level_count), mpp, str(r.tissue_tiles)))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    click.echo(fmt.format(*head))
+    for row in rows:
+        click.echo(fmt.format(*row))
+    for r in ok:
+        if r.thumbnail_path:
+            click.echo(f"thumbnail: {r.thumbnail_path}")
+    if any(r.mpp_source == "override" for r in ok):
+        click.echo("* MPP given with --mpp")
+    for f in bad:
+        click.echo(f"FAILED {f.message}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """console-script entry point"""
+    cli.main(args=argv, prog_name="cellvit-optimus")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
