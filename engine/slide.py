@@ -156,7 +156,7 @@ class _CuCIMBackend(_Backend):
             if self.vendor is None and "tiff" in meta:
                 self.vendor = "generic-tiff"
         self.mpp = mpp
-        self._lock = threading.Lock()
+        self._batched = True
 
     def read(self, x, y, level, w, h):
         return _rgb(self._img.read_region((x, y), (w, h), level))
@@ -164,14 +164,21 @@ class _CuCIMBackend(_Backend):
     def read_many(self, locations, level, w, h):
         if not locations:
             return np.empty((0, h, w, 3), np.uint8)
-        if len(locations) == 1:
-            return self.read(*locations[0], level, w, h)[None]
+        if len(locations) == 1 or not self._batched:
+            return np.stack([self.read(x, y, level, w, h) for x, y in locations])
         out = []
-        # cuCIM decodes the batch on its own worker threads (the GIL is released inside)
-        it = self._img.read_region([tuple(map(int, loc)) for loc in locations], (w, h), level,
-                                   num_workers=self._num_workers, batch_size=len(locations))
-        for batch in it:
-            out.append(_rgb(batch).reshape(-1, h, w, np.asarray(batch).shape[-1])[..., :3])
+        try:
+            # cuCIM decodes the batch on its own worker threads (the GIL is released inside)
+            it = self._img.read_region([tuple(map(int, loc)) for loc in locations], (w, h), level,
+                                       num_workers=self._num_workers, batch_size=len(locations))
+            for batch in it:
+                arr = np.asarray(batch)
+                out.append(_rgb(arr.reshape(-1, h, w, arr.shape[-1])))
+        except RuntimeError as exc:
+            # images cuCIM loads on its "slow path" (e.g. RGBA strips) have no batched reader
+            log.debug("cuCIM batched read unavailable (%s); reading tile by tile", exc)
+            self._batched = False
+            return self.read_many(locations, level, w, h)
         return np.ascontiguousarray(np.concatenate(out, axis=0))
 
     def associated(self):
