@@ -1,0 +1,186 @@
+"""Import timm on machines where torchvision is installed but unusable.
+
+timm imports torchvision at ``import timm`` (``FrozenBatchNorm2d`` in its norm layers, the transforms in
+``timm.data``), although the vision transformers we build never call into it. On CPU installs the
+pinned torch (2.13.0+cpu) has no matching torchvision wheel, and the CUDA torchvision wheel that pip
+picks instead dies at import (``RuntimeError: operator torchvision::nms does not exist``), taking timm
+down with it.
+
+:func:`import_timm` is the one way the package imports timm. If torchvision imports cleanly (GPU
+machines, matched installs) it does nothing special. Otherwise it puts a stand-in ``torchvision`` on
+``sys.meta_path`` that satisfies timm's import-time needs (names to import, classes to subclass,
+attribute look-ups used as dict keys) and raises a clear :class:`ImportError` the moment anything in it
+is actually called or instantiated. Optional torchvision features that timm guards with
+``try/except ImportError`` (FX feature extraction) are reported as missing instead, so timm switches
+them off as it would without torchvision.
+
+The stand-in stays installed for the life of the process: timm imports torchvision lazily in a few
+places too, and those must meet the same clear error rather than the broken wheel.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import logging
+import sys
+import threading
+import types
+from typing import Any, NoReturn
+
+__all__ = ("STUB_MESSAGE", "import_timm", "torchvision_stubbed")
+
+logger = logging.getLogger(__name__)
+
+#: what every use of the stand-in says
+STUB_MESSAGE = (
+    "torchvision is not usable in this environment (it failed to import: {cause}); cellvit-optimus "
+    "replaced it with a stand-in so that timm imports, and `{name}` was called. Install a torchvision "
+    "build that matches torch {torch_version} to use this feature."
+)
+
+# submodules that timm imports inside try/except ImportError: report them missing, as if torchvision
+# were not installed, rather than handing timm stand-ins it would then try to call
+_OPTIONAL_SUBMODULES = ("torchvision.models.feature_extraction",)
+
+_lock = threading.Lock()
+_stub_cause: str | None = None  # set once the stand-in is installed
+_checked = threading.Event()  # torchvision was tried (once per process)
+
+
+def torchvision_stubbed() -> bool:
+    """Whether :func:`import_timm` had to replace torchvision with the stand-in in this process."""
+    return _stub_cause is not None
+
+
+def import_timm() -> types.ModuleType:
+    """Import and return :mod:`timm`, standing in for torchvision first if the real one cannot import.
+
+    Thread-safe and idempotent; cheap after the first call.
+    """
+    if not _checked.is_set():
+        with _lock:
+            if not _checked.is_set():
+                _check_torchvision()
+                _checked.set()
+    return importlib.import_module("timm")
+
+
+def _check_torchvision() -> None:
+    global _stub_cause
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # noqa: BLE001  RuntimeError from a mismatched wheel, ImportError if absent
+        cause = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        # a failed import leaves half-initialised torchvision submodules behind; drop them so that the
+        # finder below is consulted for every torchvision name from now on
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+        _stub_cause = cause
+        sys.meta_path.insert(0, _FINDER)
+        logger.info("torchvision unusable (%s); timm will import against a stand-in", cause)
+
+
+def _fail(name: str) -> NoReturn:
+    import torch
+
+    raise ImportError(
+        STUB_MESSAGE.format(cause=_stub_cause, name=name, torch_version=torch.__version__.split("+")[0])
+    )
+
+
+class _StubAttr:
+    """An attribute of a stand-in class (e.g. ``InterpolationMode.BILINEAR``): hashable, never callable."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return f"<torchvision stand-in {self._name}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> NoReturn:
+        _fail(self._name)
+
+
+class _StubClassMeta(type):
+    """Metaclass of stand-in classes: class attributes exist (timm builds dicts of them at import)."""
+
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _StubAttr(f"{cls.__module__}.{cls.__qualname__}.{name}")
+
+
+def _stub_class(module: str, name: str) -> type:
+    qualname = f"{module}.{name}"
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> NoReturn:
+        _fail(qualname)
+
+    # subclassable (timm derives transforms from torchvision's), isinstance() works and is always False
+    return _StubClassMeta(name, (), {"__init__": __init__, "__module__": module, "__qualname__": name})
+
+
+class _StubModule(types.ModuleType):
+    """A torchvision (sub)module whose every public name is a stand-in that fails when used.
+
+    CamelCase names are classes in torchvision (``Resize``, ``InterpolationMode``,
+    ``FrozenBatchNorm2d``); any other name may be a submodule (``transforms``) or a function
+    (``to_tensor``), so it becomes a child stand-in module that also fails when called.
+    """
+
+    __torchvision_stub__ = True
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        full = f"{self.__name__}.{name}"
+        if full in _OPTIONAL_SUBMODULES:
+            raise AttributeError(name)
+        if name[:1].isupper():
+            value: Any = _stub_class(self.__name__, name)
+        else:
+            value = sys.modules.get(full) or _new_stub_module(full)
+        setattr(self, name, value)
+        return value
+
+    def __call__(self, *args: Any, **kwargs: Any) -> NoReturn:
+        _fail(self.__name__)
+
+
+def _new_stub_module(fullname: str) -> _StubModule:
+    module = _StubModule(fullname)
+    module.__path__ = []  # a package: submodules resolve through the finder, never the broken wheel
+    module.__spec__ = importlib.machinery.ModuleSpec(fullname, _FINDER, is_package=True)
+    module.__loader__ = _FINDER
+    # registered so that `import torchvision.x` and attribute access give the same object
+    sys.modules[fullname] = module
+    return module
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Meta-path finder that answers every ``torchvision`` import with a :class:`_StubModule`."""
+
+    def find_spec(
+        self, fullname: str, path: Any = None, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "torchvision" and not fullname.startswith("torchvision."):
+            return None
+        if fullname in _OPTIONAL_SUBMODULES:
+            # fail the way an absent module does, which timm catches and then goes without the feature
+            raise ModuleNotFoundError(f"No module named {fullname!r} (torchvision stand-in)", name=fullname)
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        module = _StubModule(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        pass
+
+
+_FINDER = _StubFinder()

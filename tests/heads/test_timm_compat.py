@@ -1,0 +1,103 @@
+"""import_timm: stands in for a broken torchvision, and only then.
+
+Each case runs in a fresh interpreter, since the stand-in is process-wide. A broken or a working
+torchvision is simulated with a meta-path finder / a module planted before import_timm runs, so both
+branches are tested whatever torchvision this machine has.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# makes `import torchvision` fail the way the CUDA wheel does on a CPU torch
+BREAK_TORCHVISION = """
+import importlib.abc, sys
+class _Broken(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision":
+            raise RuntimeError("operator torchvision::nms does not exist")
+sys.meta_path.insert(0, _Broken())
+"""
+
+
+def _run(code: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_broken_torchvision_is_stubbed_and_timm_builds_a_vit() -> None:
+    _run(
+        BREAK_TORCHVISION
+        + """
+import torch
+from cellvit_optimus.heads._timm_compat import import_timm, torchvision_stubbed
+timm = import_timm()
+assert torchvision_stubbed()
+assert sys.modules["torchvision"].__torchvision_stub__
+assert import_timm() is timm  # idempotent
+m = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56, depth=1, num_classes=0)
+with torch.no_grad():
+    assert m(torch.zeros(1, 3, 56, 56)).shape == (1, 384)
+"""
+    )
+
+
+def test_stub_raises_clear_import_error_when_used() -> None:
+    _run(
+        BREAK_TORCHVISION
+        + """
+import pytest
+from cellvit_optimus.heads._timm_compat import import_timm
+timm = import_timm()
+from torchvision.ops.misc import FrozenBatchNorm2d
+import torchvision.transforms as T
+assert not isinstance(object(), FrozenBatchNorm2d)   # isinstance checks in timm keep working
+for use in (lambda: FrozenBatchNorm2d(3), lambda: T.Resize(224), lambda: T.functional.to_tensor(None),
+            lambda: T.InterpolationMode.BILINEAR(), lambda: timm.data.create_transform(224)):
+    with pytest.raises(ImportError, match="torchvision is not usable.*was called.*matches torch"):
+        use()
+# features timm guards with try/except ImportError are reported missing, as without torchvision
+from timm.layers import _fx
+assert not _fx.has_fx_feature_extraction
+"""
+    )
+
+
+def test_working_torchvision_is_left_alone() -> None:
+    _run(
+        """
+import sys, types
+fake = types.ModuleType("torchvision")  # stands for a torchvision that imports fine
+sys.modules["torchvision"] = fake
+from cellvit_optimus.heads._timm_compat import import_timm, torchvision_stubbed
+try:
+    import_timm()  # timm then imports the planted module's submodules, which do not exist
+except ImportError:
+    pass
+assert not torchvision_stubbed()
+assert sys.modules["torchvision"] is fake
+assert not any(type(f).__name__ == "_StubFinder" for f in sys.meta_path)
+"""
+    )
+
+
+def test_real_environment_imports_timm() -> None:
+    from cellvit_optimus.heads import import_timm
+
+    timm = import_timm()
+    assert hasattr(timm, "create_model")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
