@@ -1,0 +1,327 @@
+"""HoVer-Net-style HV post-processing: NP/HV/type maps of one tile -> nucleus instances and their table.
+
+Sits between the segmentation heads (``heads/``, which predict the nuclear-pixel probability, the
+horizontal/vertical distance maps and the type probabilities) and the slide outputs (GeoJSON,
+per-nucleus tables) via :mod:`.stitch`. The algorithm is HoVer-Net's ``__proc_np_hv`` (Graham et al.
+2019), as copied by CellViT, CellViT++, TIAToolbox and MONAI:
+
+1. foreground ``blb = np_prob >= np_threshold``, 4-connected components smaller than
+   ``min_object_size`` removed;
+2. Sobel of H along x and of V along y (OpenCV kernels of size ``sobel_ksize``, reflect-101 border),
+   each min-max normalised over the tile and inverted (``1 - norm``);
+3. energy ``overall = max(sobel_h, sobel_v)`` inside ``blb``, 0 outside;
+   relief ``dist = -gaussian3x3((1 - overall) * blb)``;
+4. markers ``blb & (overall < marker_threshold)``, holes filled, opened with a 5x5 ellipse,
+   4-connected components smaller than ``min_marker_size`` removed;
+5. marker-controlled watershed of ``dist`` restricted to ``blb`` (foreground pieces without a marker
+   are dropped, as in HoVer-Net);
+6. per instance: area, centroid, bounding box, outer contour, and type by majority vote of the
+   per-pixel argmax class (HoVer-Net's rule: background loses to any other class present), with the
+   vote fraction as ``type_prob`` and the mean class probabilities as ``type_scores``.
+
+(Min-max normalising H and V before the Sobel, as HoVer-Net does, changes nothing after the second
+normalisation, so it is skipped.) Everything runs in Numba kernels from :mod:`._numba`; no scipy,
+skimage or OpenCV.
+
+Coordinates: (x, y) with pixel (row y, column x) covering ``[x, x+1] x [y, y+1]``, so a pixel's
+centre is ``(x + 0.5, y + 0.5)`` (QuPath / GeoJSON-friendly; add the tile origin for level 0).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _numba as nb
+
+__all__ = ("InstanceTable", "hv_to_instances", "instance_table", "sobel_range")
+
+
+@dataclass(frozen=True)
+class InstanceTable:
+    """Per-nucleus properties; row ``i`` describes instance id ``ids[i]``.
+
+    Attributes
+    ----------
+    ids : ndarray, (N,) int32
+        Instance ids (1..N in the label map of :func:`hv_to_instances`; global ids after stitching).
+    centroids : ndarray, (N, 2) float64
+        Centroid **(x, y)** in pixel-corner coordinates (pixel centre = index + 0.5).
+    bboxes : ndarray, (N, 4) int32
+        ``x0, y0, x1, y1`` half-open in pixel indices (= the contour's bounds).
+    areas : ndarray, (N,) int64
+        Pixel count.
+    types : ndarray, (N,) int32
+        Class id by majority vote (0 when no type map was given).
+    type_probs : ndarray, (N,) float32
+        Fraction of the instance's pixels voting for ``types`` (HoVer-Net's ``type_prob``); 1.0 without
+        a type map.
+    contours : list of ndarray, each (K, 2) float64
+        Closed outer ring (first point repeated last) in (x, y), counter-clockwise in these numbers
+        (positive shoelace area), simple (valid for shapely); its area equals ``areas`` for nuclei
+        without holes, minus ``eps**2`` per diagonal self-touch that was cut open.
+    type_scores : ndarray, (N, C) float32 or None
+        Mean class probability over the instance's pixels (None without a type map).
+    """
+
+    ids: np.ndarray
+    centroids: np.ndarray
+    bboxes: np.ndarray
+    areas: np.ndarray
+    types: np.ndarray
+    type_probs: np.ndarray
+    contours: list[np.ndarray] = field(repr=False)
+    type_scores: np.ndarray | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @staticmethod
+    def empty(n_classes: int | None = None) -> InstanceTable:
+        """A table with no rows."""
+        return InstanceTable(
+            ids=np.zeros(0, np.int32),
+            centroids=np.zeros((0, 2)),
+            bboxes=np.zeros((0, 4), np.int32),
+            areas=np.zeros(0, np.int64),
+            types=np.zeros(0, np.int32),
+            type_probs=np.zeros(0, np.float32),
+            contours=[],
+            type_scores=None if n_classes is None else np.zeros((0, n_classes), np.float32),
+        )
+
+    def take(self, index: np.ndarray) -> InstanceTable:
+        """Rows selected by an integer or boolean index (ids kept)."""
+        idx = np.arange(len(self))[index]
+        return InstanceTable(
+            ids=self.ids[idx],
+            centroids=self.centroids[idx],
+            bboxes=self.bboxes[idx],
+            areas=self.areas[idx],
+            types=self.types[idx],
+            type_probs=self.type_probs[idx],
+            contours=[self.contours[i] for i in idx],
+            type_scores=None if self.type_scores is None else self.type_scores[idx],
+        )
+
+    def translated(self, dx: float, dy: float) -> InstanceTable:
+        """The same rows shifted by ``(dx, dy)`` pixels (e.g. tile origin -> level 0); ``dx, dy`` integers
+        keep ``bboxes`` exact."""
+        off = np.array([dx, dy], np.float64)
+        return InstanceTable(
+            ids=self.ids,
+            centroids=self.centroids + off,
+            bboxes=self.bboxes + np.array([dx, dy, dx, dy], np.int32),
+            areas=self.areas,
+            types=self.types,
+            type_probs=self.type_probs,
+            contours=[c + off for c in self.contours],
+            type_scores=self.type_scores,
+        )
+
+
+def _as_map(name: str, a: np.ndarray, ndim: int) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
+        raise TypeError(f"{name} must be numeric, got dtype {a.dtype}")
+    return a
+
+
+def instance_table(
+    inst: np.ndarray,
+    n: int | None = None,
+    type_prob: np.ndarray | None = None,
+    contour_eps: float = 0.01,
+) -> InstanceTable:
+    """Properties of an instance map with contiguous ids 1..n (see :class:`InstanceTable`).
+
+    Parameters
+    ----------
+    inst : ndarray, (H, W) int32
+        Instance map, ids 1..n.
+    n : int, optional
+        Number of instances (default ``inst.max()``).
+    type_prob : ndarray, (C, H, W) float, optional
+        Class probabilities (class 0 = background).
+    contour_eps : float
+        How far a diagonal self-touch of a contour is cut open, in pixels.
+    """
+    inst = np.ascontiguousarray(inst, dtype=np.int32)
+    if n is None:
+        n = int(inst.max()) if inst.size else 0
+    if n == 0:
+        return InstanceTable.empty(None if type_prob is None else type_prob.shape[0])
+    area, sx, sy, bbox = nb.instance_moments(inst, n)
+    if np.any(area == 0):
+        raise ValueError(f"instance ids must be contiguous 1..{n}; {int((area == 0).sum())} ids are absent")
+    cent = np.stack([sx / area + 0.5, sy / area + 0.5], axis=1)
+    coords, offsets = nb.trace_contours(inst, bbox, float(contour_eps))
+    contours = np.split(coords, offsets[1:-1])
+    if type_prob is None:
+        types = np.zeros(n, np.int32)
+        tprob = np.ones(n, np.float32)
+        scores = None
+    else:
+        tp = np.ascontiguousarray(type_prob, dtype=np.float32)
+        votes, ssum = nb.instance_type_votes(inst, n, tp)
+        # HoVer-Net: most voted class (ties -> smaller id); background loses to any other class present
+        order = np.argsort(-votes, axis=1, kind="stable")
+        types = order[:, 0].astype(np.int32)
+        second = order[:, 1] if votes.shape[1] > 1 else order[:, 0]
+        bg_first = (types == 0) & (votes[np.arange(n), second] > 0)
+        types[bg_first] = second[bg_first]
+        tprob = (votes[np.arange(n), types] / area).astype(np.float32)
+        scores = (ssum / area[:, None]).astype(np.float32)
+    return InstanceTable(
+        ids=np.arange(1, n + 1, dtype=np.int32),
+        centroids=cent,
+        bboxes=bbox,
+        areas=area,
+        types=types,
+        type_probs=tprob,
+        contours=contours,
+        type_scores=scores,
+    )
+
+
+def sobel_range(hv: np.ndarray, sobel_ksize: int = 21) -> tuple[float, float, float, float]:
+    """The Sobel normalisation range HoVer-Net's post-processing measures on ``hv`` (2, H, W)."""
+    hv = _as_map("hv", hv, 3)
+    h, w = hv.shape[1:]
+    deriv, smooth = _kernels(int(sobel_ksize))
+    tmp = np.empty((h, w), np.float32)
+    sh = np.empty((h, w), np.float32)
+    sv = np.empty((h, w), np.float32)
+    nb.correlate_rows(np.ascontiguousarray(hv[0], dtype=np.float32), deriv, tmp)
+    nb.correlate_cols(tmp, smooth, sh)
+    nb.correlate_cols(np.ascontiguousarray(hv[1], dtype=np.float32), deriv, tmp)
+    nb.correlate_rows(tmp, smooth, sv)
+    a, b = nb.minmax(sh)
+    c, d = nb.minmax(sv)
+    return float(a), float(b), float(c), float(d)
+
+
+def _kernels(ksize: int) -> tuple[np.ndarray, np.ndarray]:
+    deriv, smooth = nb.sobel_kernels(ksize)
+    # scaled to unit L1 norm: irrelevant after the min-max normalisation, keeps float32 well-ranged
+    return (deriv / np.abs(deriv).sum()).astype(np.float32), (smooth / smooth.sum()).astype(np.float32)
+
+
+_local = threading.local()
+
+
+def _workspace(h: int, w: int) -> tuple:
+    """Per-thread scratch buffers, kept for the last tile shape seen (tiles of a slide share one)."""
+    ws = getattr(_local, "ws", None)
+    if ws is None or ws[0] != (h, w):
+        ws = ((h, w), nb.hv_workspace(h, w))
+        _local.ws = ws
+    return ws[1]
+
+
+def hv_to_instances(
+    np_prob: np.ndarray,
+    hv: np.ndarray,
+    type_prob: np.ndarray | None = None,
+    *,
+    np_threshold: float = 0.5,
+    min_object_size: int = 10,
+    sobel_ksize: int = 21,
+    marker_threshold: float = 0.4,
+    min_marker_size: int = 10,
+    keep_unmarked: bool = False,
+    sobel_range: tuple[float, float, float, float] | None = None,
+    with_table: bool = True,
+    contour_eps: float = 0.01,
+) -> tuple[np.ndarray, InstanceTable]:
+    """Nucleus instances of one tile from its NP / HV (/ type) maps (HoVer-Net post-processing).
+
+    Parameters
+    ----------
+    np_prob : ndarray, (H, W) float
+        Nuclear-pixel probability.
+    hv : ndarray, (2, H, W) float
+        Horizontal (channel 0, along x) and vertical (channel 1, along y) distance maps, channel first
+        as the heads output them (HoVer-Net's order).
+    type_prob : ndarray, (C, H, W) float, optional
+        Class probabilities (class 0 = background), e.g. the softmax of the type head.
+    np_threshold : float
+        Foreground threshold on ``np_prob`` (``>=``), HoVer-Net default 0.5.
+    min_object_size : int
+        Foreground pieces smaller than this (pixels) are dropped, default 10.
+    sobel_ksize : int
+        Odd Sobel kernel size, default 21.
+    marker_threshold : float
+        Markers are foreground pixels with energy below this, default 0.4.
+    min_marker_size : int
+        Markers smaller than this are dropped, default 10.
+    keep_unmarked : bool
+        HoVer-Net drops foreground pieces that hold no marker (default False, as HoVer-Net). True keeps
+        each as one instance: large isolated nuclei have weak HV gradients after the tile-wide
+        normalisation and often get no marker (CoNSeP's big epithelial nuclei, see the tests).
+    sobel_range : (h_min, h_max, v_min, v_max), optional
+        Fixed Sobel normalisation range. HoVer-Net (default None) min-max normalises over the tile, which
+        makes the result depend on the tiling; a fixed range (e.g. :func:`sobel_range` of a whole image
+        or a value calibrated on training data) makes tiles agree with the whole image.
+    with_table : bool
+        Compute the :class:`InstanceTable` (contours etc.); False returns an empty table, for speed.
+    contour_eps : float
+        See :func:`instance_table`.
+
+    Returns
+    -------
+    inst_map : ndarray, (H, W) int32
+        0 background, instances 1..N.
+    table : InstanceTable
+        Row ``i`` is instance ``i + 1``; tile-local coordinates.
+
+    Raises
+    ------
+    ValueError
+        Shapes disagree (the message names them) or a parameter is out of range.
+    """
+    np_prob = _as_map("np_prob", np_prob, 2)
+    hv = _as_map("hv", hv, 3)
+    if hv.shape != (2, *np_prob.shape):
+        raise ValueError(f"hv shape {hv.shape} does not match np_prob shape {np_prob.shape} (want (2, H, W))")
+    if type_prob is not None:
+        type_prob = _as_map("type_prob", type_prob, 3)
+        if type_prob.shape[1:] != np_prob.shape:
+            raise ValueError(
+                f"type_prob shape {type_prob.shape} does not match np_prob shape {np_prob.shape} "
+                "(want (C, H, W))"
+            )
+    if min_object_size < 0 or min_marker_size < 0:
+        raise ValueError(f"min sizes must be >= 0, got {min_object_size}, {min_marker_size}")
+    h, w = np_prob.shape
+    deriv, smooth = _kernels(int(sobel_ksize))
+    if sobel_range is None:
+        rng = np.array([0.0, 0.0, 0.0, 0.0, 1.0])
+    else:
+        given = np.asarray(sobel_range, dtype=np.float64).reshape(-1)
+        if given.shape != (4,) or not np.all(np.isfinite(given)):
+            raise ValueError(f"sobel_range must be 4 finite numbers (h_min, h_max, v_min, v_max), got {sobel_range!r}")
+        rng = np.append(given, 0.0)
+    inst = np.empty((h, w), np.int32)
+    nmark = nb.hv_pipeline(
+        np.ascontiguousarray(np_prob),
+        np.ascontiguousarray(hv[0], dtype=np.float32),
+        np.ascontiguousarray(hv[1], dtype=np.float32),
+        float(np_threshold),
+        int(min_object_size),
+        deriv,
+        smooth,
+        float(marker_threshold),
+        int(min_marker_size),
+        bool(keep_unmarked),
+        rng,
+        _workspace(h, w),
+        inst,
+    )
+    if not with_table:
+        return inst, InstanceTable.empty(None if type_prob is None else type_prob.shape[0])
+    return inst, instance_table(inst, nmark, type_prob, contour_eps)
