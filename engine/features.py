@@ -1,0 +1,181 @@
+"""Per-slide feature files (HDF5) and the versioned embedding cache they form.
+
+Layout (what CLAM / Trident users already read):
+
+- ``features``: (N, D) float32 tile embeddings
+- ``coords``: (N, 2) int64 top-left corners in level-0 pixels (x, y)
+- ``grid_index``: (N, 2) int64 (column, row) on the tile lattice
+- ``tissue_fraction``, ``artefact_fraction``, ``quality/blur``, ``quality/background``, ``quality/dark``: (N,)
+- attributes: ``patch_size`` (pixels at the target MPP), ``patch_size_level0``, ``target_mpp``, ``mpp``
+  (level 0), ``backbone``, ``weights_hash``, ``preprocessing_hash``, ``cache_key``, ``slide_fingerprint``,
+  ``package_version``, ``stride_level0``, ``slide_dimensions``, ``complete``
+
+A file is written to a temporary name and renamed when every tile is in, so a reader only ever sees
+complete files; ``cache_key`` says which backbone, weights, preprocessing, resolution, package version
+and slide produced it. A run whose key matches an existing file reuses it without backbone work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+
+__all__ = ("FeatureWriter", "read_features", "cache_key", "slide_fingerprint", "cached", "FEATURE_SCHEMA")
+
+#: bump when the file layout or the meaning of a field changes: old files then miss the cache
+FEATURE_SCHEMA = 1
+
+
+def slide_fingerprint(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """cheap identity of a slide file: size + SHA-256 of its first and last MiB"""
+    p = Path(path)
+    size = p.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with p.open("rb") as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(size - chunk, chunk))
+            h.update(f.read(chunk))
+    return h.hexdigest()[:32]
+
+
+def _canonical(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _canonical(asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _canonical(v) for k, v in sorted(obj.items())}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, float):
+        return round(obj, 9)
+    return obj
+
+
+def cache_key(*, backbone: str, weights_hash: str, preprocessing: dict[str, Any], slide: str,
+              version: str) -> str:
+    """the versioned cache key: backbone + weights + preprocessing (incl. resolution) + version + slide"""
+    doc = {"schema": FEATURE_SCHEMA, "backbone": backbone, "weights": weights_hash,
+           "preprocessing": _canonical(preprocessing), "slide": slide, "version": version}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def preprocessing_hash(preprocessing: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(_canonical(preprocessing), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached(path: str | os.PathLike[str], key: str) -> bool:
+    """True when ``path`` is a complete feature file written under ``key``"""
+    import h5py
+
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        with h5py.File(p, "r") as f:
+            return bool(f.attrs.get("complete", False)) and f.attrs.get("cache_key") == key
+    except OSError:  # unreadable leftovers are not a cache hit
+        return False
+
+
+class FeatureWriter:
+    """streams one slide's features into a temporary HDF5 file; ``commit`` renames it into place
+
+    Rows are written by tile index, so the file is identical whatever order batches arrive in.
+    Host memory stays at one batch: nothing is accumulated here.
+    """
+
+    def __init__(self, dest: str | os.PathLike[str], n_tiles: int, dim: int, attrs: dict[str, Any],
+                 arrays: dict[str, np.ndarray]) -> None:
+        import h5py
+
+        if n_tiles < 0 or dim <= 0:
+            raise ConfigError(f"n_tiles={n_tiles}, dim={dim} must be >= 0 and > 0")
+        self.dest = Path(dest)
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.dest.with_name(f".tmp-{self.dest.name}.{os.getpid()}")
+        self.n = n_tiles
+        self._written = np.zeros(n_tiles, bool)
+        # no timestamps in object headers: the same inputs give byte-identical files
+        self._f = h5py.File(self.tmp, "w", track_order=True)
+        chunk_rows = max(1, min(n_tiles, 256))
+        self._feat = self._f.create_dataset("features", shape=(n_tiles, dim), dtype="float32",
+                                            chunks=(chunk_rows, dim) if n_tiles else None, track_times=False)
+        self._quality: dict[str, Any] = {}
+        for name, arr in arrays.items():
+            self._f.create_dataset(name, data=arr, track_times=False)
+        for k, v in attrs.items():
+            self._f.attrs[k] = v
+        self._f.attrs["complete"] = False
+
+    def write(self, indices: np.ndarray, features: np.ndarray, quality: dict[str, np.ndarray] | None = None):
+        idx = np.asarray(indices, dtype=np.int64)
+        if features.shape[0] != idx.shape[0]:
+            raise ConfigError(f"features rows {features.shape[0]} != indices {idx.shape[0]}")
+        order = np.argsort(idx)  # h5py fancy indexing wants increasing indices
+        idx_sorted = idx[order]
+        self._feat[idx_sorted] = np.asarray(features, np.float32)[order]
+        for name, values in (quality or {}).items():
+            ds = self._quality.get(name)
+            if ds is None:
+                ds = self._f.create_dataset(f"quality/{name}", shape=(self.n,), dtype="float32",
+                                            track_times=False)
+                self._quality[name] = ds
+            ds[idx_sorted] = np.asarray(values, np.float32)[order]
+        self._written[idx] = True
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._written.all())
+
+    def commit(self) -> Path:
+        if not self.complete:
+            missing = int((~self._written).sum())
+            self.abort()
+            raise RuntimeError(f"{self.dest}: {missing} of {self.n} tiles were never written")
+        self._f.attrs["complete"] = True
+        self._f.flush()
+        self._f.close()
+        with open(self.tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.tmp, self.dest)
+        return self.dest
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        except Exception:  # already closed
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class FeatureFile:
+    """a feature file read back"""
+
+    features: np.ndarray
+    coords: np.ndarray
+    attrs: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+
+def read_features(path: str | os.PathLike[str]) -> FeatureFile:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        arrays: dict[str, np.ndarray] = {}
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset) and name not in ("features", "coords"):
+                arrays[name] = obj[()]
+
+        f.visititems(visit)
+        attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f.attrs.items()}
+        return FeatureFile(features=f["features"][()], coords=f["coords"][()], attrs=attrs, arrays=arrays)
