@@ -112,6 +112,105 @@ def _print_table(ok, bad, target_mpp: float) -> None:
         click.echo(f"FAILED {f.message}", err=True)
 
 
+def _backbone_options(f):
+    f = click.option("--backbone", default="hoptimus0", show_default=True,
+                     help="backbone preset: hoptimus0, small, tiny")(f)
+    f = click.option("--weights", default=None,
+                     help="weights file (.safetensors / .pt), or hf-hub[:repo] for the local Hugging Face "
+                          "cache (never downloads); default: hf-hub for hoptimus0, random init for test presets")(f)
+    f = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto")(f)
+    f = click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+                     help="compute precision (default: fp16 on CUDA, fp32 on CPU)")(f)
+    f = click.option("--batch-size", type=int, default=None, help="tiles per backbone call (default: fitted)")(f)
+    f = click.option("--vram-gb", type=float, default=12.0, show_default=True,
+                     help="GPU memory budget the batch size is fitted to")(f)
+    f = click.option("--workers", type=int, default=2, show_default=True, help="slide reader threads")(f)
+    f = click.option("-q", "--quiet", is_flag=True, help="no progress bars")(f)
+    return f
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _make_runner(backbone, weights, device, dtype, batch_size, vram_gb, tokens=False):
+    from .runner import BackboneRunner
+
+    if weights is None and backbone == "hoptimus0":
+        weights = "hf-hub"
+    return BackboneRunner(backbone, weights=weights, device=_device(device), dtype=dtype,
+                          batch_size=batch_size, vram_budget_gb=vram_gb, tokens=tokens)
+
+
+class _Bars:
+    """tqdm bars for the CLI: slides and tiles, with tiles/s and ETA"""
+
+    def __init__(self, quiet: bool, n_slides: int) -> None:
+        self.quiet = quiet
+        if quiet:
+            return
+        from tqdm import tqdm
+
+        self.slides = tqdm(total=n_slides, unit="slide", position=0, desc="slides")
+        self.tiles = tqdm(total=0, unit="tile", position=1, desc="tiles", smoothing=0.1)
+
+    def __call__(self, p) -> None:
+        if self.quiet:
+            return
+        if p.tiles_total != self.tiles.total:
+            self.tiles.total = p.tiles_total
+        self.tiles.n = p.tiles_done
+        self.tiles.set_postfix_str(p.current or "", refresh=False)
+        self.tiles.refresh()
+        self.slides.n = p.slides_done
+        self.slides.refresh()
+
+    def close(self) -> None:
+        if not self.quiet:
+            self.tiles.close()
+            self.slides.close()
+
+
+@cli.command()
+@click.argument("slides", nargs=-1, type=click.Path())
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="output folder")
+@_tiling_options
+@_backbone_options
+def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, backend, backbone, weights,
+            device, dtype, batch_size, vram_gb, workers, quiet):
+    """Tile embeddings of SLIDES into OUT/features/<slide>.h5 (CLAM/Trident layout; a versioned cache)."""
+    from .extract import ExtractConfig, extract_features
+    from .inspect import Failure
+    from .scheduler import SchedulerConfig
+    from .tissue import TilingConfig
+
+    try:
+        config = ExtractConfig(
+            tiling=TilingConfig(tile_size=tile_size, target_mpp=target_mpp, overlap=overlap,
+                                min_tissue_fraction=min_tissue),
+            scheduler=SchedulerConfig(reader_threads=workers), mpp=mpp, backend=backend)
+        runner = _make_runner(backbone, weights, device, dtype, batch_size, vram_gb)
+    except OptimusError as exc:
+        raise click.UsageError(str(exc)) from exc
+    paths = _inputs(slides)
+    bars = _Bars(quiet, len(paths))
+    try:
+        results = extract_features(paths, out_dir, runner, config, progress=bars)
+    finally:
+        bars.close()
+    ok = [r for r in results if not isinstance(r, Failure)]
+    bad = [r for r in results if isinstance(r, Failure)]
+    for r in ok:
+        click.echo(f"{'cached' if r.cached else 'done  '} {r.path}: {r.tiles} tiles -> {r.info.get('features')}")
+    for f in bad:
+        click.echo(f"FAILED {f.message}", err=True)
+    sys.exit(_exit_code(len(ok), len(bad)))
+
+
 def main(argv: list[str] | None = None) -> None:
     """console-script entry point"""
     cli.main(args=argv, prog_name="cellvit-optimus")

@@ -1,0 +1,55 @@
+"""The package's shape: one import namespace, no top-level kernels/safety, cheap imports, __all__."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+PACKAGES = ("cellvit_optimus.engine", "cellvit_optimus.kernels", "cellvit_optimus.heads",
+            "cellvit_optimus.safety")
+
+
+@pytest.mark.parametrize("name", ["kernels", "safety", "heads", "engine"])
+def test_card_folders_are_not_top_level_modules(tmp_path, name):
+    # run from a neutral folder: the repository root must not leak onto sys.path through the install
+    r = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=tmp_path, capture_output=True, text=True)
+    if r.returncode == 0:
+        # an unrelated PyPI package of that name may be installed; it must not be our folder
+        r2 = subprocess.run([sys.executable, "-c", f"import {name}; print({name}.__file__)"], cwd=tmp_path,
+                            capture_output=True, text=True)
+        assert "cellvit" not in r2.stdout.lower() and f"/{name}/__init__.py" not in r2.stdout.replace(
+            "site-packages", "")
+    else:
+        assert "ModuleNotFoundError" in r.stderr
+
+
+def test_engine_import_is_cheap(tmp_path):
+    code = ("import sys, cellvit_optimus.engine, cellvit_optimus.kernels, cellvit_optimus.heads, "
+            "cellvit_optimus.safety; heavy = [m for m in ('torch', 'cucim', 'numba', 'timm', 'nvidia.dali') "
+            "if m in sys.modules]; print(heavy)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
+
+
+def _public_modules():
+    for pkg_name in PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        yield pkg_name
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if not info.name.startswith("_"):
+                yield f"{pkg_name}.{info.name}"
+
+
+@pytest.mark.parametrize("module", sorted(set(_public_modules())))
+def test_public_modules_declare_all(module):
+    if module.endswith(".cli"):
+        pytest.importorskip("click")
+    mod = importlib.import_module(module)
+    names = getattr(mod, "__all__", None)
+    assert isinstance(names, tuple), f"{module}.__all__ must be a tuple"
+    for n in names:
+        assert hasattr(mod, n), f"{module}.__all__ names {n!r}, which does not exist"
