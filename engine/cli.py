@@ -211,6 +211,67 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
     sys.exit(_exit_code(len(ok), len(bad)))
 
 
+@cli.command()
+@click.argument("slides", nargs=-1, type=click.Path())
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out", show_default=True,
+              help="output folder")
+@click.option("--mpp", type=float, default=None, help="level-0 microns per pixel override")
+@click.option("--nuclei-mpp", type=float, default=None, help="resolution of the nuclei path (default: the model's)")
+@click.option("--overlap", "overlap_px", type=int, default=64, show_default=True,
+              help="tile overlap in pixels at the nuclei resolution")
+@click.option("--min-tissue", type=float, default=0.25, show_default=True, help="minimum tissue fraction")
+@click.option("--backend", type=click.Choice(["auto", "cucim", "tiffslide", "dicom", "openslide"]), default="auto")
+@click.option("--nuclei-weights", default=None, help="nuclei checkpoint (default: the bundled model)")
+@click.option("--backbone-weights", default=None, help="weights of the backbone the nuclei head was trained on")
+@click.option("--mil-weights", default=None, help="attention-MIL checkpoint for the slide score")
+@click.option("--thresholds", default=None, type=click.Path(dir_okay=False), help="trust-tag thresholds JSON")
+@click.option("--ood-state", default=None, type=click.Path(dir_okay=False), help="OOD reference state (.npz)")
+@click.option("--shadow-slides", type=int, default=30, show_default=True,
+              help="cold start: a site's first N slides are never cleared from review (0: off)")
+@click.option("--site-id", default="default", show_default=True, help="site name for the shadow-mode counter")
+@click.option("--outputs", default=",".join(("features", "cells", "regions", "thumbnail", "summary")),
+              show_default=True, help="what to write (comma-separated)")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="tiles per backbone call")
+@click.option("--workers", type=int, default=2, show_default=True, help="slide reader threads")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bars (services, logs)")
+def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, nuclei_weights, backbone_weights,
+           mil_weights, thresholds, ood_state, shadow_slides, site_id, outputs, device, batch_size, workers, quiet):
+    """Triage SLIDES (files or folders; default: the bundled real slide) into a ranked worklist.
+
+    Writes per slide OUT/<slide>/{cells.geojson, regions.geojson, overview.png, summary.json} and
+    OUT/features/<slide>.h5, and per batch OUT/worklist.{csv,json}. Exit code: 0 complete,
+    1 partial (some slides failed; see the worklist), 2 failed.
+    """
+    from .scheduler import SchedulerConfig
+    from .triage import Engine, TriageConfig
+
+    try:
+        config = TriageConfig(scheduler=SchedulerConfig(batch_tiles=batch_size, reader_threads=workers), mpp=mpp,
+                              backend=backend, nuclei_mpp=nuclei_mpp, overlap_px=overlap_px,
+                              min_tissue_fraction=min_tissue,
+                              outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()),
+                              thresholds=thresholds, ood_state=ood_state, shadow_slides=shadow_slides,
+                              site_id=site_id)
+        engine = Engine(config, nuclei_weights=nuclei_weights, backbone_weights=backbone_weights,
+                        mil_weights=mil_weights, device=device, batch_size=batch_size)
+    except OptimusError as exc:
+        raise click.UsageError(str(exc)) from exc
+    paths = _inputs(slides)
+    bars = _Bars(quiet, len(paths))
+    try:
+        batch = engine.run(paths, out_dir, progress=bars)
+    finally:
+        bars.close()
+    for r in batch.results:
+        click.echo(f"{'cached' if r.cached else 'done  '} {r.name}: {r.tag} (priority {r.priority:.3f}, "
+                   f"{r.nuclei} nuclei in {r.tiles} tiles) -> {Path(r.outputs['summary']).parent}")
+    for f in batch.failures:
+        click.echo(f"FAILED {f.message}", err=True)
+    click.echo(f"worklist: {batch.worklist_csv} ({batch.status})")
+    sys.exit(_exit_code(len(batch.results), len(batch.failures)))
+
+
 def main(argv: list[str] | None = None) -> None:
     """console-script entry point"""
     cli.main(args=argv, prog_name="cellvit-optimus")

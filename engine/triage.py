@@ -1,0 +1,599 @@
+"""The triage product: slides in, per-slide outputs and a ranked worklist out.
+
+One streaming pass per slide through the scheduler: tissue tiles at the nuclei resolution (with
+overlap) -> backbone (tile embeddings + token maps) -> UNETR head (NP/HV/NT maps) -> fan-out to
+
+- the feature writer (``features/<slide>.h5``, the extraction layout; embeddings feed MIL and OOD),
+- the nuclei consumer: HV post-processing of each batch as it arrives, keeping each nucleus in the
+  one tile whose core (the tile minus half the overlap on sides that have a neighbour) holds its
+  centroid, so no slide-sized map is ever held, plus per-tile uncertainty (NP/NT entropy, HV
+  consistency) and nuclei counts.
+
+When a slide's last batch is in: OOD scores, trust tags per tile / region / slide (shadow mode for a
+new site), MIL score or the fallback priority, and the outputs (cells and regions GeoJSON for
+QuPath, an overview PNG, ``summary.json`` last). Every file is written atomically; ``summary.json``
+marks a finished slide, so a rerun skips it (its features are reused through the cache either way).
+
+Fallback priority (no MIL checkpoint): the density of nuclei typed as epithelial or inflammatory
+per mm^2 of analysed tissue, divided by 5,000 and clipped to [0, 1] — a crude proxy for cellular,
+inflamed or neoplastic tissue; slides whose tag is not ``reliable`` keep their rank but carry the tag.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+from .extract import FeatureExtractor, feature_path
+from .features import FeatureWriter, slide_fingerprint
+from .inspect import Failure
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_png, clean_stale_temporaries
+from .scheduler import Progress, SchedulerConfig, SlideDone, SlideJob, TileBatch, run_pipeline
+from .tissue import TilingConfig, TissueConfig, detect_tissue, draw_overlay, tile_grid
+
+__all__ = ("TriageConfig", "SlideResult", "BatchResult", "Engine", "OUTPUTS", "FALLBACK_DENSITY_SCALE")
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("features", "cells", "regions", "thumbnail", "summary")
+#: nuclei per mm^2 that map to priority 1.0 in the fallback rule
+FALLBACK_DENSITY_SCALE = 5000.0
+_TAG_COLOURS = {"reliable": (40, 170, 60), "review": (240, 170, 20), "out_of_domain": (220, 40, 40)}
+
+
+@dataclass(frozen=True)
+class TriageConfig:
+    """everything a triage run needs besides the models"""
+
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(batch_tiles=16))
+    mpp: float | None = None  # level-0 MPP override
+    backend: str = "auto"
+    nuclei_mpp: float | None = None  # default: the nuclei model's training resolution
+    overlap_px: int = 64  # tile overlap at the nuclei resolution (nuclei up to 32 px radius stay whole)
+    min_tissue_fraction: float = 0.25
+    outputs: tuple[str, ...] = OUTPUTS
+    thresholds: str | None = None  # TagThresholds JSON; default: conservative built-in defaults
+    ood_state: str | None = None  # MahalanobisOOD state (.npz) fitted for this backbone
+    shadow_slides: int = 30  # cold start: the first N slides of a site are never cleared
+    site_state: str | None = None  # shadow-mode counter file; default OUT/site_state.json
+    site_id: str = "default"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.outputs) - set(OUTPUTS)
+        if unknown:
+            raise ConfigError(f"outputs={sorted(unknown)} unknown; choose from {', '.join(OUTPUTS)}")
+        if "summary" not in self.outputs:
+            raise ConfigError("outputs must include 'summary' (it marks a finished slide)")
+        if self.overlap_px < 0:
+            raise ConfigError(f"overlap_px={self.overlap_px} must be >= 0")
+        if self.shadow_slides < 0:
+            raise ConfigError(f"shadow_slides={self.shadow_slides} must be >= 0")
+
+
+@dataclass
+class SlideResult:
+    """a triaged slide"""
+
+    path: str
+    name: str
+    tag: str
+    reason: str
+    priority: float
+    priority_source: str  # "mil" or "fallback"
+    tiles: int
+    nuclei: int
+    counts: dict[str, int]
+    tag_fractions: dict[str, float]
+    outputs: dict[str, str]
+    timings: dict[str, float]
+    cached: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BatchResult:
+    """a whole batch: results in input order, failures with reasons, and the worklist files"""
+
+    results: list[SlideResult]
+    failures: list[Failure]
+    worklist_csv: str
+    worklist_json: str
+
+    @property
+    def status(self) -> str:
+        if not self.failures:
+            return "complete"
+        return "partial" if self.results else "failed"
+
+
+# --------------------------------------------------------------------------------------------------
+# per-slide nuclei consumer
+# --------------------------------------------------------------------------------------------------
+
+
+class _NucleiConsumer:
+    """post-processes batches as they arrive and keeps compact per-nucleus records only"""
+
+    def __init__(self, job: SlideJob, post: Any, num_types: int, overlap: int) -> None:
+        grid = job.grid
+        assert grid is not None
+        self.grid = grid
+        self.post = post
+        self.scale = grid.level0_size[0] / grid.tile_size  # level-0 px per nuclei-grid px
+        n = len(grid)
+        self.n_tiles = n
+        self.half = overlap / 2
+        lattice = {tuple(g) for g in grid.grid_index.tolist()}
+        # a side without a neighbour tile keeps its nuclei up to the tile edge
+        self.open_side = np.array([[(c - 1, r) not in lattice, (c + 1, r) not in lattice,
+                                    (c, r - 1) not in lattice, (c, r + 1) not in lattice]
+                                   for c, r in grid.grid_index.tolist()], bool).reshape(-1, 4)
+        self.np_entropy = np.full(n, np.nan, np.float32)
+        self.nt_entropy = np.full(n, np.nan, np.float32)
+        self.hv_consistency = np.full(n, np.nan, np.float32)
+        self.nuclei_per_tile = np.zeros(n, np.int32)
+        self.embeddings: np.ndarray | None = None
+        self.contours: list[np.ndarray] = []
+        self.types: list[int] = []
+        self.type_probs: list[float] = []
+        self.areas: list[float] = []
+        self.centroids: list[tuple[float, float]] = []
+        self.tile_of: list[int] = []
+        self.num_types = num_types
+
+    def on_batch(self, batch: TileBatch) -> None:
+        from cellvit_optimus.kernels import hv_to_instances
+        from cellvit_optimus.safety import tile_uncertainty
+
+        emb, maps = batch.output
+        idx = batch.indices
+        if self.embeddings is None:
+            self.embeddings = np.zeros((self.n_tiles, emb.shape[1]), np.float32)
+        self.embeddings[idx] = emb
+        np_probs = np.stack([1.0 - maps.np, maps.np], axis=1)
+        u = tile_uncertainty(np_probs, maps.nt, maps.hv)
+        self.np_entropy[idx], self.nt_entropy[idx] = u.np_entropy, u.nt_entropy
+        self.hv_consistency[idx] = u.hv_consistency
+        s = self.grid.tile_size
+        p = self.post
+        for k, t in enumerate(idx.tolist()):
+            _, table = hv_to_instances(maps.np[k], maps.hv[k], maps.nt[k], np_threshold=p.np_threshold,
+                                       min_object_size=p.min_object_size, sobel_ksize=p.sobel_ksize,
+                                       marker_threshold=p.marker_threshold, min_marker_size=p.min_marker_size,
+                                       keep_unmarked=p.keep_unmarked)
+            left, right, top, bottom = self.open_side[t]
+            x_lo, x_hi = (0.0 if left else self.half), (s if right else s - self.half)
+            y_lo, y_hi = (0.0 if top else self.half), (s if bottom else s - self.half)
+            x0, y0 = (float(v) for v in self.grid.coords[t])
+            kept = 0
+            for i in range(len(table)):
+                cx, cy = table.centroids[i]
+                if not (x_lo <= cx < x_hi and y_lo <= cy < y_hi):
+                    continue  # another tile's core owns it
+                self.contours.append(np.asarray(table.contours[i], np.float64) * self.scale + (x0, y0))
+                self.centroids.append((x0 + cx * self.scale, y0 + cy * self.scale))
+                self.types.append(int(table.types[i]))
+                self.type_probs.append(float(table.type_probs[i]))
+                self.areas.append(float(table.areas[i]) * self.scale ** 2)
+                self.tile_of.append(t)
+                kept += 1
+            self.nuclei_per_tile[t] = kept
+
+    def finish(self, job: SlideJob) -> dict[str, Any]:
+        return {}  # the engine finalises the slide with everything collected here
+
+    def abort(self, job: SlideJob) -> None:
+        self.contours.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# the engine
+# --------------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """the whole pipeline as a library object
+
+    ``Engine().run(slides, out)`` is synchronous; ``async for r in Engine().stream(slides, out)``
+    yields per-slide results as slides finish and never blocks the host event loop (all blocking work
+    runs in worker threads). Engines share no state: two can live in one process.
+
+    Parameters
+    ----------
+    config : what to tile, thresholds, outputs
+    nuclei_weights : nuclei checkpoint (default: the bundled model)
+    backbone_weights : weights of the backbone the nuclei head was trained on, when not a seeded init
+    mil_weights : optional gated-attention MIL checkpoint for the slide score
+    device : ``"cpu"``, ``"cuda"``, ``"auto"``
+    batch_size : tiles per backbone call
+    """
+
+    def __init__(self, config: TriageConfig | None = None, *, nuclei_weights: str | os.PathLike[str] | None = None,
+                 backbone_weights: str | os.PathLike[str] | None = None,
+                 mil_weights: str | os.PathLike[str] | None = None, device: str = "cpu",
+                 batch_size: int = 16) -> None:
+        from .nuclei import NucleiModel, PostProcessConfig
+
+        self.config = config or TriageConfig()
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = NucleiModel(nuclei_weights, backbone_weights=backbone_weights, device=device,
+                                 batch_size=batch_size)
+        self.nuclei_mpp = float(self.config.nuclei_mpp or self.model.nuclei_mpp)
+        factor = self.model.nuclei_mpp / self.nuclei_mpp
+        self.post = PostProcessConfig().scaled(factor) if abs(factor - 1) > 1e-6 else PostProcessConfig()
+        self.mil = None
+        if mil_weights is not None:
+            from cellvit_optimus.heads.checkpoint import load_mil
+
+            self.mil = load_mil(mil_weights, backbone_id=self.model.runner.preset.name,
+                                backbone_hash=self.model.runner.weights_id).model
+        self.thresholds = self._load_thresholds()
+        self.ood = self._load_ood()
+        self.tiling = TilingConfig(tile_size=self.model.tile_size, target_mpp=self.nuclei_mpp,
+                                   overlap=self.config.overlap_px / self.model.tile_size,
+                                   min_tissue_fraction=self.config.min_tissue_fraction)
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def _load_thresholds(self):
+        from cellvit_optimus.safety import TagThresholds
+
+        if self.config.thresholds:
+            return TagThresholds.load(self.config.thresholds)
+        return TagThresholds(require_ood=False)  # conservative defaults; OOD judged when a state exists
+
+    def _load_ood(self):
+        from cellvit_optimus.safety import MahalanobisOOD
+
+        path = self.config.ood_state
+        if path is None:
+            from .data import DATA_DIR
+
+            bundled = DATA_DIR / "default_ood.npz"
+            path = str(bundled) if bundled.is_file() and self.model.path is not None and \
+                self.model.path.parent == DATA_DIR else None
+        if path is None:
+            return None
+        ood = MahalanobisOOD.load(path, backbone_id=self.model.runner.preset.name,
+                                  weights_hash=self.model.runner.weights_id)
+        self.thresholds = self.thresholds.with_ood(ood)
+        return ood
+
+    def run_key(self) -> str:
+        """identity of everything that shapes a slide's outputs (a rerun with another key recomputes)"""
+        doc = {"model": self.model.metadata.get("sha256") or str(self.model.path),
+               "model_hash": _file_hash(self.model.path) if self.model.path else "in-memory",
+               "backbone": self.model.runner.weights_id, "tiling": asdict(self.tiling),
+               "tissue": asdict(self.config.tissue), "mpp": self.config.mpp, "post": asdict(self.post),
+               "thresholds": asdict(self.thresholds), "outputs": list(self.config.outputs),
+               "mil": self.mil is not None}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    # -- running -----------------------------------------------------------------------------------
+    def run(self, slides: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
+            progress: Callable[[Progress], None] | None = None) -> BatchResult:
+        """triage ``slides`` into ``out_dir``; returns the batch with its worklist"""
+        import anyio
+
+        async def main() -> list[Any]:
+            return [r async for r in self.stream(slides, out_dir, progress)]
+
+        got = anyio.run(main)
+        order = {str(Path(p)): i for i, p in enumerate(slides)}
+        got.sort(key=lambda r: order.get(r.path, len(order)))
+        return self._worklist(Path(out_dir), got)
+
+    async def stream(self, slides: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
+                     progress: Callable[[Progress], None] | None = None
+                     ) -> AsyncIterator[SlideResult | Failure]:
+        """per-slide results as slides finish (features, nuclei, tags and outputs written)"""
+        import anyio
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(out)
+        paths = [Path(p) for p in slides]
+        from .extract import _check_unique_stems
+
+        _check_unique_stems(paths)
+        key = self.run_key()
+        factory = _TriageFactory(self, out, key)
+
+        def compute(tiles: np.ndarray):
+            return self._forward(tiles)
+
+        async with run_pipeline(paths, open_job=factory.open_job, factory=factory, compute=compute,
+                                config=self.config.scheduler, progress=progress) as results:
+            async for r in results:
+                if isinstance(r, Failure):
+                    yield r
+                    continue
+                if r.cached:
+                    yield SlideResult(**r.info["result"], cached=True)
+                    continue
+                try:
+                    res = await anyio.to_thread.run_sync(self._finalise, r, factory, out, key)
+                except Exception as exc:  # one slide's outputs failing must not stop the batch
+                    log.warning("%s: finalising failed: %s", r.path, exc)
+                    from .inspect import failure_from
+
+                    yield failure_from(r.path, exc)
+                    continue
+                yield res
+
+    def _forward(self, tiles: np.ndarray):
+        """(embeddings (B, D) float32, NucleiMaps) of uint8 tiles: one backbone pass feeds both"""
+        return self.model.forward(tiles)
+
+    # -- finishing a slide -------------------------------------------------------------------------
+    def _finalise(self, done: SlideDone, factory: _TriageFactory, out: Path, key: str) -> SlideResult:
+        from cellvit_optimus.safety import ShadowMode, TileSignals, tag_all
+
+        job: SlideJob = done.info.pop("_job")
+        nuc: _NucleiConsumer = done.info.pop("_nuclei")
+        grid, mask = job.grid, done.info.pop("_mask")
+        assert grid is not None
+        name = job.path.stem
+        sdir = out / name
+        t0 = time.perf_counter()
+        emb = nuc.embeddings if nuc.embeddings is not None else np.zeros((len(grid), 1), np.float32)
+        ood = self.ood.score(emb) if self.ood is not None else None
+        flags = []
+        for art, blur in zip(grid.artefact_fraction.tolist(), factory.blur[job.index].tolist()):
+            f = []
+            if art > 0.25:
+                f.append("pen/artefact")
+            if blur < 15.0:
+                f.append("blur")
+            flags.append(",".join(f))
+        signals = TileSignals(ood_score=ood, np_entropy=nuc.np_entropy, nt_entropy=nuc.nt_entropy,
+                              hv_consistency=nuc.hv_consistency, quality_flags=flags)
+        site = Path(self.config.site_state) if self.config.site_state else out / "site_state.json"
+        shadow = (ShadowMode(site, self.config.site_id, n_slides=self.config.shadow_slides)
+                  if self.config.shadow_slides else None)
+        tags = tag_all(signals, grid.coords, grid.stride, self.thresholds, shadow=shadow,
+                       slide_id=slide_fingerprint(job.path))
+        tile_tags = [d.tag.value for d in tags.tiles]
+
+        profile = self.model.profile
+        counts = {profile.label(c): 0 for c in range(1, profile.num_classes + 1)}
+        for t in nuc.types:
+            if 0 < t <= profile.num_classes:
+                counts[profile.label(t)] += 1
+        mpp0 = (job.info.get("mpp") or [self.nuclei_mpp])[0]
+        tissue_mm2 = float(np.sum(grid.tissue_fraction)) * (grid.stride[0] * grid.stride[1]) * mpp0 ** 2 / 1e6
+        attention = None
+        if self.mil is not None:
+            from cellvit_optimus.heads import predict_mil
+
+            pred = predict_mil(self.mil, [emb])
+            priority = float(1 / (1 + np.exp(-float(np.ravel(pred.logits)[0]))))
+            attention = np.asarray(pred.attention[0], np.float32)
+            source = "mil"
+        else:
+            focus = sum(v for k, v in counts.items() if k in ("epithelial", "inflammatory", "neoplastic",
+                                                               "tumour", "lymphocyte"))
+            priority = float(np.clip(focus / max(tissue_mm2, 1e-9) / FALLBACK_DENSITY_SCALE, 0.0, 1.0))
+            source = "fallback"
+        fractions = {t: round(tile_tags.count(t) / max(len(tile_tags), 1), 4) for t in _TAG_COLOURS}
+
+        outputs: dict[str, str] = {"features": str(feature_path(out, job.path))}
+        if "cells" in self.config.outputs:
+            p = sdir / "cells.geojson"
+            atomic_write_bytes(p, _cells_geojson(nuc, profile, tile_tags, name))
+            outputs["cells"] = str(p)
+        if "regions" in self.config.outputs:
+            p = sdir / "regions.geojson"
+            atomic_write_json(p, _regions_geojson(grid, tags), indent=None)
+            outputs["regions"] = str(p)
+        if "thumbnail" in self.config.outputs:
+            p = sdir / "overview.png"
+            atomic_write_png(p, _overview(mask, grid, nuc.nuclei_per_tile, tile_tags, attention))
+            outputs["thumbnail"] = str(p)
+        timings = {**{k: round(v, 3) for k, v in done.timings.items()},
+                   "finalise_s": round(time.perf_counter() - t0, 3)}
+        result = SlideResult(path=str(job.path), name=name, tag=tags.slide.tag.value, reason=tags.slide.reason,
+                             priority=round(priority, 6), priority_source=source, tiles=len(grid),
+                             nuclei=len(nuc.types), counts=counts, tag_fractions=fractions, outputs=outputs,
+                             timings=timings)
+        summary = {"run_key": key, "result": {k: v for k, v in result.to_dict().items() if k != "cached"},
+                   "tissue_mm2": round(tissue_mm2, 4), "nuclei_mpp": self.nuclei_mpp,
+                   "regions": [{"tag": d.tag.value, "reason": d.reason} for d in tags.regions]}
+        outputs["summary"] = str(sdir / "summary.json")
+        summary["result"]["outputs"] = outputs
+        atomic_write_json(sdir / "summary.json", summary)  # last: marks the slide finished
+        return result
+
+    # -- the batch worklist --------------------------------------------------------------------------
+    def _worklist(self, out: Path, results: list[Any]) -> BatchResult:
+        ok = [r for r in results if isinstance(r, SlideResult)]
+        bad = [r for r in results if isinstance(r, Failure)]
+        ranked = sorted(ok, key=lambda r: (-r.priority, r.name))
+        rows = []
+        for rank, r in enumerate(ranked, 1):
+            rows.append({"rank": rank, "slide": r.name, "path": r.path, "status": "done", "priority": r.priority,
+                         "priority_source": r.priority_source, "tag": r.tag, "reason": r.reason,
+                         "tiles": r.tiles, "nuclei": r.nuclei, "review_fraction": r.tag_fractions["review"],
+                         "out_of_domain_fraction": r.tag_fractions["out_of_domain"]})
+        for f in bad:
+            rows.append({"rank": "", "slide": Path(f.path).stem, "path": f.path, "status": "failed",
+                         "priority": "", "priority_source": "", "tag": "", "reason": f"{f.reason}: {f.message}",
+                         "tiles": "", "nuclei": "", "review_fraction": "", "out_of_domain_fraction": ""})
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["rank"])
+        w.writeheader()
+        w.writerows(rows)
+        csv_path, json_path = out / "worklist.csv", out / "worklist.json"
+        atomic_write_bytes(csv_path, buf.getvalue().encode())
+        atomic_write_json(json_path, {"slides": rows, "complete": not bad,
+                                      "status": "complete" if not bad else ("partial" if ok else "failed")})
+        return BatchResult(ok, bad, str(csv_path), str(json_path))
+
+
+class _TriageFactory:
+    """the scheduler's per-slide hooks for triage: open + grid, resume check, consumers"""
+
+    def __init__(self, engine: Engine, out: Path, key: str) -> None:
+        self.engine = engine
+        self.out = out
+        self.key = key
+        self.blur: dict[int, np.ndarray] = {}
+        runner = engine.model.runner
+        from . import __version__
+        from .extract import ExtractConfig
+
+        cfg = ExtractConfig(tiling=engine.tiling, tissue=engine.config.tissue, mpp=engine.config.mpp,
+                            backend=engine.config.backend)
+        norm = {"mean": list(runner.preset.mean), "std": list(runner.preset.std), "dtype": runner.dtype}
+        self.features = FeatureExtractor(out, cfg, runner.preset.name, runner.weights_id, runner.embed_dim,
+                                         norm, __version__)
+
+    def open_job(self, job: SlideJob) -> None:
+        from .slide import open_slide
+
+        cfg = self.engine.config
+        slide = open_slide(job.path, backend=cfg.backend, mpp=cfg.mpp,  # type: ignore[arg-type]
+                           num_workers=cfg.scheduler.decode_workers)
+        job.slide = slide
+        mask = detect_tissue(slide, cfg.tissue)
+        job.grid = tile_grid(slide, self.engine.tiling, mask=mask)
+        job.info.update(mpp=list(slide.mpp) if slide.mpp else None, _mask=mask)
+
+    def prepare(self, job: SlideJob) -> dict[str, Any] | None:
+        summary = self.out / job.path.stem / "summary.json"
+        if summary.is_file():
+            try:
+                doc = json.loads(summary.read_text())
+            except (OSError, ValueError):
+                return None
+            if doc.get("run_key") == self.key and Path(doc["result"]["path"]) == job.path:
+                job.info.pop("_mask", None)
+                return {"result": doc["result"]}
+        self.features.prepare(job)  # sets the feature cache key
+        return None
+
+    def consumers(self, job: SlideJob) -> list[Any]:
+        writer = self.features.consumers(job)[0] if "features" in self.engine.config.outputs else None
+        nuc = _NucleiConsumer(job, self.engine.post, self.engine.model.num_classes, self.engine.config.overlap_px)
+        self.blur[job.index] = np.full(len(job.grid), np.inf, np.float32)
+        factory = self
+
+        class _Both:
+            def on_batch(self, batch: TileBatch) -> None:
+                emb, _ = batch.output
+                if writer is not None:
+                    writer.writer.write(batch.indices, emb, batch.quality)
+                factory.blur[job.index][batch.indices] = batch.quality["blur"]
+                nuc.on_batch(batch)
+
+            def finish(self, job: SlideJob) -> dict[str, Any]:
+                info = writer.finish(job) if writer is not None else {}
+                return {**info, "_job": job, "_nuclei": nuc, "_mask": job.info.get("_mask")}
+
+            def abort(self, job: SlideJob) -> None:
+                if writer is not None:
+                    writer.abort(job)
+                nuc.abort(job)
+
+        return [_Both()]
+
+
+# --------------------------------------------------------------------------------------------------
+# outputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _file_hash(path: Path | None) -> str:
+    if path is None:
+        return ""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _cells_geojson(nuc: _NucleiConsumer, profile: Any, tile_tags: list[str], slide: str) -> bytes:
+    """QuPath detections: Polygon + classification (name, colour) + measurements + trust tag.
+    Ids are derived from the slide and the nucleus' position, so reruns write identical files."""
+    feats = []
+    for i, ring in enumerate(nuc.contours):
+        ring = np.round(np.asarray(ring, np.float64), 2)
+        if len(ring) < 3:
+            continue
+        pts = ring.tolist()
+        if pts[0] != pts[-1]:
+            pts.append(pts[0])
+        if len(pts) < 4:
+            continue
+        t = nuc.types[i]
+        name = profile.label(t) if 0 < t <= profile.num_classes else "unclassified"
+        colour = list(profile.color(t)) if 0 < t <= profile.num_classes else [128, 128, 128]
+        cx, cy = nuc.centroids[i]
+        fid = hashlib.md5(f"{slide}:{cx:.2f}:{cy:.2f}".encode()).hexdigest()
+        tag = tile_tags[nuc.tile_of[i]]
+        feats.append({"type": "Feature", "id": f"{fid[:8]}-{fid[8:12]}-{fid[12:16]}-{fid[16:20]}-{fid[20:32]}",
+                      "geometry": {"type": "Polygon", "coordinates": [pts]},
+                      "properties": {"objectType": "detection",
+                                     "classification": {"name": name, "color": colour},
+                                     "measurements": {"type_prob": round(nuc.type_probs[i], 4),
+                                                      "area_px": round(nuc.areas[i], 2)},
+                                     "type_prob": round(nuc.type_probs[i], 4), "trust": tag}})
+    doc = {"type": "FeatureCollection", "features": feats}
+    return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+
+
+def _regions_geojson(grid: Any, tags: Any) -> dict[str, Any]:
+    """one QuPath annotation per region (8-connected tile group): union of its tiles' footprints"""
+    from shapely.geometry import box, mapping
+    from shapely.ops import unary_union
+
+    w0, h0 = grid.level0_size
+    feats = []
+    for r, dec in enumerate(tags.regions):
+        members = np.nonzero(tags.region_of_tile == r)[0]
+        if not len(members):
+            continue
+        shape = unary_union([box(x, y, x + w0, y + h0) for x, y in grid.coords[members].tolist()])
+        tag = dec.tag.value
+        feats.append({"type": "Feature", "id": f"region-{r}", "geometry": mapping(shape),
+                      "properties": {"objectType": "annotation",
+                                     "classification": {"name": tag, "color": list(_TAG_COLOURS[tag])},
+                                     "reason": dec.reason, "tiles": int(len(members))}})
+    return {"type": "FeatureCollection", "features": feats}
+
+
+def _overview(mask: Any, grid: Any, nuclei_per_tile: np.ndarray, tile_tags: list[str],
+              attention: np.ndarray | None) -> np.ndarray:
+    """three panels: tissue + tiles, nuclei density (or MIL attention), trust tags"""
+    base = draw_overlay(mask, None)
+    h, w = base.shape[:2]
+    dx, dy = mask.downsample
+    dens = np.zeros((h, w), np.float32)
+    tagimg = mask.thumbnail.astype(np.float32).copy()
+    values = attention if attention is not None else nuclei_per_tile.astype(np.float32)
+    vmax = float(values.max()) if len(values) and values.max() > 0 else 1.0
+    w0, h0 = grid.level0_size
+    for i, (x, y) in enumerate(grid.coords.tolist()):
+        x0, y0 = int(x / dx), int(y / dy)
+        x1, y1 = min(int((x + w0) / dx) + 1, w), min(int((y + h0) / dy) + 1, h)
+        dens[y0:y1, x0:x1] = np.maximum(dens[y0:y1, x0:x1], values[i] / vmax)
+        c = np.array(_TAG_COLOURS[tile_tags[i]], np.float32)
+        tagimg[y0:y1, x0:x1] = 0.55 * mask.thumbnail[y0:y1, x0:x1] + 0.45 * c
+    heat = np.stack([255 * dens, 80 * (1 - dens) * (dens > 0), 255 * (1 - dens) * (dens > 0)], -1)
+    heat = np.where(dens[..., None] > 0, 0.4 * mask.thumbnail + 0.6 * heat, mask.thumbnail)
+    gap = np.full((h, 8, 3), 255, np.float32)
+    return np.concatenate([base.astype(np.float32), gap, heat, gap, tagimg], axis=1).clip(0, 255).astype(np.uint8)
