@@ -13,6 +13,7 @@ __all__: tuple[str, ...] = (
     # HV post-processing and targets
     "InstanceTable",
     "hv_to_instances",
+    "hv_to_instances_batch",
     "instance_table",
     "instances_to_hv",
     "sobel_range",
@@ -37,6 +38,7 @@ __all__: tuple[str, ...] = (
 _WHERE: dict[str, str] = {
     "InstanceTable": "hovernet",
     "hv_to_instances": "hovernet",
+    "hv_to_instances_batch": "hovernet",
     "instance_table": "hovernet",
     "sobel_range": "hovernet",
     "instances_to_hv": "targets",
@@ -62,7 +64,7 @@ _WHERE: dict[str, str] = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers
-    from .hovernet import InstanceTable, hv_to_instances, instance_table, sobel_range
+    from .hovernet import InstanceTable, hv_to_instances, hv_to_instances_batch, instance_table, sobel_range
     from .metrics import (
         DetectionScores,
         PQResult,

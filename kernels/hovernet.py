@@ -2,8 +2,8 @@
 
 Sits between the segmentation heads (``heads/``, which predict the nuclear-pixel probability, the
 horizontal/vertical distance maps and the type probabilities) and the slide outputs (GeoJSON,
-per-nucleus tables) via :mod:`.stitch`. The algorithm is HoVer-Net's ``__proc_np_hv`` (Graham et al.
-2019), as copied by CellViT, CellViT++, TIAToolbox and MONAI:
+per-nucleus tables) via :mod:`.stitch`. ``mode="hovernet"`` is HoVer-Net's ``__proc_np_hv`` (Graham et
+al. 2019), as copied by CellViT, CellViT++, TIAToolbox and MONAI:
 
 1. foreground ``blb = np_prob >= np_threshold``, 4-connected components smaller than
    ``min_object_size`` removed;
@@ -20,8 +20,18 @@ per-nucleus tables) via :mod:`.stitch`. The algorithm is HoVer-Net's ``__proc_np
    vote fraction as ``type_prob`` and the mean class probabilities as ``type_scores``.
 
 (Min-max normalising H and V before the Sobel, as HoVer-Net does, changes nothing after the second
-normalisation, so it is skipped.) Everything runs in Numba kernels from :mod:`._numba`; no scipy,
-skimage or OpenCV.
+normalisation, so it is skipped.)
+
+``mode="optimus"`` (the default) replaces steps 2-5's marker and relief rules with scale-free ones:
+markers where both Sobel slopes exceed ``marker_slope`` HV units per pixel (inside a nucleus its HV
+maps rise; they fall at every boundary), holes filled, no opening; relief
+``gaussian3x3(max(-sobel_h, -sobel_v))``; foreground pieces without a marker kept whole. HoVer-Net's
+tile-wide min-max normalisation leaves large nuclei (slowly changing HV maps) without markers, and its
+5x5 opening erases the thin markers of elongated ones: on the real round trips (CoNSeP / MoNuSeg, clean
+and with model-like noise) the optimus rules beat HoVer-Net on every mean and minimum PQ.
+
+Everything runs in Numba kernels from :mod:`._hvpipe` / :mod:`._numba`; no scipy, skimage or OpenCV.
+:func:`hv_to_instances_batch` runs a batch of tiles in parallel.
 
 Coordinates: (x, y) with pixel (row y, column x) covering ``[x, x+1] x [y, y+1]``, so a pixel's
 centre is ``(x + 0.5, y + 0.5)`` (QuPath / GeoJSON-friendly; add the tile origin for level 0).
@@ -31,12 +41,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
+from . import _hvpipe as hp
 from . import _numba as nb
 
-__all__ = ("InstanceTable", "hv_to_instances", "instance_table", "sobel_range")
+__all__ = ("InstanceTable", "hv_to_instances", "hv_to_instances_batch", "instance_table", "sobel_range")
 
 
 @dataclass(frozen=True)
@@ -189,20 +201,23 @@ def instance_table(
 
 
 def sobel_range(hv: np.ndarray, sobel_ksize: int = 21) -> tuple[float, float, float, float]:
-    """The Sobel normalisation range HoVer-Net's post-processing measures on ``hv`` (2, H, W)."""
+    """The Sobel normalisation range HoVer-Net's post-processing measures on ``hv`` (2, H, W)
+    (``mode="hovernet"`` only: the ``optimus`` mode does not normalise)."""
     hv = _as_map("hv", hv, 3)
     h, w = hv.shape[1:]
     deriv, smooth = _kernels(int(sobel_ksize))
-    tmp = np.empty((h, w), np.float32)
+    th = np.empty((h, w), np.float32)
+    tv = np.empty((h, w), np.float32)
     sh = np.empty((h, w), np.float32)
     sv = np.empty((h, w), np.float32)
-    nb.correlate_rows(np.ascontiguousarray(hv[0], dtype=np.float32), deriv, tmp)
-    nb.correlate_cols(tmp, smooth, sh)
-    nb.correlate_cols(np.ascontiguousarray(hv[1], dtype=np.float32), deriv, tmp)
-    nb.correlate_rows(tmp, smooth, sv)
-    a, b = nb.minmax(sh)
-    c, d = nb.minmax(sv)
-    return float(a), float(b), float(c), float(d)
+    mm = np.empty((h, 4), np.float64)
+    hm = np.ascontiguousarray(hv[0], dtype=np.float32)
+    vm = np.ascontiguousarray(hv[1], dtype=np.float32)
+    for y in range(h):
+        hp._sobel_pass1(hm, vm, deriv, smooth, th, tv, y)
+    for y in range(h):
+        hp._sobel_pass2(th, tv, deriv, smooth, sh, sv, mm, y)
+    return float(mm[:, 0].min()), float(mm[:, 1].max()), float(mm[:, 2].min()), float(mm[:, 3].max())
 
 
 def _kernels(ksize: int) -> tuple[np.ndarray, np.ndarray]:
@@ -211,16 +226,84 @@ def _kernels(ksize: int) -> tuple[np.ndarray, np.ndarray]:
     return (deriv / np.abs(deriv).sum()).astype(np.float32), (smooth / smooth.sum()).astype(np.float32)
 
 
+def _ramp_gain(deriv: np.ndarray) -> float:
+    """Response of the (unit L1) derivative kernel to a unit ramp: Sobel values / this = HV units per pixel."""
+    r = deriv.shape[0] // 2
+    return float(np.dot(deriv.astype(np.float64), np.arange(-r, r + 1, dtype=np.float64)))
+
+
+Mode = Literal["optimus", "hovernet"]
+_MODES = {"hovernet": hp.MODE_HOVERNET, "optimus": hp.MODE_OPTIMUS}
+
 _local = threading.local()
 
 
-def _workspace(h: int, w: int) -> tuple:
+def _workspace(h: int, w: int, n: int = 0) -> tuple:
     """Per-thread scratch buffers, kept for the last tile shape seen (tiles of a slide share one)."""
-    ws = getattr(_local, "ws", None)
-    if ws is None or ws[0] != (h, w):
-        ws = ((h, w), nb.hv_workspace(h, w))
-        _local.ws = ws
-    return ws[1]
+    key = (h, w, n)
+    cache = getattr(_local, "ws", None)
+    if cache is None:
+        cache = _local.ws = {}
+    ws = cache.get(key)
+    if ws is None:
+        cache.clear()  # one shape at a time: a slide's tiles share it
+        ws = cache[key] = hp.hv_workspace(h, w, n)
+    return ws
+
+
+@dataclass(frozen=True)
+class _Params:
+    np_threshold: float
+    min_object_size: int
+    deriv: np.ndarray
+    smooth: np.ndarray
+    mode: int
+    marker_threshold: float
+    slope: float
+    min_marker_size: int
+    keep_unmarked: bool
+    rng: np.ndarray
+
+
+def _params(
+    mode: str,
+    np_threshold: float,
+    min_object_size: int,
+    sobel_ksize: int,
+    marker_threshold: float,
+    marker_slope: float,
+    min_marker_size: int,
+    keep_unmarked: bool | None,
+    sobel_range: tuple[float, float, float, float] | None,
+) -> _Params:
+    if mode not in _MODES:
+        raise ValueError(f"mode={mode!r} must be one of {sorted(_MODES)}")
+    if min_object_size < 0 or min_marker_size < 0:
+        raise ValueError(f"min sizes must be >= 0, got {min_object_size}, {min_marker_size}")
+    if not np.isfinite(marker_slope) or marker_slope < 0:
+        raise ValueError(f"marker_slope={marker_slope} must be finite and >= 0")
+    deriv, smooth = _kernels(int(sobel_ksize))
+    if sobel_range is None:
+        rng = np.array([0.0, 0.0, 0.0, 0.0, 1.0])
+    else:
+        given = np.asarray(sobel_range, dtype=np.float64).reshape(-1)
+        if given.shape != (4,) or not np.all(np.isfinite(given)):
+            raise ValueError(f"sobel_range must be 4 finite numbers (h_min, h_max, v_min, v_max), got {sobel_range!r}")
+        rng = np.append(given, 0.0)
+    if keep_unmarked is None:
+        keep_unmarked = mode == "optimus"
+    return _Params(
+        float(np_threshold),
+        int(min_object_size),
+        deriv,
+        smooth,
+        _MODES[mode],
+        float(marker_threshold),
+        float(marker_slope) * _ramp_gain(deriv),
+        int(min_marker_size),
+        bool(keep_unmarked),
+        rng,
+    )
 
 
 def hv_to_instances(
@@ -228,17 +311,19 @@ def hv_to_instances(
     hv: np.ndarray,
     type_prob: np.ndarray | None = None,
     *,
+    mode: Mode = "optimus",
     np_threshold: float = 0.5,
     min_object_size: int = 10,
     sobel_ksize: int = 21,
     marker_threshold: float = 0.4,
+    marker_slope: float = 0.01,
     min_marker_size: int = 10,
-    keep_unmarked: bool = False,
+    keep_unmarked: bool | None = None,
     sobel_range: tuple[float, float, float, float] | None = None,
     with_table: bool = True,
     contour_eps: float = 0.01,
 ) -> tuple[np.ndarray, InstanceTable]:
-    """Nucleus instances of one tile from its NP / HV (/ type) maps (HoVer-Net post-processing).
+    """Nucleus instances of one tile from its NP / HV (/ type) maps.
 
     Parameters
     ----------
@@ -249,6 +334,17 @@ def hv_to_instances(
         as the heads output them (HoVer-Net's order).
     type_prob : ndarray, (C, H, W) float, optional
         Class probabilities (class 0 = background), e.g. the softmax of the type head.
+    mode : {"optimus", "hovernet"}
+        ``"hovernet"`` is HoVer-Net's published post-processing (see the module doc; matches the
+        reference exactly). ``"optimus"`` (default) changes the marker and relief rules: markers are
+        the foreground pixels where both Sobel slopes (H along x, V along y) exceed ``marker_slope`` (a
+        nucleus's inside, where its HV maps rise; they fall at every boundary), holes filled, no 5x5
+        opening (it erases the thin markers of elongated nuclei); relief ``blur(max(-sobel_h,
+        -sobel_v))``; foreground pieces without a marker are kept (``keep_unmarked``). Nothing is
+        normalised over the tile, so large nuclei with slowly changing HV maps keep their markers and
+        a tile's result does not depend on its neighbours (``sobel_range`` is not needed). On the real
+        CoNSeP / MoNuSeg round trips it is better than ``"hovernet"`` on every mean and minimum
+        (tests/kernels/test_hovernet.py).
     np_threshold : float
         Foreground threshold on ``np_prob`` (``>=``), HoVer-Net default 0.5.
     min_object_size : int
@@ -256,17 +352,20 @@ def hv_to_instances(
     sobel_ksize : int
         Odd Sobel kernel size, default 21.
     marker_threshold : float
-        Markers are foreground pixels with energy below this, default 0.4.
+        ``hovernet`` mode: markers are foreground pixels with energy below this, default 0.4.
+    marker_slope : float
+        ``optimus`` mode: minimum Sobel slope of a marker pixel, in HV units per pixel (a nucleus of
+        width ``d`` rises by about ``2 / d``), default 0.01.
     min_marker_size : int
         Markers smaller than this are dropped, default 10.
-    keep_unmarked : bool
-        HoVer-Net drops foreground pieces that hold no marker (default False, as HoVer-Net). True keeps
-        each as one instance: large isolated nuclei have weak HV gradients after the tile-wide
-        normalisation and often get no marker (CoNSeP's big epithelial nuclei, see the tests).
+    keep_unmarked : bool, optional
+        Keep each foreground piece that holds no marker as one instance (default: True in ``optimus``
+        mode, False in ``hovernet`` mode, which drops them).
     sobel_range : (h_min, h_max, v_min, v_max), optional
-        Fixed Sobel normalisation range. HoVer-Net (default None) min-max normalises over the tile, which
-        makes the result depend on the tiling; a fixed range (e.g. :func:`sobel_range` of a whole image
-        or a value calibrated on training data) makes tiles agree with the whole image.
+        ``hovernet`` mode: fixed Sobel normalisation range. HoVer-Net (default None) min-max normalises
+        over the tile, which makes the result depend on the tiling; a fixed range (e.g.
+        :func:`sobel_range` of a whole image or a value calibrated on training data) makes tiles agree
+        with the whole image. Ignored in ``optimus`` mode.
     with_table : bool
         Compute the :class:`InstanceTable` (contours etc.); False returns an empty table, for speed.
     contour_eps : float
@@ -295,33 +394,91 @@ def hv_to_instances(
                 f"type_prob shape {type_prob.shape} does not match np_prob shape {np_prob.shape} "
                 "(want (C, H, W))"
             )
-    if min_object_size < 0 or min_marker_size < 0:
-        raise ValueError(f"min sizes must be >= 0, got {min_object_size}, {min_marker_size}")
+    p = _params(
+        mode, np_threshold, min_object_size, sobel_ksize, marker_threshold, marker_slope, min_marker_size,
+        keep_unmarked, sobel_range,
+    )
     h, w = np_prob.shape
-    deriv, smooth = _kernels(int(sobel_ksize))
-    if sobel_range is None:
-        rng = np.array([0.0, 0.0, 0.0, 0.0, 1.0])
-    else:
-        given = np.asarray(sobel_range, dtype=np.float64).reshape(-1)
-        if given.shape != (4,) or not np.all(np.isfinite(given)):
-            raise ValueError(f"sobel_range must be 4 finite numbers (h_min, h_max, v_min, v_max), got {sobel_range!r}")
-        rng = np.append(given, 0.0)
     inst = np.empty((h, w), np.int32)
-    nmark = nb.hv_pipeline(
+    n = hp.hv_tile(
         np.ascontiguousarray(np_prob),
         np.ascontiguousarray(hv[0], dtype=np.float32),
         np.ascontiguousarray(hv[1], dtype=np.float32),
-        float(np_threshold),
-        int(min_object_size),
-        deriv,
-        smooth,
-        float(marker_threshold),
-        int(min_marker_size),
-        bool(keep_unmarked),
-        rng,
-        _workspace(h, w),
-        inst,
+        p.np_threshold, p.min_object_size, p.deriv, p.smooth, p.mode, p.marker_threshold, p.slope,
+        p.min_marker_size, p.keep_unmarked, p.rng, _workspace(h, w), inst,
     )
     if not with_table:
         return inst, InstanceTable.empty(None if type_prob is None else type_prob.shape[0])
-    return inst, instance_table(inst, nmark, type_prob, contour_eps)
+    return inst, instance_table(inst, n, type_prob, contour_eps)
+
+
+def hv_to_instances_batch(
+    np_prob: np.ndarray,
+    hv: np.ndarray,
+    type_prob: np.ndarray | None = None,
+    *,
+    mode: Mode = "optimus",
+    np_threshold: float = 0.5,
+    min_object_size: int = 10,
+    sobel_ksize: int = 21,
+    marker_threshold: float = 0.4,
+    marker_slope: float = 0.01,
+    min_marker_size: int = 10,
+    keep_unmarked: bool | None = None,
+    sobel_range: tuple[float, float, float, float] | None = None,
+    with_table: bool = True,
+    contour_eps: float = 0.01,
+) -> tuple[np.ndarray, list[InstanceTable]]:
+    """:func:`hv_to_instances` on a batch of tiles (the heads' output shape), tiles spread over threads.
+
+    Parameters
+    ----------
+    np_prob : ndarray, (B, H, W) float
+    hv : ndarray, (B, 2, H, W) float
+    type_prob : ndarray, (B, C, H, W) float, optional
+    **kwargs
+        As :func:`hv_to_instances`; ``sobel_range`` (one range) applies to every tile.
+
+    Returns
+    -------
+    inst_maps : ndarray, (B, H, W) int32
+        Each tile's ids 1..N_b.
+    tables : list of InstanceTable
+        One per tile, tile-local coordinates.
+    """
+    np_prob = _as_map("np_prob", np_prob, 3)
+    hv = _as_map("hv", hv, 4)
+    b, h, w = np_prob.shape
+    if hv.shape != (b, 2, h, w):
+        raise ValueError(f"hv shape {hv.shape} does not match np_prob shape {np_prob.shape} (want (B, 2, H, W))")
+    if type_prob is not None:
+        type_prob = _as_map("type_prob", type_prob, 4)
+        if type_prob.shape[0] != b or type_prob.shape[2:] != (h, w):
+            raise ValueError(
+                f"type_prob shape {type_prob.shape} does not match np_prob shape {np_prob.shape} "
+                "(want (B, C, H, W))"
+            )
+    p = _params(
+        mode, np_threshold, min_object_size, sobel_ksize, marker_threshold, marker_slope, min_marker_size,
+        keep_unmarked, sobel_range,
+    )
+    import numba  # already loaded by the kernels
+
+    nthreads = numba.get_num_threads()
+    inst = np.empty((b, h, w), np.int32)
+    counts = np.zeros(b, np.int64)
+    rng = np.repeat(p.rng[None, :], b, axis=0)
+    hp.hv_batch(
+        np.ascontiguousarray(np_prob),
+        np.ascontiguousarray(hv, dtype=np.float32),
+        p.np_threshold, p.min_object_size, p.deriv, p.smooth, p.mode, p.marker_threshold, p.slope,
+        p.min_marker_size, p.keep_unmarked, rng, _workspace(h, w, nthreads), inst, counts,
+    )
+    n_classes = None if type_prob is None else type_prob.shape[1]
+    if not with_table:
+        return inst, [InstanceTable.empty(n_classes) for _ in range(b)]
+    tables = [
+        instance_table(inst[i], int(counts[i]), None if type_prob is None else type_prob[i], contour_eps)
+        for i in range(b)
+    ]
+    return inst, tables

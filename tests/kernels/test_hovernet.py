@@ -27,32 +27,38 @@ def monuseg(nuclei_dir):
     return load_monuseg(nuclei_dir)
 
 
-def _round_trip(samples, **kw):
+def _round_trip(samples, noisy: bool = False, **kw):
     vals = []
-    for s in samples:
+    for k, s in enumerate(samples):
         np_t, hv = instances_to_hv(s.inst_map)
+        if noisy:
+            np_t, hv = noisy_maps(np_t, hv, seed=k)
         inst, _ = hv_to_instances(np_t, hv, with_table=False, **kw)
         vals.append(pq(s.inst_map, inst).pq)
     return np.array(vals)
 
 
-def test_round_trip_monuseg(monuseg):
-    vals = _round_trip(monuseg)
-    print(f"\nround trip MoNuSeg (HoVer-Net defaults): PQ min {vals.min():.4f} mean {vals.mean():.4f}")
-    assert vals.mean() >= 0.95 and vals.min() >= 0.95
+@pytest.mark.parametrize("dataset", ["consep", "monuseg"])
+def test_round_trip(request, dataset):
+    """Ground truth -> NP/HV targets -> post-processing -> PQ against the ground truth (issue: mean >= 0.95).
 
-
-def test_round_trip_consep(consep):
-    vals = _round_trip(consep)
-    kept = _round_trip(consep, keep_unmarked=True)
-    print(
-        f"\nround trip CoNSeP: HoVer-Net defaults PQ min {vals.min():.4f} mean {vals.mean():.4f}; "
-        f"keep_unmarked PQ min {kept.min():.4f} mean {kept.mean():.4f}"
-    )
-    # HoVer-Net's algorithm itself loses large isolated nuclei (no marker after the tile-wide Sobel
-    # normalisation), the reference does the same; keep_unmarked recovers them.
-    assert vals.mean() >= 0.85
-    assert kept.mean() >= vals.mean()
+    HoVer-Net's rules lose CoNSeP's large isolated nuclei (no marker after the tile-wide Sobel
+    normalisation) and thin elongated ones (the 5x5 opening erases their markers); the default
+    ``optimus`` rules keep both. Also run on model-like (blurred, noisy) maps, where optimus must not
+    be worse than HoVer-Net either."""
+    samples = request.getfixturevalue(dataset)
+    res = {}
+    for noisy in (False, True):
+        for mode in ("optimus", "hovernet"):
+            res[mode, noisy] = v = _round_trip(samples, noisy, mode=mode)
+            print(f"\nround trip {dataset} {'noisy' if noisy else 'clean'} {mode}: PQ min {v.min():.4f} mean {v.mean():.4f}", end="")
+    print()
+    opt = res["optimus", False]
+    assert opt.mean() >= 0.95
+    assert opt.min() >= (0.85 if dataset == "consep" else 0.98)
+    for noisy in (False, True):
+        o, h = res["optimus", noisy], res["hovernet", noisy]
+        assert o.mean() >= h.mean() and o.min() >= h.min() - 0.005
 
 
 def _agreement(samples, noisy: bool):
@@ -62,7 +68,7 @@ def _agreement(samples, noisy: bool):
         if noisy:
             np_t, hv = noisy_maps(np_t, hv, seed=k)
         ref = reference_instance_map(np_t, hv)
-        ours, _ = hv_to_instances(np_t, hv, with_table=False)
+        ours, _ = hv_to_instances(np_t, hv, mode="hovernet", with_table=False)
         vals.append(pq(ref, ours).pq)
     return np.array(vals)
 
@@ -74,6 +80,26 @@ def test_agreement_with_reference(consep, monuseg, noisy):
     assert vals.mean() >= 0.99 and vals.min() >= 0.97
 
 
+@pytest.mark.parametrize("mode", ["optimus", "hovernet"])
+def test_batch_matches_single_tiles(consep, mode):
+    """hv_to_instances_batch (tiles over threads) gives each tile's hv_to_instances result exactly."""
+    from cellvit_optimus.kernels import hv_to_instances_batch
+
+    ps, hs = [], []
+    for k, s in enumerate(consep[:12]):
+        np_t, hv = noisy_maps(*instances_to_hv(s.inst_map), seed=k)
+        ps.append(np_t)
+        hs.append(hv)
+    inst, tabs = hv_to_instances_batch(np.stack(ps), np.stack(hs), mode=mode)
+    assert inst.shape == (12, 256, 256) and len(tabs) == 12
+    for k in range(12):
+        one, tab = hv_to_instances(ps[k], hs[k], mode=mode)
+        assert np.array_equal(inst[k], one)
+        assert len(tabs[k]) == len(tab) and np.array_equal(tabs[k].bboxes, tab.bboxes)
+    with pytest.raises(ValueError, match=r"\(12, 2, 256, 200\).*\(12, 256, 256\)"):
+        hv_to_instances_batch(np.stack(ps), np.stack(hs)[..., :200])
+
+
 def test_table_matches_reference_and_contours_are_valid(consep):
     s = consep[3]
     np_t, hv = instances_to_hv(s.inst_map)
@@ -83,7 +109,7 @@ def test_table_matches_reference_and_contours_are_valid(consep):
     onehot = np.eye(5, dtype=np.float32)[s.type_map].transpose(2, 0, 1)
     tp = onehot + rng.uniform(0, 0.6, onehot.shape).astype(np.float32)
     tp /= tp.sum(0, keepdims=True)
-    inst, tab = hv_to_instances(np_t, hv, tp)
+    inst, tab = hv_to_instances(np_t, hv, tp, mode="hovernet")
     ref_inst, ref_props = reference_hv_to_instances(np_t, hv, tp)
     assert np.array_equal(inst > 0, ref_inst > 0)
     n = int(inst.max())
@@ -136,3 +162,7 @@ def test_empty_and_validation():
         hv_to_instances(z, np.zeros((2, 32, 48)), np.zeros((3, 32, 40)))
     with pytest.raises(ValueError, match="ksize"):
         hv_to_instances(z, np.zeros((2, 32, 48)), sobel_ksize=4)
+    with pytest.raises(ValueError, match="mode='cellvit'"):
+        hv_to_instances(z, np.zeros((2, 32, 48)), mode="cellvit")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="marker_slope"):
+        hv_to_instances(z, np.zeros((2, 32, 48)), marker_slope=-1)

@@ -33,22 +33,28 @@ def _tiles(h, w, size, overlap):
     return [(y, x) for y in ys for x in xs]
 
 
-@pytest.mark.parametrize("fixed_range", [True, False], ids=["fixed-sobel-range", "per-tile-norm"])
+@pytest.mark.parametrize(
+    "mode,fixed_range",
+    [("hovernet", True), ("hovernet", False), ("optimus", False)],
+    ids=["hovernet-fixed-sobel-range", "hovernet-per-tile-norm", "optimus"],
+)
 @pytest.mark.parametrize("index,noisy", [(0, False), (4, True), (9, True)])
-def test_stitched_matches_whole_image(nuclei_dir, index, noisy, fixed_range):
+def test_stitched_matches_whole_image(nuclei_dir, index, noisy, mode, fixed_range):
     s = load_monuseg(nuclei_dir)[index]
     np_t, hv = instances_to_hv(s.inst_map)
     if noisy:
         np_t, hv = noisy_maps(np_t, hv, seed=index)
-    whole, whole_tab = hv_to_instances(np_t, hv)
+    whole, whole_tab = hv_to_instances(np_t, hv, mode=mode)
     # HoVer-Net normalises the Sobel responses per tile, so tiles see slightly different markers than
-    # the whole image; with the whole image's range fixed, only the stitching itself is under test
+    # the whole image; with the whole image's range fixed, only the stitching itself is under test.
+    # The optimus mode normalises nothing: tiles differ from the whole image only within ~10 px of their
+    # (reflect-padded) edges, which the overlap and the ownership rule keep out of the result.
     rng = sobel_range(hv) if fixed_range else None
     h, w = np_t.shape
     tiles = []
     for y, x in _tiles(h, w, 256, 64):
         inst, tab = hv_to_instances(
-            np_t[y : y + 256, x : x + 256], hv[:, y : y + 256, x : x + 256], sobel_range=rng
+            np_t[y : y + 256, x : x + 256], hv[:, y : y + 256, x : x + 256], mode=mode, sobel_range=rng
         )
         tiles.append(TileInstances(x0=x, y0=y, inst_map=inst, table=tab))
     table, stitched = stitch_tiles(tiles, slide_shape=(h, w))
@@ -60,10 +66,10 @@ def test_stitched_matches_whole_image(nuclei_dir, index, noisy, fixed_range):
     painted = np.unique(stitched[stitched > 0]).size
     lost = int(whole.max()) - tids.size
     print(
-        f"\nstitch {s.name} ({'noisy' if noisy else 'clean'}, {'fixed' if fixed_range else 'per-tile'}): PQ {r.pq:.4f}, whole {int(whole.max())}, "
+        f"\nstitch {s.name} ({'noisy' if noisy else 'clean'}, {mode}, {'fixed' if fixed_range else 'per-tile'}): PQ {r.pq:.4f}, whole {int(whole.max())}, "
         f"stitched {len(table)}, unmatched whole-image nuclei {lost}, kept-but-overwritten {len(table) - painted}"
     )
-    assert r.pq >= (0.99 if fixed_range else 0.97)
+    assert r.pq >= (0.97 if mode == "hovernet" and not fixed_range else 0.99)
     assert len(table) == painted  # no duplicate painted over another
     assert table.ids.tolist() == list(range(1, len(table) + 1))
     # level-0 geometry: table rows agree with the painted map
