@@ -128,7 +128,7 @@ class MahalanobisOOD:
         best = np.full(z.shape[0], np.inf)
         for m, p in zip(means, precs):
             d = z - m
-            best = np.minimum(best, np.einsum("nd,de,ne->n", d, p, d))
+            best = np.minimum(best, ((d @ p) * d).sum(axis=1))
         return np.sqrt(np.maximum(best, 0.0))
 
     def _prep(self, x: np.ndarray) -> np.ndarray:
