@@ -1,0 +1,289 @@
+"""GPU read path: JPEG stream splicing, region assembly and resampling checked on the CPU against the
+CPU readers (real SVS tiles); GPU decoders (DALI/nvJPEG, cuCIM) checked for pixel agreement under the
+``gpu`` marker."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from cellvit_optimus.engine import gpu_decode as gd
+from cellvit_optimus.engine.errors import BackendUnavailableError, ConfigError, UnsupportedFormatError
+from cellvit_optimus.engine.slide import open_slide, resize_batch
+from cellvit_optimus.engine.tissue import tile_grid
+
+SVS = "cmu-1-small-region.svs"
+
+
+@pytest.fixture(scope="module")
+def slide(slides_dir):
+    with open_slide(slides_dir / SVS, backend="tiffslide") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def locations(slide):
+    coords = [tuple(map(int, c)) for c in tile_grid(slide).coords]
+    # plus regions crossing the right/bottom edge and one reaching past the top-left corner
+    W, H = slide.dimensions
+    return coords + [(W - 100, H - 50), (W - 224, 0), (-30, -70)]
+
+
+# -- stream splicing ----------------------------------------------------------------------------------
+
+
+def _raw_tiles(path, indices):
+    with tifffile.TiffFile(path) as tf:
+        p = tf.pages[0]
+        out = []
+        for k in indices:
+            tf.filehandle.seek(p.dataoffsets[k])
+            out.append(tf.filehandle.read(p.databytecounts[k]))
+        return out, p.jpegtables, p.tilewidth, p.imagewidth, p.imagelength
+
+
+@pytest.mark.parametrize("decoder", ["imagecodecs", "pillow"])
+def test_spliced_streams_decode_to_the_tiffslide_pixels(slides_dir, slide, decoder):
+    from PIL import Image
+
+    idx = [0, 17, 40, 89, 129]  # 129: the bottom-right edge tile (padded beyond the image)
+    raws, tables, tw, W, H = _raw_tiles(slides_dir / SVS, idx)
+    cols = -(-W // tw)
+    for k, raw in zip(idx, raws):
+        s = gd.splice_jpeg_tables(raw, tables, rgb=True)
+        img = gd.decode_jpeg_cpu([s])[0] if decoder == "imagecodecs" else np.asarray(Image.open(io.BytesIO(s)))
+        ty, tx = divmod(k, cols)
+        h, w = min(tw, H - ty * tw), min(tw, W - tx * tw)
+        ref = slide.read_region((tx * tw, ty * tw), 0, (w, h))
+        assert img.shape == (tw, tw, 3)
+        assert np.array_equal(img[:h, :w], ref), f"tile {k}"
+
+
+def test_rgb_tiles_need_the_adobe_marker(slides_dir, slide):
+    """Aperio's RGB components with ids 1,2,3 decode as YCbCr (false colours) without APP14"""
+    (raw,), tables, tw, *_ = _raw_tiles(slides_dir / SVS, [40])
+    plain = gd.decode_jpeg_cpu([gd.splice_jpeg_tables(raw, tables, rgb=False)])[0]
+    ref = slide.read_region((40 % 10 * tw, 40 // 10 * tw), 0, (tw, tw))
+    assert np.abs(plain.astype(int) - ref).max() > 50
+
+
+def test_splice_layout_and_errors():
+    tables = b"\xff\xd8" + b"\xff\xdb\x00\x03\x00" + b"\xff\xd9"
+    tile = b"\xff\xd8\xff\xc0\x00\x03\x00\xff\xda\x00\x02SCAN\xff\xd9"
+    s = gd.splice_jpeg_tables(tile, tables, rgb=True)
+    assert s == b"\xff\xd8" + gd._ADOBE_RGB + b"\xff\xdb\x00\x03\x00" + tile[2:]
+    assert gd.splice_jpeg_tables(tile) == tile  # complete stream, YCbCr: untouched
+    with_app14 = b"\xff\xd8" + gd._ADOBE_RGB + tile[2:]
+    assert gd.splice_jpeg_tables(with_app14, rgb=True) == with_app14  # not added twice
+    with pytest.raises(ValueError, match="does not start with SOI"):
+        gd.splice_jpeg_tables(b"\x00\x01junk", tables)
+    with pytest.raises(ValueError, match="JPEGTables must be SOI ... EOI"):
+        gd.splice_jpeg_tables(tile, b"\xff\xd8\xff\xdb")
+
+
+# -- geometry, assembly, resampling --------------------------------------------------------------------
+
+
+def test_tiles_for():
+    g = gd.TileGeometry(width=500, height=300, tile_width=240, tile_height=240)
+    assert (g.cols, g.rows) == (3, 2)
+    assert g.tiles_for(0, 0, 10, 10) == [0]
+    assert g.tiles_for(230, 230, 20, 20) == [0, 1, 3, 4]
+    assert g.tiles_for(480, 290, 100, 100) == [5]
+    assert g.tiles_for(-50, -50, 40, 40) == []
+    assert g.tiles_for(600, 0, 10, 10) == []
+    with pytest.raises(ValueError, match="positive"):
+        gd.TileGeometry(0, 1, 1, 1)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_assemble_regions_matches_cropping(backend):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (130, 170, 3), dtype=np.uint8)
+    g = gd.TileGeometry(170, 130, 64, 48)
+    tiles = {}
+    for t in range(g.cols * g.rows):
+        r, c = divmod(t, g.cols)
+        tile = np.full((48, 64, 3), 7, np.uint8)  # padding beyond the image must never be copied
+        part = img[r * 48 : r * 48 + 48, c * 64 : c * 64 + 64]
+        tile[: part.shape[0], : part.shape[1]] = part
+        tiles[t] = tile if backend == "numpy" else torch.from_numpy(tile)
+    origins = [(0, 0), (60, 40), (150, 120), (-10, -5), (169, 129), (200, 0)]
+    out = np.full((len(origins), 33, 41, 3), 255, np.uint8)
+    out = out if backend == "numpy" else torch.from_numpy(out)
+    got = np.asarray(gd.assemble_regions(tiles, g, origins, (41, 33), out))
+    padded = np.full((130 + 200, 170 + 300, 3), 255, np.uint8)
+    padded[100:230, 100:270] = img
+    for i, (x, y) in enumerate(origins):
+        assert np.array_equal(got[i], padded[y + 100 : y + 133, x + 100 : x + 141]), (x, y)
+
+
+def test_resample_matrix_rows_are_normalised():
+    for n_in, n_out, kind in ((314, 224, "lanczos"), (100, 224, "bicubic"), (7, 3, "lanczos")):
+        m = gd.resample_matrix(n_in, n_out, kind)
+        assert m.shape == (n_out, n_in)
+        assert np.allclose(m.sum(axis=1), 1.0)
+    with pytest.raises(ValueError, match="positive"):
+        gd.resample_matrix(0, 3, "lanczos")
+
+
+@pytest.mark.parametrize("region", [(314, 314), (250, 250), (300, 260), (180, 180)])
+def test_resample_agrees_with_pillow(slide, locations, region):
+    raw = slide.read_regions(locations[:16], 0, region)
+    got = gd.resample(torch.from_numpy(raw), 224).numpy()
+    ref = resize_batch(raw, 224)
+    d = np.abs(got.astype(int) - ref)
+    assert d.max() <= 1 and d.mean() < 0.01, (d.max(), d.mean())
+
+
+def test_resample_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"expected \(N, h, w, 3\)"):
+        gd.resample(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 4)
+
+
+# -- the reader with the CPU reference decoder ---------------------------------------------------------
+
+
+def test_reader_regions_equal_the_cpu_path(slide, locations):
+    with gd.GpuTileReader(slide, decoder="cpu", device="cpu") as r:
+        got = r.read_regions(locations, 0, (224, 224))
+        assert got.dtype == torch.uint8 and tuple(got.shape) == (len(locations), 224, 224, 3)
+        assert np.array_equal(got.numpy(), slide.read_regions(locations, 0, (224, 224)))
+
+
+@pytest.mark.parametrize("mpp", [0.5, 0.7, 0.35])
+def test_reader_tiles_agree_with_read_tiles(slide, locations, mpp):
+    with gd.GpuTileReader(slide, decoder="cpu", device="cpu") as r:
+        got = r.read_tiles(locations, 224, mpp).numpy()
+    d = np.abs(got.astype(int) - slide.read_tiles(locations, 224, mpp))
+    assert d.max() <= 1 and d.mean() < 0.01
+
+
+@pytest.mark.parametrize("name", ["tcga-cr-7395-01a-01-ts1.svs", "small-he-levels.tiff", "prostate-small.dcm"])
+def test_non_jpeg_slides_are_refused(slides_dir, name):
+    with open_slide(slides_dir / name, mpp=0.5) as s, pytest.raises(UnsupportedFormatError, match=name):
+        gd.GpuTileReader(s, decoder="cpu", device="cpu")
+
+
+def test_reader_config_errors(slide):
+    with pytest.raises(ConfigError, match="decoder='nvjpeg'"):
+        gd.GpuTileReader(slide, decoder="nvjpeg", device="cpu")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="max_batch=0"):
+        gd.GpuTileReader(slide, decoder="cpu", device="cpu", max_batch=0)
+    with gd.GpuTileReader(slide, decoder="cpu", device="cpu") as r, pytest.raises(ConfigError, match="level=3"):
+        r.read_regions([(0, 0)], 3, (8, 8))
+
+
+def test_gpu_decoders_missing_give_a_clear_error(slide, monkeypatch):
+    monkeypatch.setattr(gd, "_cuda_ok", lambda: False)
+    assert gd.gpu_decoders_available() == ()
+    for decoder in ("auto", "dali", "cucim"):
+        with pytest.raises(BackendUnavailableError, match="needs a CUDA device"):
+            gd.GpuTileReader(slide, decoder=decoder)
+
+
+def test_missing_package_is_named(slide, monkeypatch):
+    monkeypatch.setattr(gd, "_cuda_ok", lambda: True)
+    monkeypatch.setattr(gd, "gpu_decoders_available", lambda: ())
+    with pytest.raises(BackendUnavailableError, match=r"nvidia-dali-cuda120.*cellvit-optimus\[gpu\]"):
+        gd.GpuTileReader(slide, decoder="dali")
+
+
+def test_import_needs_no_gpu_packages():
+    code = ("import sys; import cellvit_optimus.engine.gpu_decode as m; "
+            "bad = [n for n in ('nvidia.dali', 'cupy', 'cucim', 'torch') if n in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- choosing a decoder (fakes with a fake clock) --------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class _FakePath:
+    def __init__(self, clock: _Clock, seconds_per_tile: float) -> None:
+        self.clock, self.cost, self.calls, self.syncs = clock, seconds_per_tile, 0, 0
+
+    def read_tiles(self, locs, tile_size, target_mpp):
+        self.calls += 1
+        self.clock.t += self.cost * len(locs)
+        return np.zeros((len(locs), tile_size, tile_size, 3), np.uint8)
+
+    def synchronize(self) -> None:
+        self.syncs += 1
+
+
+@pytest.mark.parametrize("cpu_cost,gpu_cost,expect", [(1e-3, 2e-4, "gpu"), (1e-3, 2e-3, "cpu"),
+                                                      (1e-3, 0.95e-3, "cpu")],
+                         ids=["gpu-5x-faster", "gpu-slower", "gpu-within-margin"])
+def test_choose_decoder_picks_gpu_only_when_faster(cpu_cost, gpu_cost, expect):
+    clock = _Clock()
+    cpu, gpu = _FakePath(clock, cpu_cost), _FakePath(clock, gpu_cost)
+    locs = [(i, i) for i in range(300)]
+    c = gd.choose_decoder(cpu, locs, batch_size=64, n_batches=3, gpu_reader=gpu, clock=clock)  # type: ignore[arg-type]
+    assert c.decoder == expect, c.reason
+    assert c.cpu_tiles_per_s == pytest.approx(1 / cpu_cost)
+    assert c.gpu_tiles_per_s == pytest.approx(1 / gpu_cost)
+    assert cpu.calls == gpu.calls == 4  # one warm-up + three timed batches each
+    assert gpu.syncs == 2
+
+
+def test_choose_decoder_few_tiles_and_errors():
+    clock = _Clock()
+    cpu, gpu = _FakePath(clock, 1e-3), _FakePath(clock, 1e-4)
+    c = gd.choose_decoder(cpu, [(0, 0)] * 5, batch_size=64, gpu_reader=gpu, clock=clock)  # type: ignore[arg-type]
+    assert c.decoder == "gpu" and cpu.calls == 2
+    assert gd.choose_decoder(cpu, [], gpu_reader=gpu).decoder == "cpu"  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        gd.choose_decoder(cpu, [(0, 0)], batch_size=0, gpu_reader=gpu)  # type: ignore[arg-type]
+
+
+def test_choose_decoder_without_a_gpu_says_why(slide, locations, monkeypatch):
+    monkeypatch.setattr(gd, "_cuda_ok", lambda: False)
+    c = gd.choose_decoder(slide, locations)
+    assert c.decoder == "cpu" and c.gpu_tiles_per_s is None
+    assert "needs a CUDA device" in c.reason
+
+
+# -- GPU: pixel agreement of the real decoders ---------------------------------------------------------
+
+
+def _gpu_decoders():
+    return [pytest.param(d, marks=pytest.mark.gpu) for d in gd.GPU_DECODERS]
+
+
+@pytest.mark.parametrize("decoder", _gpu_decoders())
+def test_gpu_regions_agree_with_the_cpu_path(slide, locations, decoder):
+    if decoder not in gd.gpu_decoders_available():
+        pytest.skip(f"{decoder} not installed")
+    with gd.GpuTileReader(slide, decoder=decoder, device="cuda") as r:
+        got = r.read_regions(locations, 0, (224, 224))
+        assert got.is_cuda and got.dtype == torch.uint8
+        d = np.abs(got.cpu().numpy().astype(int) - slide.read_regions(locations, 0, (224, 224)))
+        # nvJPEG's IDCT rounds differently from libjpeg-turbo's: allow a grey level on average
+        assert d.mean() <= 1.0, f"{decoder}: mean abs diff {d.mean():.3f} (max {d.max()})"
+        tiles = r.read_tiles(locations, 224, 0.7)
+        d = np.abs(tiles.cpu().numpy().astype(int) - slide.read_tiles(locations, 224, 0.7))
+        assert d.mean() <= 1.0, f"{decoder} at 0.7 um/px: mean abs diff {d.mean():.3f}"
+
+
+@pytest.mark.gpu
+def test_choose_decoder_on_a_gpu(slide, locations):
+    if not gd.gpu_decoders_available():
+        pytest.skip("no GPU decoder installed")
+    c = gd.choose_decoder(slide, locations, batch_size=16, n_batches=2)
+    assert c.decoder in ("cpu", "gpu") and c.cpu_tiles_per_s and c.gpu_tiles_per_s, c.reason
+    print(f"\nchoose_decoder on {torch.cuda.get_device_name()}: {c}")
