@@ -235,8 +235,14 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 @click.option("--batch-size", type=int, default=16, show_default=True, help="tiles per backbone call")
 @click.option("--workers", type=int, default=2, show_default=True, help="slide reader threads")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars (services, logs)")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="distribute slides over a Ray cluster (no value: start/attach locally; 'auto'; "
+                   "'ray://head:10001')")
+@click.option("--ray-actors", type=int, default=None, help="Ray actors (default: one per GPU, or per CPU group)")
+@click.option("--ray-cpus-per-actor", type=int, default=1, show_default=True, help="CPUs per CPU-only actor")
 def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, nuclei_weights, backbone_weights,
-           mil_weights, thresholds, ood_state, shadow_slides, site_id, outputs, device, batch_size, workers, quiet):
+           mil_weights, thresholds, ood_state, shadow_slides, site_id, outputs, device, batch_size, workers, quiet,
+           ray_address, ray_actors, ray_cpus_per_actor):
     """Triage SLIDES (files or folders; default: the bundled real slide) into a ranked worklist.
 
     Writes per slide OUT/<slide>/{cells.geojson, regions.geojson, overview.png, summary.json} and
@@ -253,14 +259,25 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, nu
                               outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()),
                               thresholds=thresholds, ood_state=ood_state, shadow_slides=shadow_slides,
                               site_id=site_id)
-        engine = Engine(config, nuclei_weights=nuclei_weights, backbone_weights=backbone_weights,
-                        mil_weights=mil_weights, device=device, batch_size=batch_size)
+        weights = dict(nuclei_weights=nuclei_weights, backbone_weights=backbone_weights, mil_weights=mil_weights,
+                       device=device, batch_size=batch_size)
+        if ray_address is None:
+            engine = Engine(config, **weights)
+        else:
+            from .distributed import ClusterConfig, RayTriage
+
+            engine = RayTriage(config, cluster=ClusterConfig(address=ray_address or None, num_actors=ray_actors,
+                                                             cpus_per_actor=ray_cpus_per_actor), **weights)
     except OptimusError as exc:
         raise click.UsageError(str(exc)) from exc
     paths = _inputs(slides)
     bars = _Bars(quiet, len(paths))
     try:
-        batch = engine.run(paths, out_dir, progress=bars)
+        if ray_address is None:
+            batch = engine.run(paths, out_dir, progress=bars)
+        else:
+            with engine:
+                batch = engine.run(paths, out_dir, progress=bars)
     finally:
         bars.close()
     for r in batch.results:

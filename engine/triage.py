@@ -250,6 +250,24 @@ class Engine:
         self.tiling = TilingConfig(tile_size=self.model.tile_size, target_mpp=self.nuclei_mpp,
                                    overlap=self.config.overlap_px / self.model.tile_size,
                                    min_tissue_fraction=self.config.min_tissue_fraction)
+        self._model_hash = _file_hash(self.model.path) if self.model.path else "in-memory"
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """compile / load the Numba kernels now: compiling holds the GIL for long stretches, which
+        must not happen later inside a host application's event loop"""
+        from cellvit_optimus.kernels import hv_to_instances
+
+        s = self.model.tile_size
+        yy, xx = np.mgrid[0:s, 0:s]
+        blob = (((yy - s / 2) ** 2 + (xx - s / 2) ** 2) < (s / 8) ** 2).astype(np.float32)
+        hv = np.stack([(xx - s / 2) / (s / 8), (yy - s / 2) / (s / 8)]).astype(np.float32) * blob
+        nt = np.zeros((self.model.num_classes + 1, s, s), np.float32)
+        nt[1] = 1.0
+        p = self.post
+        hv_to_instances(blob, hv, nt, np_threshold=p.np_threshold, min_object_size=p.min_object_size,
+                        sobel_ksize=p.sobel_ksize, marker_threshold=p.marker_threshold,
+                        min_marker_size=p.min_marker_size, keep_unmarked=p.keep_unmarked)
 
     # -- set-up ------------------------------------------------------------------------------------
     def _load_thresholds(self):
@@ -279,7 +297,7 @@ class Engine:
     def run_key(self) -> str:
         """identity of everything that shapes a slide's outputs (a rerun with another key recomputes)"""
         doc = {"model": self.model.metadata.get("sha256") or str(self.model.path),
-               "model_hash": _file_hash(self.model.path) if self.model.path else "in-memory",
+               "model_hash": self._model_hash,
                "backbone": self.model.runner.weights_id, "tiling": asdict(self.tiling),
                "tissue": asdict(self.config.tissue), "mpp": self.config.mpp, "post": asdict(self.post),
                "thresholds": asdict(self.thresholds), "outputs": list(self.config.outputs),
@@ -301,42 +319,49 @@ class Engine:
         return self._worklist(Path(out_dir), got)
 
     async def stream(self, slides: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
-                     progress: Callable[[Progress], None] | None = None
+                     progress: Callable[[Progress], None] | None = None, *, clean_temporaries: bool = True
                      ) -> AsyncIterator[SlideResult | Failure]:
-        """per-slide results as slides finish (features, nuclei, tags and outputs written)"""
+        """per-slide results (features, nuclei, tags and outputs written)
+
+        Slides are finalised, and so counted by shadow mode, in input order: a slide that finishes
+        early waits for the ones before it, so tags never depend on timing. ``clean_temporaries=False``
+        leaves other writers' temporaries alone (several engines sharing one output folder).
+        """
         import anyio
+
+        from .extract import _check_unique_stems
+        from .inspect import failure_from
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        clean_stale_temporaries(out)
+        if clean_temporaries:
+            clean_stale_temporaries(out)
         paths = [Path(p) for p in slides]
-        from .extract import _check_unique_stems
-
         _check_unique_stems(paths)
+        position = {str(p): i for i, p in enumerate(paths)}
         key = self.run_key()
         factory = _TriageFactory(self, out, key)
+        pending: dict[int, Any] = {}
+        next_index = 0
 
-        def compute(tiles: np.ndarray):
-            return self._forward(tiles)
+        async def settle(r: Any) -> SlideResult | Failure:
+            if isinstance(r, Failure):
+                return r
+            if r.cached:
+                return SlideResult(**r.info["result"], cached=True)
+            try:
+                return await anyio.to_thread.run_sync(self._finalise, r, factory, out, key)
+            except Exception as exc:  # one slide's outputs failing must not stop the batch
+                log.warning("%s: finalising failed: %s", r.path, exc)
+                return failure_from(r.path, exc)
 
-        async with run_pipeline(paths, open_job=factory.open_job, factory=factory, compute=compute,
+        async with run_pipeline(paths, open_job=factory.open_job, factory=factory, compute=self._forward,
                                 config=self.config.scheduler, progress=progress) as results:
             async for r in results:
-                if isinstance(r, Failure):
-                    yield r
-                    continue
-                if r.cached:
-                    yield SlideResult(**r.info["result"], cached=True)
-                    continue
-                try:
-                    res = await anyio.to_thread.run_sync(self._finalise, r, factory, out, key)
-                except Exception as exc:  # one slide's outputs failing must not stop the batch
-                    log.warning("%s: finalising failed: %s", r.path, exc)
-                    from .inspect import failure_from
-
-                    yield failure_from(r.path, exc)
-                    continue
-                yield res
+                pending[position[str(Path(r.path))]] = r
+                while next_index in pending:
+                    yield await settle(pending.pop(next_index))
+                    next_index += 1
 
     def _forward(self, tiles: np.ndarray):
         """(embeddings (B, D) float32, NucleiMaps) of uint8 tiles: one backbone pass feeds both"""
@@ -422,7 +447,8 @@ class Engine:
         return result
 
     # -- the batch worklist --------------------------------------------------------------------------
-    def _worklist(self, out: Path, results: list[Any]) -> BatchResult:
+    @staticmethod
+    def _worklist(out: Path, results: list[Any]) -> BatchResult:
         ok = [r for r in results if isinstance(r, SlideResult)]
         bad = [r for r in results if isinstance(r, Failure)]
         ranked = sorted(ok, key=lambda r: (-r.priority, r.name))
@@ -530,8 +556,9 @@ def _cells_geojson(nuc: _NucleiConsumer, profile: Any, tile_tags: list[str], sli
     """QuPath detections: Polygon + classification (name, colour) + measurements + trust tag.
     Ids are derived from the slide and the nucleus' position, so reruns write identical files."""
     feats = []
-    for i, ring in enumerate(nuc.contours):
-        ring = np.round(np.asarray(ring, np.float64), 2)
+    # batches may arrive in any order: list nuclei by tile (and, within a tile, as the kernel found them)
+    for i in np.argsort(np.asarray(nuc.tile_of, np.int64), kind="stable").tolist():
+        ring = np.round(np.asarray(nuc.contours[i], np.float64), 2)
         if len(ring) < 3:
             continue
         pts = ring.tolist()
