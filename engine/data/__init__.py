@@ -1,10 +1,10 @@
-"""Data shipped inside the package: the bundled real slide (and, later, the default model weights)."""
+"""Data shipped inside the package: the bundled real slide and the default nuclei model."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ("bundled_slide", "DATA_DIR")
+__all__ = ("bundled_slide", "default_nuclei_model", "DATA_DIR")
 
 DATA_DIR = Path(__file__).resolve().parent
 
@@ -12,3 +12,8 @@ DATA_DIR = Path(__file__).resolve().parent
 def bundled_slide() -> Path:
     """path of the bundled real slide (OpenSlide's CMU-1-Small-Region, Aperio SVS; see README.md here)"""
     return DATA_DIR / "cmu_small_region.svs"
+
+
+def default_nuclei_model() -> Path:
+    """path of the bundled default nuclei checkpoint (tiny backbone + UNETR, CoNSeP profile; README.md here)"""
+    return DATA_DIR / "default_nuclei.safetensors"

@@ -1,0 +1,165 @@
+"""Commands that train and run models: ``train nuclei``, ``train mil`` and ``segment``.
+
+Registered on the main group in :mod:`.cli` (``cli.add_command(train)``, ``cli.add_command(segment)``).
+They map flags onto :class:`~.train.NucleiTrainConfig`, :func:`~.train.train_mil` and
+:func:`~.nuclei.segment_image`; exit codes as in :mod:`.cli` (0 all ok, 1 partial, 2 failed / misuse).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import OptimusError
+
+__all__ = ("train", "segment")
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_PARTIAL, EXIT_FAILED = 0, 1, 2
+
+
+@click.group()
+def train() -> None:
+    """Train the nuclei head or the slide-level MIL head."""
+
+
+@train.command("nuclei")
+@click.option("--dataset", "datasets", multiple=True, required=True,
+              help="consep | monuseg | [pannuke:|folder:|geojson:]PATH (repeatable)")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="folder holding consep-patches/ and monuseg-train/ (default: shared/data/nuclei)")
+@click.option("--held-out", multiple=True, help="source-image groups kept out of training and scored "
+              "(e.g. consep/test_2, monuseg/TCGA-A7-A13E-01Z-00-DX1); repeatable")
+@click.option("--profile", "profile_name", default=None,
+              help="class profile of the type labels (built-in name or JSON file; default from the data)")
+@click.option("--source-mpp", type=float, default=None, help="MPP of path datasets (default 0.25)")
+@click.option("--mpp", "nuclei_mpp", type=float, default=0.5, show_default=True,
+              help="nuclei-path resolution the head is trained at")
+@click.option("--backbone", default="tiny", show_default=True, help="backbone preset")
+@click.option("--backbone-weights", default=None, help="backbone weights (file or hf-hub:...); default random")
+@click.option("--epochs", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--crop", type=int, default=112, show_default=True, help="training crop (multiple of 14)")
+@click.option("--curriculum/--no-curriculum", default=False, show_default=True,
+              help="easy-to-hard sampling by nucleus density")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="token cache folder (default $OPTIMUS_CACHE_DIR or ~/.cache/cellvit-optimus/tokens)")
+@click.option("--threads", type=int, default=None, help="torch CPU threads")
+@click.option("--max-minutes", type=float, default=None, help="stop after the epoch that passes this")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="checkpoint (.safetensors)")
+def train_nuclei_cmd(datasets, data_root, held_out, profile_name, source_mpp, nuclei_mpp, backbone,
+                     backbone_weights, epochs, batch_size, lr, crop, curriculum, cache_dir, threads,
+                     max_minutes, seed, out):
+    """Train a UNETR nuclei head on a frozen backbone (token maps cached in HDF5)."""
+    from .train import NucleiTrainConfig, read_dataset, split_by_group, train_nuclei
+
+    try:
+        profile = _profile(profile_name)
+        samples = []
+        for spec in datasets:
+            samples += read_dataset(spec, profile=profile, root=data_root, mpp=source_mpp)
+        train_s, test_s = split_by_group(samples, held_out)
+        cfg = NucleiTrainConfig(nuclei_mpp=nuclei_mpp, backbone=backbone, backbone_weights=backbone_weights,
+                                epochs=epochs, batch_size=batch_size, lr=lr, crop=crop, curriculum=curriculum,
+                                cache_dir=cache_dir, threads=threads, max_minutes=max_minutes, seed=seed)
+    except OptimusError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(f"{len(train_s)} training images, {len(test_s)} held out", err=True)
+    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in click.get_current_context().params.items()}
+    res = train_nuclei(train_s, out, cfg, profile=profile, val_samples=test_s,
+                       progress=lambda rec: click.echo(json.dumps(_round(rec)), err=True),
+                       extra_record={"datasets": list(datasets), "cli_params": params})
+    click.echo(json.dumps({"checkpoint": str(res.checkpoint), "seconds": round(res.seconds, 1),
+                           "train_tiles": res.n_train_tiles, "cache": str(res.cache_path),
+                           "held_out": res.metrics}, indent=2))
+
+
+@train.command("mil")
+@click.argument("bags_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("labels_csv", type=click.Path(exists=True, dir_okay=False))
+@click.option("--epochs", type=int, default=40, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--hidden-dim", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="checkpoint (.safetensors)")
+def train_mil_cmd(bags_dir, labels_csv, epochs, lr, hidden_dim, seed, out):
+    """Train a gated attention-MIL head on BAGS_DIR/*.h5 feature files with LABELS_CSV (slide,label)."""
+    from .train import train_mil
+
+    try:
+        res = train_mil(bags_dir, labels_csv, out, epochs=epochs, lr=lr, hidden_dim=hidden_dim, seed=seed)
+    except OptimusError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(json.dumps({"checkpoint": str(res.checkpoint), "classes": list(res.classes), "bags": res.n_bags,
+                           "train_accuracy": round(res.train_accuracy, 4)}, indent=2))
+
+
+@click.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--mpp", type=float, required=True, help="microns per pixel of the images")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="output folder")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False), default=None,
+              help="nuclei checkpoint (default: the bundled model)")
+@click.option("--backbone-weights", default=None, help="backbone weights, if the model's backbone is not bundled")
+@click.option("--overlap", type=int, default=64, show_default=True, help="tile overlap (px at the nuclei MPP)")
+@click.option("--device", default="cpu", show_default=True)
+def segment(images, mpp, out_dir, model_path, backbone_weights, overlap, device):
+    """Segment and classify nuclei in plain IMAGES (PNG/JPEG/TIFF, any size).
+
+    Writes <stem>_instances.npy (int32 ids), <stem>_types.npy (class ids) and <stem>_cells.geojson
+    (QuPath detections) per image into OUT.
+    """
+    from .geojson import cells_to_geojson, write_geojson
+    from .io import atomic_path
+    from .nuclei import NucleiModel, segment_image
+    from .train import _read_image
+
+    try:
+        model = NucleiModel(model_path, backbone_weights=backbone_weights, device=device)
+    except OptimusError as exc:
+        raise click.UsageError(str(exc)) from exc
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ok = bad = 0
+    for name in images:
+        p = Path(name)
+        try:
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: not found")
+            img = _read_image(p)
+            res = segment_image(img, mpp, model, overlap=overlap)
+            for suffix, arr in (("instances", res.inst_map), ("types", res.type_map)):
+                with atomic_path(out / f"{p.stem}_{suffix}.npy") as tmp:
+                    with open(tmp, "wb") as fh:
+                        import numpy as np
+
+                        np.save(fh, arr)
+            write_geojson(out / f"{p.stem}_cells.geojson",
+                          cells_to_geojson(res.table, res.profile, extra_properties=None, mpp=mpp))
+            click.echo(f"{p.name}: {len(res.table)} nuclei, {res.tiles} tiles, {res.seconds:.1f} s", err=True)
+            ok += 1
+        except (OptimusError, OSError, ValueError) as exc:
+            click.echo(f"{p}: failed ({exc})", err=True)
+            bad += 1
+    sys.exit(EXIT_OK if bad == 0 else (EXIT_PARTIAL if ok else EXIT_FAILED))
+
+
+def _profile(name: str | None):
+    if name is None:
+        return None
+    from cellvit_optimus.heads.profiles import BUILTIN_PROFILES, ClassProfile, get_profile
+
+    if name in BUILTIN_PROFILES:
+        return get_profile(name)
+    return ClassProfile.load(name)
+
+
+def _round(rec: dict) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}

@@ -1,0 +1,128 @@
+"""The bundled nuclei model on held-out real images: beats the Otsu + watershed baseline; segment /
+GeoJSON outputs are valid and QuPath-shaped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cellvit_optimus.engine.datasets import NucleiSample, load_consep, load_monuseg  # noqa: E402
+from cellvit_optimus.engine.nuclei import (  # noqa: E402
+    NucleiModel,
+    default_model_path,
+    score_predictions,
+    segment_image,
+)
+
+from nuclei_baseline import otsu_watershed  # noqa: E402
+
+#: held out from the bundled model's training (bench/train_default_nuclei.py HELD_OUT)
+HELD_OUT = (
+    "consep/test_2",
+    "monuseg/TCGA-A7-A13E-01Z-00-DX1",
+    "monuseg/TCGA-B0-5710-01Z-00-DX1",
+    "monuseg/TCGA-G9-6362-01Z-00-DX1",
+)
+
+
+@pytest.fixture(scope="module")
+def model() -> NucleiModel:
+    torch.set_num_threads(2)
+    return NucleiModel()
+
+
+@pytest.fixture(scope="module")
+def held_out(nuclei_dir: Path) -> list[NucleiSample]:
+    """Every held-out image: 16 CoNSeP patches of one source image and 3 whole MoNuSeg images (at the
+    bundled model's 0.5 MPP that is 43 tiles, seconds on 2 cores)."""
+    samples = load_consep(nuclei_dir) + load_monuseg(nuclei_dir)
+    return [s for s in samples if s.group in HELD_OUT]
+
+
+def test_bundled_model_metadata(model):
+    assert default_model_path().is_file()
+    assert default_model_path().stat().st_size <= 25 * 2**20
+    assert model.profile.name == "consep" and model.nuclei_mpp == 0.5  # chosen by bench/eval_nuclei.py
+    assert model.runner.preset.name == "tiny" and model.runner.weights_id == "random:tiny:seed=0"
+    extra = json.loads(model.metadata["extra"])
+    held = set(extra["held_out_groups"])
+    assert set(HELD_OUT) <= held
+    assert not held & set(extra["train_groups"])
+
+
+def test_bundled_model_beats_otsu_watershed_on_held_out_images(model, held_out):
+    assert len(held_out) == 19
+    preds = [segment_image(s.image, s.mpp, model) for s in held_out]
+    ours = score_predictions(held_out, [p.inst_map for p in preds], [p.types_lut for p in preds], 4)
+    base = score_predictions(held_out, [otsu_watershed(s.image, s.mpp) for s in held_out], None, 4)
+    print("model", ours, "\nbaseline", base)
+    assert ours["bpq"] > base["bpq"]
+    assert ours["f1_det"] > base["f1_det"]
+    assert ours["mpq"] is not None and ours["mpq"] > 0.0
+
+
+def test_segment_any_size_and_resolution(model, held_out):
+    s = held_out[-1]
+    img = s.image[:300, :270]
+    r = segment_image(img, 0.25, model)
+    assert r.inst_map.shape == (300, 270) and r.type_map.shape == (300, 270)
+    n = len(r.table)
+    assert n > 10 and r.inst_map.max() == n and np.array_equal(np.unique(r.inst_map), np.arange(n + 1))
+    assert set(np.unique(r.type_map)) <= set(range(5))
+    # each stitched nucleus appears once: ids are contiguous and every one has pixels
+    assert (np.bincount(r.inst_map.ravel())[1:] > 0).all()
+    # the same field at 0.5 MPP (20x) is resampled to the model's 0.25 and mapped back
+    from PIL import Image
+
+    half = np.asarray(Image.fromarray(img).resize((135, 150), Image.Resampling.BOX))
+    r2 = segment_image(half, 0.5, model)
+    assert r2.inst_map.shape == (150, 135)
+    assert 0.5 * n < len(r2.table) < 1.5 * n
+
+
+def test_cells_geojson_valid_and_qupath_shaped(model, held_out):
+    from shapely.geometry import shape
+
+    from cellvit_optimus.engine.geojson import cells_to_geojson
+
+    r = segment_image(held_out[0].image, 0.25, model)
+    fc = cells_to_geojson(r.table, r.profile, offset=(1000, 2000), scale=2.0, extra_properties={"slide": "x"})
+    assert fc["type"] == "FeatureCollection" and len(fc["features"]) + fc["properties"]["dropped"] == len(r.table)
+    assert fc["properties"]["dropped"] == 0
+    names = set(model.profile.classes)
+    for f, cx in zip(fc["features"], r.table.centroids):
+        g = shape(f["geometry"])
+        assert f["geometry"]["type"] == "Polygon" and g.is_valid and g.area > 0
+        assert g.exterior.is_ccw
+        p = f["properties"]
+        assert p["objectType"] == "detection" and p["slide"] == "x"
+        assert p["classification"]["name"] in names and len(p["classification"]["color"]) == 3
+        assert 0 <= p["type_prob"] <= 1 and p["measurements"]["area_px"] > 0
+        # offset and scale applied: the polygon holds the transformed centroid's neighbourhood
+        assert g.buffer(2.0).contains(shape({"type": "Point", "coordinates": list(cx * 2.0 + (1000, 2000))}))
+    json.dumps(fc)  # plain JSON types only
+
+
+def test_cli_segment_writes_maps_and_geojson(held_out, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from cellvit_optimus.engine.cli_models import segment
+
+    Image.fromarray(held_out[0].image).save(tmp_path / "a.png")
+    Image.fromarray(held_out[1].image).save(tmp_path / "b.jpg", quality=95)
+    r = CliRunner().invoke(segment, [str(tmp_path / "a.png"), str(tmp_path / "b.jpg"), str(tmp_path / "missing.png"),
+                                     "--mpp", "0.25", "--out", str(tmp_path / "out")])
+    assert r.exit_code == 1, r.output  # two done, one missing: partial
+    for stem in ("a", "b"):
+        inst = np.load(tmp_path / "out" / f"{stem}_instances.npy")
+        types = np.load(tmp_path / "out" / f"{stem}_types.npy")
+        assert inst.shape == types.shape == (256, 256) and inst.dtype == np.int32
+        fc = json.loads((tmp_path / "out" / f"{stem}_cells.geojson").read_text())
+        assert len(fc["features"]) == inst.max()
+    assert "missing.png: failed" in r.output
