@@ -289,6 +289,16 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, nu
     sys.exit(_exit_code(len(batch.results), len(batch.failures)))
 
 
+def _register_model_commands() -> None:
+    from .cli_models import segment, train
+
+    cli.add_command(train)
+    cli.add_command(segment)
+
+
+_register_model_commands()
+
+
 def main(argv: list[str] | None = None) -> None:
     """console-script entry point"""
     cli.main(args=argv, prog_name="cellvit-optimus")

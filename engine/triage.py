@@ -172,10 +172,7 @@ class _NucleiConsumer:
         s = self.grid.tile_size
         p = self.post
         for k, t in enumerate(idx.tolist()):
-            _, table = hv_to_instances(maps.np[k], maps.hv[k], maps.nt[k], np_threshold=p.np_threshold,
-                                       min_object_size=p.min_object_size, sobel_ksize=p.sobel_ksize,
-                                       marker_threshold=p.marker_threshold, min_marker_size=p.min_marker_size,
-                                       keep_unmarked=p.keep_unmarked)
+            _, table = hv_to_instances(maps.np[k], maps.hv[k], maps.nt[k], **p.kernel_kwargs())
             left, right, top, bottom = self.open_side[t]
             x_lo, x_hi = (0.0 if left else self.half), (s if right else s - self.half)
             y_lo, y_hi = (0.0 if top else self.half), (s if bottom else s - self.half)
@@ -237,8 +234,8 @@ class Engine:
         self.model = NucleiModel(nuclei_weights, backbone_weights=backbone_weights, device=device,
                                  batch_size=batch_size)
         self.nuclei_mpp = float(self.config.nuclei_mpp or self.model.nuclei_mpp)
-        factor = self.model.nuclei_mpp / self.nuclei_mpp
-        self.post = PostProcessConfig().scaled(factor) if abs(factor - 1) > 1e-6 else PostProcessConfig()
+        # the checkpoint's tuned post-processing; its sizes are HoVer-Net's at 0.25 um/px (40x)
+        self.post = (getattr(self.model, "post", None) or PostProcessConfig()).scaled(0.25 / self.nuclei_mpp)
         self.mil = None
         if mil_weights is not None:
             from cellvit_optimus.heads.checkpoint import load_mil
@@ -264,10 +261,7 @@ class Engine:
         hv = np.stack([(xx - s / 2) / (s / 8), (yy - s / 2) / (s / 8)]).astype(np.float32) * blob
         nt = np.zeros((self.model.num_classes + 1, s, s), np.float32)
         nt[1] = 1.0
-        p = self.post
-        hv_to_instances(blob, hv, nt, np_threshold=p.np_threshold, min_object_size=p.min_object_size,
-                        sobel_ksize=p.sobel_ksize, marker_threshold=p.marker_threshold,
-                        min_marker_size=p.min_marker_size, keep_unmarked=p.keep_unmarked)
+        hv_to_instances(blob, hv, nt, **self.post.kernel_kwargs())
 
     # -- set-up ------------------------------------------------------------------------------------
     def _load_thresholds(self):

@@ -1,0 +1,219 @@
+"""The triage product end to end on real slides: outputs, bad inputs, kill -9 and resume, async use.
+
+Runs use the bundled nuclei model at a coarse nuclei resolution (4 um/px) so that each slide is a
+handful of tiles on two CPU cores; the mechanics (streaming, outputs, resume, failure isolation) do
+not depend on the resolution. Nuclei quality is tested in test_nuclei.py and reported in the README.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cellvit_optimus.engine.triage import Engine, TriageConfig
+
+COARSE = dict(nuclei_mpp=4.0, overlap_px=32)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(TriageConfig(**COARSE))
+
+
+def _blank_slide(path: Path, slides_dir: Path) -> Path:
+    """a real no-tissue slide with an MPP: glass from the kidney TIFF's background, tiled, 0.5 um/px"""
+    import tifffile
+
+    from cellvit_optimus.engine.slide import open_slide
+
+    with open_slide(slides_dir / "kidney-48-5.tif") as s:
+        glass = s.read_region((1100, 50), 0, (256, 256))
+    img = np.tile(glass, (8, 8, 1))
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="jpeg",
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    return path
+
+
+@pytest.fixture
+def batch_dir(tmp_path, slides_dir):
+    d = tmp_path / "batch"
+    d.mkdir()
+    data = (slides_dir / "cmu-1-small-region.svs").read_bytes()
+    (d / "a-cmu.svs").write_bytes(data)
+    (d / "b-prostate.dcm").write_bytes((slides_dir / "prostate-small.dcm").read_bytes())
+    (d / "c-notes.svs").write_text("patient notes\n")
+    (d / "d-truncated.svs").write_bytes(data[: len(data) // 2])
+    corrupt = bytearray(data)
+    corrupt[20_000:420_000] = np.random.default_rng(1).integers(0, 256, 400_000, dtype=np.uint8).tobytes()
+    (d / "e-corrupt.svs").write_bytes(bytes(corrupt))
+    _blank_slide(d / "f-blank.tif", slides_dir)
+    return d
+
+
+def test_batch_with_bad_files_finishes_and_names_each_failure(tmp_path, batch_dir, engine):
+    from cellvit_optimus.engine.slide import iter_slide_paths
+
+    out = tmp_path / "out"
+    batch = engine.run(list(iter_slide_paths([batch_dir])), out)
+    assert batch.status == "partial"
+    assert sorted(r.name for r in batch.results) == ["a-cmu", "b-prostate"]
+    reasons = {Path(f.path).name: f.reason for f in batch.failures}
+    assert reasons == {"c-notes.svs": "not a slide", "d-truncated.svs": "truncated or corrupt",
+                       "e-corrupt.svs": "truncated or corrupt", "f-blank.tif": "no tissue"}
+    with open(batch.worklist_csv) as f:
+        rows = list(csv.DictReader(f))
+    failed = {r["slide"]: r["reason"] for r in rows if r["status"] == "failed"}
+    assert set(failed) == {"c-notes", "d-truncated", "e-corrupt", "f-blank"}
+    assert failed["c-notes"].startswith("not a slide") and "c-notes.svs" in failed["c-notes"]
+    done = [r for r in rows if r["status"] == "done"]
+    assert [int(r["rank"]) for r in done] == [1, 2]
+    assert float(done[0]["priority"]) >= float(done[1]["priority"])
+    # no partial files anywhere, and nothing written for the failed slides
+    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
+    assert sorted(p.name for p in (out / "features").iterdir()) == ["a-cmu.h5", "b-prostate.h5"]
+    assert not any((out / n).exists() for n in ("c-notes", "d-truncated", "e-corrupt", "f-blank"))
+    for name in ("a-cmu", "b-prostate"):
+        assert sorted(p.name for p in (out / name).iterdir()) == ["cells.geojson", "overview.png",
+                                                                 "regions.geojson", "summary.json"]
+
+
+def test_outputs_follow_qupath_layout_and_are_valid(tmp_path, slides_dir, engine):
+    from shapely.geometry import shape
+
+    batch = engine.run([slides_dir / "cmu-1-small-region.svs"], tmp_path)
+    [r] = batch.results
+    cells = json.loads(Path(r.outputs["cells"]).read_text())
+    assert cells["type"] == "FeatureCollection"
+    for f in cells["features"]:
+        assert f["geometry"]["type"] == "Polygon"
+        assert f["properties"]["objectType"] == "detection"
+        assert set(f["properties"]["classification"]) == {"name", "color"}
+        assert f["properties"]["trust"] in ("reliable", "review", "out_of_domain")
+        assert shape(f["geometry"]).is_valid
+    assert len(cells["features"]) == r.nuclei and sum(r.counts.values()) <= r.nuclei
+    regions = json.loads(Path(r.outputs["regions"]).read_text())
+    assert regions["features"] and all(shape(f["geometry"]).is_valid for f in regions["features"])
+    summary = json.loads(Path(r.outputs["summary"]).read_text())
+    assert summary["result"]["tag"] == r.tag == "review"  # shadow mode: a new site's first slide
+    assert summary["result"]["reason"].startswith("shadow mode (1/30)")
+    from PIL import Image
+
+    img = Image.open(r.outputs["thumbnail"])
+    assert img.size[0] > 3 * 100
+
+
+KILL = textwrap.dedent("""
+    import sys
+    from cellvit_optimus.engine.triage import Engine, TriageConfig
+    e = Engine(TriageConfig(nuclei_mpp=float(sys.argv[2]), overlap_px=32))
+    def progress(p):
+        print(p.slides_done, p.tiles_done, p.tiles_total, flush=True)
+    e.run(sys.argv[3:], sys.argv[1], progress=progress)
+""")
+
+
+def _digest(out: Path, names: list[str]) -> dict[str, str]:
+    """content of every output that must match between runs (summary timings excluded)"""
+    d = {}
+    for n in names:
+        for p in sorted((out / n).iterdir()):
+            data = p.read_bytes()
+            if p.name == "summary.json":
+                doc = json.loads(data)
+                doc["result"].pop("timings")
+                doc["result"]["outputs"] = {k: Path(v).name for k, v in doc["result"]["outputs"].items()}
+                data = json.dumps(doc, sort_keys=True).encode()
+            d[f"{n}/{p.name}"] = hashlib.sha256(data).hexdigest()
+        d[f"features/{n}.h5"] = hashlib.sha256((out / "features" / f"{n}.h5").read_bytes()).hexdigest()
+    rows = json.loads((out / "worklist.json").read_text())["slides"]
+    d["worklist"] = json.dumps([{k: v for k, v in r.items() if k != "path"} for r in rows], sort_keys=True)
+    return d
+
+
+@pytest.mark.slow
+def test_kill9_then_rerun_equals_uninterrupted_run(tmp_path, slides_dir):
+    names = ["cmu-1-small-region", "prostate-small"]
+    paths = [str(slides_dir / "cmu-1-small-region.svs"), str(slides_dir / "prostate-small.dcm")]
+    mpp = "4.0"
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen([sys.executable, "-c", KILL, str(killed), mpp, *paths], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    first = None
+    try:
+        for line in proc.stdout:
+            slides_done, tiles_done, tiles_total = map(int, line.split())
+            if slides_done == 1 and first is None:
+                first = tiles_done
+            if first is not None and tiles_total > first and tiles_done - first > (tiles_total - first) // 4:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+        else:
+            pytest.fail("the batch ended before it could be killed mid-slide")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (killed / names[0] / "summary.json").exists()
+    assert not (killed / names[1] / "summary.json").exists()
+
+    cfg = TriageConfig(nuclei_mpp=float(mpp), overlap_px=32)
+    engine = Engine(cfg)
+    resumed = engine.run(paths, killed)
+    assert [r.cached for r in resumed.results] == [True, False]  # the finished slide was not recomputed
+    assert engine.model.runner.tiles_processed == resumed.results[1].tiles  # counted: only slide 2's tiles
+    Engine(cfg).run(paths, clean)
+    assert _digest(killed, names) == _digest(clean, names)
+    assert not [p for p in killed.rglob(".tmp-*")]
+
+
+def test_async_stream_leaves_the_event_loop_responsive(tmp_path, slides_dir):
+    engine = Engine(TriageConfig(nuclei_mpp=1.0, overlap_px=32))
+    delays: list[float] = []
+
+    async def heartbeat(stop: asyncio.Event) -> None:
+        period = 0.01
+        while not stop.is_set():
+            t = time.perf_counter()
+            await asyncio.sleep(period)
+            delays.append(time.perf_counter() - t - period)
+
+    async def main():
+        stop = asyncio.Event()
+        hb = asyncio.create_task(heartbeat(stop))
+        got = [r async for r in engine.stream([slides_dir / "cmu-1-small-region.svs"], tmp_path)]
+        stop.set()
+        await hb
+        return got
+
+    [res] = asyncio.run(main())
+    assert res.tiles > 10 and len(delays) > 50  # the engine really worked while the heartbeat ran
+    print(f"\nheartbeat: {len(delays)} beats, worst delay {1000 * max(delays):.1f} ms")
+    assert max(delays) < 0.100
+
+
+def test_two_engines_in_one_process_do_not_share_state(tmp_path, slides_dir):
+    a = Engine(TriageConfig(**COARSE))
+    b = Engine(TriageConfig(**COARSE, shadow_slides=0))
+    ra = a.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "a").results[0]
+    rb = b.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "b").results[0]
+    assert a.model is not b.model and a.model.runner is not b.model.runner
+    assert ra.reason.startswith("shadow mode") and not rb.reason.startswith("shadow mode")
+    assert (ra.tiles, ra.nuclei, ra.counts) == (rb.tiles, rb.nuclei, rb.counts)
+
+
+def test_config_errors_name_the_value():
+    with pytest.raises(ValueError, match="outputs=.*bogus"):
+        TriageConfig(outputs=("summary", "bogus"))
+    with pytest.raises(ValueError, match="must include 'summary'"):
+        TriageConfig(outputs=("cells",))
