@@ -67,7 +67,9 @@ def polygon_feature(ring: np.ndarray, class_name: str | None, color: Sequence[in
         props["measurements"] = {k: float(v) for k, v in measurements.items()}
     if properties:
         props.update(properties)
-    return {"type": "Feature", "id": str(uuid.uuid4()), "geometry": {"type": "Polygon", "coordinates": [coords]},
+    # the id is derived from the polygon itself: reruns write identical files, and distinct nuclei differ
+    fid = str(uuid.uuid5(uuid.NAMESPACE_URL, repr(coords)))
+    return {"type": "Feature", "id": fid, "geometry": {"type": "Polygon", "coordinates": [coords]},
             "properties": props}
 
 

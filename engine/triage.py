@@ -416,7 +416,7 @@ class Engine:
         outputs: dict[str, str] = {"features": str(feature_path(out, job.path))}
         if "cells" in self.config.outputs:
             p = sdir / "cells.geojson"
-            atomic_write_bytes(p, _cells_geojson(nuc, profile, tile_tags, name))
+            atomic_write_bytes(p, _cells_geojson(nuc, profile, tile_tags))
             outputs["cells"] = str(p)
         if "regions" in self.config.outputs:
             p = sdir / "regions.geojson"
@@ -546,33 +546,21 @@ def _file_hash(path: Path | None) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def _cells_geojson(nuc: _NucleiConsumer, profile: Any, tile_tags: list[str], slide: str) -> bytes:
-    """QuPath detections: Polygon + classification (name, colour) + measurements + trust tag.
-    Ids are derived from the slide and the nucleus' position, so reruns write identical files."""
+def _cells_geojson(nuc: _NucleiConsumer, profile: Any, tile_tags: list[str]) -> bytes:
+    """QuPath detections (see :mod:`.geojson`) with the trust tag of each nucleus' tile"""
+    from .geojson import polygon_feature
+
     feats = []
     # batches may arrive in any order: list nuclei by tile (and, within a tile, as the kernel found them)
     for i in np.argsort(np.asarray(nuc.tile_of, np.int64), kind="stable").tolist():
-        ring = np.round(np.asarray(nuc.contours[i], np.float64), 2)
-        if len(ring) < 3:
-            continue
-        pts = ring.tolist()
-        if pts[0] != pts[-1]:
-            pts.append(pts[0])
-        if len(pts) < 4:
-            continue
         t = nuc.types[i]
-        name = profile.label(t) if 0 < t <= profile.num_classes else "unclassified"
-        colour = list(profile.color(t)) if 0 < t <= profile.num_classes else [128, 128, 128]
-        cx, cy = nuc.centroids[i]
-        fid = hashlib.md5(f"{slide}:{cx:.2f}:{cy:.2f}".encode()).hexdigest()
-        tag = tile_tags[nuc.tile_of[i]]
-        feats.append({"type": "Feature", "id": f"{fid[:8]}-{fid[8:12]}-{fid[12:16]}-{fid[16:20]}-{fid[20:32]}",
-                      "geometry": {"type": "Polygon", "coordinates": [pts]},
-                      "properties": {"objectType": "detection",
-                                     "classification": {"name": name, "color": colour},
-                                     "measurements": {"type_prob": round(nuc.type_probs[i], 4),
-                                                      "area_px": round(nuc.areas[i], 2)},
-                                     "type_prob": round(nuc.type_probs[i], 4), "trust": tag}})
+        known = 0 < t <= profile.num_classes
+        f = polygon_feature(nuc.contours[i], profile.label(t) if known else "unclassified",
+                            profile.color(t) if known else (128, 128, 128),
+                            {"type_prob": round(nuc.type_probs[i], 4), "area_px": round(nuc.areas[i], 2)},
+                            {"type_prob": round(nuc.type_probs[i], 4), "trust": tile_tags[nuc.tile_of[i]]})
+        if f is not None:
+            feats.append(f)
     doc = {"type": "FeatureCollection", "features": feats}
     return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
 
