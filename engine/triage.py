@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .extract import FeatureExtractor, feature_path
-from .features import FeatureWriter, slide_fingerprint
+from .features import slide_fingerprint
 from .inspect import Failure
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_png, clean_stale_temporaries
 from .scheduler import Progress, SchedulerConfig, SlideDone, SlideJob, TileBatch, run_pipeline

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -13,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from killing import kill_during_second_slide
 
 from cellvit_optimus.engine.extract import ExtractConfig, extract_features, feature_path
 from cellvit_optimus.engine.features import read_features
@@ -216,23 +214,7 @@ def test_sigkill_mid_slide_then_rerun_gives_the_same_files(tmp_path, slides_dir,
     paths = [str(slides_dir / "cmu-1-small-region.svs"), str(slides_dir / "prostate-small.dcm")]
     mpp = "1.0"
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(killed), str(tmp_path / "done"), mpp, *paths],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    first_tiles = None
-    try:  # kill once the first slide is committed and the second is a quarter of the way through
-        for line in proc.stdout:
-            slides_done, tiles_done, tiles_total = map(int, line.split())
-            if slides_done == 1 and first_tiles is None:
-                first_tiles = tiles_done
-            if first_tiles is not None and tiles_total > first_tiles and \
-                    tiles_done - first_tiles > (tiles_total - first_tiles) // 4:
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-        else:
-            pytest.fail("the run ended before it reached the middle of the second slide")
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_during_second_slide([sys.executable, "-c", KILL_SCRIPT, str(killed), str(tmp_path / "done"), mpp, *paths])
     assert feature_path(killed, paths[0]).exists()
     assert list((killed / "features").glob(".tmp-prostate-small.h5.*"))  # the killed slide's temporary
     assert not (tmp_path / "done").exists()

@@ -11,9 +11,6 @@ import asyncio
 import csv
 import hashlib
 import json
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -21,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from killing import kill_during_second_slide
 
 from cellvit_optimus.engine.triage import Engine, TriageConfig
 
@@ -148,22 +146,7 @@ def test_kill9_then_rerun_equals_uninterrupted_run(tmp_path, slides_dir):
     paths = [str(slides_dir / "cmu-1-small-region.svs"), str(slides_dir / "prostate-small.dcm")]
     mpp = "4.0"
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.Popen([sys.executable, "-c", KILL, str(killed), mpp, *paths], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    first = None
-    try:
-        for line in proc.stdout:
-            slides_done, tiles_done, tiles_total = map(int, line.split())
-            if slides_done == 1 and first is None:
-                first = tiles_done
-            if first is not None and tiles_total > first and tiles_done - first > (tiles_total - first) // 4:
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-        else:
-            pytest.fail("the batch ended before it could be killed mid-slide")
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_during_second_slide([sys.executable, "-c", KILL, str(killed), mpp, *paths])
     assert (killed / names[0] / "summary.json").exists()
     assert not (killed / names[1] / "summary.json").exists()
 
