@@ -53,11 +53,29 @@ def _valid_ring(ring: np.ndarray) -> list[list[float]] | None:
     return [[float(x), float(y)] for x, y in poly.exterior.coords]
 
 
+def _closed_ccw(ring: np.ndarray) -> list[list[float]] | None:
+    """close and orient a ring known to be simple (no shapely: cheap, and no GIL churn)"""
+    r = np.round(np.asarray(ring, np.float64), COORD_DECIMALS)
+    if r.shape[0] < 3:
+        return None
+    if not np.array_equal(r[0], r[-1]):
+        r = np.vstack([r, r[:1]])
+    area2 = float(np.dot(r[:-1, 0], r[1:, 1]) - np.dot(r[1:, 0], r[:-1, 1]))
+    if area2 == 0.0 or r.shape[0] < 4:
+        return None
+    return (r if area2 > 0 else r[::-1]).tolist()
+
+
 def polygon_feature(ring: np.ndarray, class_name: str | None, color: Sequence[int] | None,
                     measurements: Mapping[str, float] | None = None,
-                    properties: Mapping[str, Any] | None = None, object_type: str = "detection") -> dict | None:
-    """One QuPath detection Feature; None if the ring has no valid area."""
-    coords = _valid_ring(ring)
+                    properties: Mapping[str, Any] | None = None, object_type: str = "detection",
+                    validate: bool = True) -> dict | None:
+    """One QuPath detection Feature; None if the ring has no valid area.
+
+    ``validate=False`` skips shapely's repair for rings that are simple by construction (the kernels'
+    pixel-edge contours); it only closes and orients them.
+    """
+    coords = _valid_ring(ring) if validate else _closed_ccw(ring)
     if coords is None:
         return None
     props: dict[str, Any] = {"objectType": object_type}

@@ -36,7 +36,7 @@ MODE_OPTIMUS = 1
 # ---------------------------------------------------------------------------- run-length components
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _scan_prob_runs(p, thr, rs, re, ry, rowstart):
     """Runs of ``p >= thr`` per row: ``rs``/``re`` start / end (exclusive) x, ``ry`` row; returns count."""
     h, w = p.shape
@@ -61,7 +61,7 @@ def _scan_prob_runs(p, thr, rs, re, ry, rowstart):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _scan_runs(mask, on, rs, re, ry, rowstart):
     """Runs of pixels with ``(mask != 0) == on`` per row (see :func:`_scan_prob_runs`)."""
     h, w = mask.shape
@@ -86,7 +86,7 @@ def _scan_runs(mask, on, rs, re, ry, rowstart):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _union_runs(rs, re, rowstart, h, parent):
     """Union-find over runs of consecutive rows sharing a column (4-connectivity); roots are the
     smallest run index of their set, i.e. the run holding the set's first pixel in raster order."""
@@ -113,7 +113,7 @@ def _union_runs(rs, re, rowstart, h, parent):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _number_runs(rs, re, n, parent, min_size, runlab):
     """Final label of each run: sets of >= ``min_size`` pixels numbered 1..m in raster order of their
     first pixel (as ``scipy.ndimage.label`` + skimage ``remove_small_objects``), others 0; returns m."""
@@ -136,7 +136,7 @@ def _number_runs(rs, re, n, parent, min_size, runlab):
     return m
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _paint_runs(rs, re, rowstart, runlab, lut, out):
     """``out[y, run] = lut[runlab[run]]``, 0 between runs (every pixel written)."""
     h, w = out.shape
@@ -154,7 +154,7 @@ def _paint_runs(rs, re, rowstart, runlab, lut, out):
             orow[x] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _identity_lut(m):
     lut = np.empty(m + 1, np.int32)
     for i in range(m + 1):
@@ -165,7 +165,7 @@ def _identity_lut(m):
 # ------------------------------------------------------------------------------------ morphology
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _fill_holes(mask, out, rs, re, ry, rowstart, parent):
     """``out`` = ``mask`` (0/1 uint8) with its holes filled (scipy ``binary_fill_holes``): background
     runs whose 4-connected set touches no image border become 1."""
@@ -184,7 +184,7 @@ def _fill_holes(mask, out, rs, re, ry, rowstart, parent):
                 out[y, x] = 1
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _and5_edge(row, x, w):
     v = np.uint8(1)
     for xx in range(max(x - 2, 0), min(x + 3, w)):
@@ -192,7 +192,7 @@ def _and5_edge(row, x, w):
     return v
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _or5_edge(row, x, w):
     v = np.uint8(0)
     for xx in range(max(x - 2, 0), min(x + 3, w)):
@@ -200,7 +200,7 @@ def _or5_edge(row, x, w):
     return v
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _open_ellipse5(m, r5, er, out):
     """Binary opening of a 0/1 uint8 mask with OpenCV's 5x5 ellipse (rows +-2: centre column; rows
     -1..1: 5 wide), erosion treating the outside as 1 and dilation as 0 (OpenCV defaults).
@@ -252,7 +252,7 @@ def _open_ellipse5(m, r5, er, out):
 # ------------------------------------------------------------------------------ Sobel and energy
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _fold_acc(ot, kj, sa, sb, anti, n):
     """``ot[t] += kj * (sa[t] -+ sb[t])`` for t < n (zero-based views keep the loop vectorisable)."""
     if anti:
@@ -263,7 +263,7 @@ def _fold_acc(ot, kj, sa, sb, anti, n):
             ot[t] += kj * (sa[t] + sb[t])
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _corr_row(src, k, anti, out):
     """``out[x] = sum_j k[j] * src[reflect101(x + j - r)]`` for a symmetric (``anti`` False) or
     antisymmetric kernel, folded on its centre."""
@@ -292,7 +292,7 @@ def _corr_row(src, k, anti, out):
         out[x] = acc
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _corr_col(src, y, k, anti, out):
     """``out[x] = sum_j k[j] * src[reflect101(y + j - r), x]`` (see :func:`_corr_row`)."""
     h, wd = src.shape
@@ -305,13 +305,13 @@ def _corr_col(src, y, k, anti, out):
         _fold_acc(out, k[j], src[_reflect101(y + j - r, h)], src[_reflect101(y + r - j, h)], anti, wd)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sobel_pass1(hmap, vmap, deriv, smooth, th, tv, y):
     _corr_row(hmap[y], deriv, True, th[y])
     _corr_row(vmap[y], smooth, False, tv[y])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sobel_pass2(th, tv, deriv, smooth, sob_h, sob_v, rowmm, y):
     _corr_col(th, y, smooth, False, sob_h[y])
     _corr_col(tv, y, deriv, True, sob_v[y])
@@ -336,7 +336,7 @@ def _sobel_pass2(th, tv, deriv, smooth, sob_h, sob_v, rowmm, y):
     rowmm[y, 3] = bmax
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _norm_range(rowmm, rng, h, mode):
     """Tile-wide Sobel range (measured when ``rng[4] != 0`` and written back, else ``rng[:4]``) ->
     (h_min, 1 / (h_max - h_min), v_min, 1 / (v_max - v_min)); a flat map scales by 0 (OpenCV NORM_MINMAX).
@@ -363,7 +363,7 @@ def _norm_range(rowmm, rng, h, mode):
     return hmin, sh, vmin, sv
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _energy_row(sob_h, sob_v, comp, mode, thr, slope, hmin, sh, vmin, sv, e, marker0, y):
     """Row ``y`` of the pre-blur relief ``e`` and the marker seeds ``marker0`` (see the module doc)."""
     a_ = sob_h[y]
@@ -392,7 +392,7 @@ def _energy_row(sob_h, sob_v, comp, mode, thr, slope, hmin, sh, vmin, sv, e, mar
             mr[x] = 1 if (c_[x] != 0 and a > slope and b > slope) else 0
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _blur_row(src, comp, sign, out, y):
     """``out[y, x] = sign * gaussian3x3(src)`` (OpenCV's [1, 2, 1] / 4, reflect-101) where ``comp > 0``."""
     h, w = src.shape
@@ -415,7 +415,7 @@ def _blur_row(src, comp, sign, out, y):
 # ------------------------------------------------------------------------------------- watershed
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _ws_prepare(cs, ce, crow, clab, ncomp, me, my, mlab, nmr, nmark, comp, keep_unmarked, out, order):
     """Label the foreground components that need no flood and list those that do.
 
@@ -478,7 +478,7 @@ def _ws_prepare(cs, ce, crow, clab, ncomp, me, my, mlab, nmr, nmark, comp, keep_
     return nlab, nmulti, ostart, heap_base
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _hpush(heap, size, key):
     i = size
     while i > 0:
@@ -493,7 +493,7 @@ def _hpush(heap, size, key):
     return size + 1
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _hpop(heap, size):
     top = heap[0]
     size -= 1
@@ -517,7 +517,7 @@ def _hpop(heap, size):
     return top, size
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _flood(s, order, ostart, heap_base, cs, ce, cy, markers, comp, bits, out, keys, idx):
     """Priority flood (4-connected, ties first-in first-out) of one component from its markers.
 
@@ -617,7 +617,7 @@ def hv_workspace(h: int, w: int, n: int = 0) -> tuple:
     )
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _ws_view(ws, t):
     return (
         ws[0][t], ws[1][t], ws[2][t], ws[3][t], ws[4][t], ws[5][t], ws[6][t], ws[7][t], ws[8][t], ws[9][t],
@@ -626,7 +626,7 @@ def _ws_view(ws, t):
     )
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _stage_components(np_prob, np_thr, min_obj, ws):
     cs, ce, cy, crow, clab = ws[0], ws[1], ws[2], ws[3], ws[4]
     parent = ws[10]
@@ -639,7 +639,7 @@ def _stage_components(np_prob, np_thr, min_obj, ws):
     return ncomp
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _stage_markers(mode, min_marker, ws):
     ms, me, my, mrow, mlab = ws[5], ws[6], ws[7], ws[8], ws[9]
     parent = ws[10]
@@ -658,7 +658,7 @@ def _stage_markers(mode, min_marker, ws):
     return nmark, n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _stage_front(np_prob, hmap, vmap, np_thr, min_obj, deriv, smooth, ws):
     """Components and the row pass of the Sobel; returns the component count."""
     ncomp = _stage_components(np_prob, np_thr, min_obj, ws)
@@ -667,7 +667,7 @@ def _stage_front(np_prob, hmap, vmap, np_thr, min_obj, deriv, smooth, ws):
     return ncomp
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _stage_watershed_prepare(ncomp, nmark, nmr, keep_unmarked, ws, inst):
     if ncomp == 0 or (nmark == 0 and not keep_unmarked):
         inst[:] = 0
@@ -677,7 +677,7 @@ def _stage_watershed_prepare(ncomp, nmark, nmr, keep_unmarked, ws, inst):
     )
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def hv_tile(np_prob, hmap, vmap, np_thr, min_obj, deriv, smooth, mode, marker_thr, slope, min_marker, keep_unmarked, rng, ws, inst):
     """The whole pipeline on one tile, single-threaded (the unit of :func:`hv_batch`).
 
@@ -705,7 +705,7 @@ def hv_tile(np_prob, hmap, vmap, np_thr, min_obj, deriv, smooth, mode, marker_th
     return nlab
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def hv_batch(np_prob, hv, np_thr, min_obj, deriv, smooth, mode, marker_thr, slope, min_marker, keep_unmarked, rng, ws, inst, counts):
     """:func:`hv_tile` on ``B`` tiles, tiles spread over threads (one workspace per thread).
 

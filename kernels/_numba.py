@@ -1,6 +1,6 @@
 """Numba primitives shared by the HV post-processing (:mod:`._hvpipe`), the target generator and the stitcher.
 
-Every kernel is a module-level ``@njit(cache=True)`` function working on arrays allocated by its
+Every kernel is a module-level ``@njit(cache=True, nogil=True)`` function working on arrays allocated by its
 caller (the Python wrappers in :mod:`.hovernet` / :mod:`.targets` validate and allocate). Image
 arrays are C-contiguous (H, W); pixel (row y, column x). Neighbourhoods are 4-connected throughout,
 as in scipy's ``ndimage.label`` default and skimage's ``watershed(connectivity=1)``.
@@ -37,7 +37,7 @@ def sobel_kernels(ksize: int) -> tuple[np.ndarray, np.ndarray]:
     return deriv[::-1].copy(), smooth
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _reflect101(i: int, n: int) -> int:
     if n == 1:
         return 0
@@ -52,7 +52,7 @@ def _reflect101(i: int, n: int) -> int:
 # ----------------------------------------------------------------------------- connected components
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _find(parent, i):
     while parent[i] != i:
         parent[i] = parent[parent[i]]
@@ -60,7 +60,7 @@ def _find(parent, i):
     return i
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def label_equal(src, out, queue):
     """4-connected components of equal non-zero values of ``src``; returns their number.
 
@@ -116,7 +116,7 @@ def label_equal(src, out, queue):
 # --------------------------------------------------------------------------------------- watershed keys
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _sortable(bits):
     """float32 bit pattern (as int32) -> int64 with the float's order (sign-magnitude to two's complement)."""
     b = np.int64(bits)
@@ -128,7 +128,7 @@ def _sortable(bits):
 # ------------------------------------------------------------------------------ instance properties
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def instance_moments(inst, n):
     """Per-instance area, pixel sums and bounding boxes of an (H, W) int32 map with ids 1..n.
 
@@ -164,7 +164,7 @@ def instance_moments(inst, n):
     return area, sx, sy, bbox
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def instance_type_votes(inst, n, type_prob):
     """Per-instance argmax-class pixel counts and summed class probabilities.
 
@@ -203,13 +203,13 @@ _LX = np.array([0, 0, -1, -1], np.int64)
 _LY = np.array([-1, 0, 0, -1], np.int64)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _inside(inst, x, y, v):
     h, w = inst.shape
     return x >= 0 and y >= 0 and x < w and y < h and inst[y, x] == v
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _trace(inst, v, sx, sy, eps, buf, write):
     """Crack-following trace of the outer boundary of the 4-connected piece holding pixel (sx, sy),
     its top-left-most pixel. Vertices at pixel corners; a corner where the region touches itself
@@ -254,7 +254,7 @@ def _trace(inst, v, sx, sy, eps, buf, write):
     return k + 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _start_pixel(inst, v, bx0, by0, bx1):
     for x in range(bx0, bx1):
         if inst[by0, x] == v:
@@ -262,7 +262,7 @@ def _start_pixel(inst, v, bx0, by0, bx1):
     return -1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def trace_contours(inst, bbox, eps):
     """Outer contours of instances 1..n (``bbox`` (n, 4) x0, y0, x1, y1) as one flat buffer.
 

@@ -24,7 +24,7 @@ from . import _numba as nb
 __all__ = ("instances_to_hv",)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _piece_stats(pieces, n):
     h, w = pieces.shape
     area = np.zeros(n + 1, np.int64)
@@ -65,7 +65,7 @@ def _piece_stats(pieces, n):
     return area, cx, cy, xmin, xmax, ymin, ymax
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _fill_hv(pieces, area, cx, cy, xmin, xmax, ymin, ymax, min_size, np_out, hv_out):
     h, w = pieces.shape
     for y in prange(h):

@@ -212,7 +212,7 @@ KILL_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_sigkill_mid_slide_then_rerun_gives_the_same_files(tmp_path, slides_dir, runner):
     paths = [str(slides_dir / "cmu-1-small-region.svs"), str(slides_dir / "prostate-small.dcm")]
-    mpp = "1.0"
+    mpp = "2.0"  # ~500 DICOM tiles: enough batches to die in the middle of
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     kill_during_second_slide([sys.executable, "-c", KILL_SCRIPT, str(killed), str(tmp_path / "done"), mpp, *paths])
     assert feature_path(killed, paths[0]).exists()
