@@ -42,6 +42,7 @@ class StandInRunner:
             time.sleep(self.seconds_per_batch)
         self.calls += 1
         self.tiles_processed += len(tiles)
-        means = tiles.reshape(len(tiles), -1, 3).mean(axis=1, dtype=np.float32)  # (n, 3)
+        # a sparse subsample keeps the stand-in's own cost negligible next to its known sleep
+        means = tiles[:, ::8, ::8].reshape(len(tiles), -1, 3).mean(axis=1, dtype=np.float32)  # (n, 3)
         reps = -(-self.embed_dim // 3)
         return _Out(np.tile(means, (1, reps))[:, : self.embed_dim].astype(np.float32))
