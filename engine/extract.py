@@ -51,17 +51,22 @@ def feature_path(out_dir: str | os.PathLike[str], slide: str | os.PathLike[str])
     return Path(out_dir) / "features" / f"{Path(slide).stem}.h5"
 
 
-def open_job_for(config: ExtractConfig) -> Callable[[SlideJob], None]:
-    """the scheduler's slide opener for ``config``: open, tissue grid, facts for the result"""
+def open_job_for(config: ExtractConfig, keep_mask: bool = False) -> Callable[[SlideJob], None]:
+    """the scheduler's slide opener for ``config``: open, tissue grid, facts for the result
+    (``keep_mask`` also keeps the tissue mask in ``job.info["_mask"]``, for overview images)"""
     from .slide import open_slide
+    from .tissue import detect_tissue
 
     def open_job(job: SlideJob) -> None:
         slide = open_slide(job.path, backend=config.backend, mpp=config.mpp,  # type: ignore[arg-type]
                            num_workers=config.scheduler.decode_workers)
         job.slide = slide
-        job.grid = tile_grid(slide, config.tiling, config.tissue)
+        mask = detect_tissue(slide, config.tissue)
+        job.grid = tile_grid(slide, config.tiling, mask=mask)
         job.info.update(backend=slide.backend, mpp=list(slide.mpp) if slide.mpp else None,
                         mpp_source=slide.mpp_source, dimensions=list(slide.dimensions))
+        if keep_mask:
+            job.info["_mask"] = mask
 
     return open_job
 

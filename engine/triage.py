@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
-from .extract import FeatureExtractor, feature_path
+from .extract import FeatureExtractor, feature_path, open_job_for
 from .features import slide_fingerprint
 from .inspect import Failure
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_png, clean_stale_temporaries
 from .scheduler import Progress, SchedulerConfig, SlideDone, SlideJob, TileBatch, run_pipeline
-from .tissue import TilingConfig, TissueConfig, detect_tissue, draw_overlay, tile_grid
+from .tissue import TilingConfig, TissueConfig, draw_overlay
 
 __all__ = ("TriageConfig", "SlideResult", "BatchResult", "Engine", "OUTPUTS", "FALLBACK_DENSITY_SCALE")
 
@@ -479,22 +479,12 @@ class _TriageFactory:
         from . import __version__
         from .extract import ExtractConfig
 
-        cfg = ExtractConfig(tiling=engine.tiling, tissue=engine.config.tissue, mpp=engine.config.mpp,
-                            backend=engine.config.backend)
+        cfg = ExtractConfig(tiling=engine.tiling, tissue=engine.config.tissue, scheduler=engine.config.scheduler,
+                            mpp=engine.config.mpp, backend=engine.config.backend)
         norm = {"mean": list(runner.preset.mean), "std": list(runner.preset.std), "dtype": runner.dtype}
         self.features = FeatureExtractor(out, cfg, runner.preset.name, runner.weights_id, runner.embed_dim,
                                          norm, __version__)
-
-    def open_job(self, job: SlideJob) -> None:
-        from .slide import open_slide
-
-        cfg = self.engine.config
-        slide = open_slide(job.path, backend=cfg.backend, mpp=cfg.mpp,  # type: ignore[arg-type]
-                           num_workers=cfg.scheduler.decode_workers)
-        job.slide = slide
-        mask = detect_tissue(slide, cfg.tissue)
-        job.grid = tile_grid(slide, self.engine.tiling, mask=mask)
-        job.info.update(mpp=list(slide.mpp) if slide.mpp else None, _mask=mask)
+        self.open_job = open_job_for(cfg, keep_mask=True)
 
     def prepare(self, job: SlideJob) -> dict[str, Any] | None:
         summary = self.out / job.path.stem / "summary.json"
