@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from .errors import OptimusError
+from .extract import DECODERS as _DECODERS
 
 __all__ = ("main", "cli", "EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED")
 
@@ -112,6 +113,10 @@ def _print_table(ok, bad, target_mpp: float) -> None:
         click.echo(f"FAILED {f.message}", err=True)
 
 
+_DECODER_HELP = ("tile read path: auto (GPU JPEG decode when the backbone is on CUDA and it measures faster), "
+                 "slide (host reader), dali, cucim (that GPU decoder), reference (host decoder, GPU-path logic)")
+
+
 def _backbone_options(f):
     f = click.option("--backbone", default="hoptimus0", show_default=True,
                      help="backbone preset: hoptimus0, small, tiny")(f)
@@ -125,6 +130,8 @@ def _backbone_options(f):
     f = click.option("--vram-gb", type=float, default=12.0, show_default=True,
                      help="GPU memory budget the batch size is fitted to")(f)
     f = click.option("--workers", type=int, default=2, show_default=True, help="slide reader threads")(f)
+    f = click.option("--decoder", type=click.Choice(_DECODERS), default="auto", show_default=True,
+                     help=_DECODER_HELP)(f)
     f = click.option("-q", "--quiet", is_flag=True, help="no progress bars")(f)
     return f
 
@@ -181,7 +188,7 @@ class _Bars:
 @_tiling_options
 @_backbone_options
 def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, backend, backbone, weights,
-            device, dtype, batch_size, vram_gb, workers, quiet):
+            device, dtype, batch_size, vram_gb, workers, decoder, quiet):
     """Tile embeddings of SLIDES into OUT/features/<slide>.h5 (CLAM/Trident layout; a versioned cache)."""
     from .extract import ExtractConfig, extract_features
     from .inspect import Failure
@@ -192,7 +199,7 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
         config = ExtractConfig(
             tiling=TilingConfig(tile_size=tile_size, target_mpp=target_mpp, overlap=overlap,
                                 min_tissue_fraction=min_tissue),
-            scheduler=SchedulerConfig(reader_threads=workers), mpp=mpp, backend=backend)
+            scheduler=SchedulerConfig(reader_threads=workers), mpp=mpp, backend=backend, decoder=decoder)
         runner = _make_runner(backbone, weights, device, dtype, batch_size, vram_gb)
     except OptimusError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -234,6 +241,7 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="tiles per backbone call")
 @click.option("--workers", type=int, default=2, show_default=True, help="slide reader threads")
+@click.option("--decoder", type=click.Choice(_DECODERS), default="auto", show_default=True, help=_DECODER_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars (services, logs)")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="distribute slides over a Ray cluster (no value: start/attach locally; 'auto'; "
@@ -241,7 +249,7 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 @click.option("--ray-actors", type=int, default=None, help="Ray actors (default: one per GPU, or per CPU group)")
 @click.option("--ray-cpus-per-actor", type=int, default=1, show_default=True, help="CPUs per CPU-only actor")
 def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, nuclei_weights, backbone_weights,
-           mil_weights, thresholds, ood_state, shadow_slides, site_id, outputs, device, batch_size, workers, quiet,
+           mil_weights, thresholds, ood_state, shadow_slides, site_id, outputs, device, batch_size, workers, decoder, quiet,
            ray_address, ray_actors, ray_cpus_per_actor):
     """Triage SLIDES (files or folders; default: the bundled real slide) into a ranked worklist.
 
@@ -254,7 +262,7 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, nu
 
     try:
         config = TriageConfig(scheduler=SchedulerConfig(batch_tiles=batch_size, reader_threads=workers), mpp=mpp,
-                              backend=backend, nuclei_mpp=nuclei_mpp, overlap_px=overlap_px,
+                              backend=backend, decoder=decoder, nuclei_mpp=nuclei_mpp, overlap_px=overlap_px,
                               min_tissue_fraction=min_tissue,
                               outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()),
                               thresholds=thresholds, ood_state=ood_state, shadow_slides=shadow_slides,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
     from .inspect import Failure
     from .runner import BackboneRunner
 
-__all__ = ("ExtractConfig", "FeatureExtractor", "extract_features", "aextract_features", "feature_path",
-           "open_job_for")
+__all__ = ("DECODERS", "ExtractConfig", "FeatureExtractor", "TileReadPath", "extract_features",
+           "aextract_features", "feature_path", "open_job_for")
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +42,101 @@ class ExtractConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     mpp: float | None = None  # level-0 MPP override for slides without (or with wrong) metadata
     backend: str = "auto"
+    decoder: str = "auto"  # tile read path: one of DECODERS (see TileReadPath)
 
     def __post_init__(self) -> None:
         if self.mpp is not None and not 0.05 <= self.mpp <= 50:
             raise ConfigError(f"mpp={self.mpp} outside 0.05..50 um/px")
+        if self.decoder not in DECODERS:
+            raise ConfigError(f"decoder={self.decoder!r} is not one of {', '.join(DECODERS)}")
+
+
+#: tile read paths: "auto" (the GPU path when the backbone runs on CUDA, a GPU decoder is installed, the
+#: slide's tiles are JPEG and the GPU path measures faster on the first such slide; else the slide
+#: reader), "slide" (the slide reader on the host: cuCIM, tiffslide, ...), "dali" / "cucim" (that GPU
+#: decoder, for every slide it can read), "reference" (the GPU path's logic with the host JPEG decoder:
+#: raw tile streams, assembly and resampling in torch, on the backbone's device; for tests)
+DECODERS: tuple[str, ...] = ("auto", "slide", "dali", "cucim", "reference")
+
+
+class TileReadPath:
+    """turns a slide job's tile coordinates into pixels for the scheduler's reader threads: the slide
+    reader on the host, or raw JPEG tiles decoded on the GPU (:mod:`.gpu_decode`), chosen per slide.
+
+    ``attach`` (called by the slide opener) picks the path and records it in ``job.info["decoder"]``
+    with the reason; ``read`` is the scheduler's ``read_tiles``. On the GPU path tiles stay on the device
+    as a uint8 torch tensor, which the runner takes without a host round trip; tile quality is computed
+    there too. Slides the GPU path cannot read (JPEG 2000, DICOM, untiled) use the slide reader.
+    """
+
+    def __init__(self, decoder: str = "auto", device: str = "cpu") -> None:
+        if decoder not in DECODERS:
+            raise ConfigError(f"decoder={decoder!r} is not one of {', '.join(DECODERS)}")
+        self.decoder = decoder
+        self.device = str(device)
+        self._auto: tuple[bool, str] | None = None  # "auto": measured once per run, on the first JPEG slide
+        self._lock = threading.Lock()
+
+    def attach(self, job: SlideJob) -> None:
+        from .errors import BackendUnavailableError, UnsupportedFormatError
+        from .gpu_decode import GpuTileReader, choose_decoder
+
+        slide, grid = job.slide, job.grid
+        assert slide is not None and grid is not None
+        on_cuda = self.device.startswith("cuda")
+        if self.decoder == "slide" or (self.decoder == "auto" and not on_cuda) or not len(grid):
+            why = "asked for" if self.decoder == "slide" else "no tiles" if not len(grid) else "backbone not on CUDA"
+            job.info.update(decoder="slide", decoder_reason=why)
+            return
+        name = {"auto": "auto", "dali": "dali", "cucim": "cucim", "reference": "cpu"}[self.decoder]
+        try:
+            reader = GpuTileReader(slide, decoder=name, device=self.device)  # type: ignore[arg-type]
+        except UnsupportedFormatError as exc:
+            job.info.update(decoder="slide", decoder_reason=f"GPU read path cannot read this slide: {exc}")
+            return
+        except BackendUnavailableError as exc:
+            if self.decoder != "auto":
+                raise  # asked for by name: the slide fails with the message naming the package
+            job.info.update(decoder="slide", decoder_reason=f"GPU decode unavailable: {exc}")
+            return
+        if self.decoder == "auto":
+            with self._lock:
+                if self._auto is None:
+                    locs = [tuple(c) for c in grid.coords[:256].tolist()]
+                    choice = choose_decoder(slide, locs, grid.tile_size, grid.target_mpp, gpu_reader=reader)
+                    self._auto = (choice.decoder == "gpu", choice.reason)
+                    log.info("%s: tile read path %s (%s)", job.path.name, choice.decoder, choice.reason)
+            use, why = self._auto
+            if not use:
+                reader.close()
+                job.info.update(decoder="slide", decoder_reason=why)
+                return
+        else:
+            why = "asked for"
+        job.reader = reader
+        job.info.update(decoder=reader.decoder if self.decoder != "reference" else "reference",
+                        decoder_reason=why)
+
+    def read(self, job: SlideJob, idx: np.ndarray) -> tuple[Any, dict[str, np.ndarray]]:
+        from .tissue import tile_quality
+
+        grid = job.grid
+        assert job.slide is not None and grid is not None
+        locs = [tuple(c) for c in grid.coords[idx].tolist()]
+        source = job.reader if job.reader is not None else job.slide
+        tiles = source.read_tiles(locs, grid.tile_size, grid.target_mpp)
+        return tiles, tile_quality(tiles)
 
 
 def feature_path(out_dir: str | os.PathLike[str], slide: str | os.PathLike[str]) -> Path:
     return Path(out_dir) / "features" / f"{Path(slide).stem}.h5"
 
 
-def open_job_for(config: ExtractConfig, keep_mask: bool = False) -> Callable[[SlideJob], None]:
+def open_job_for(config: ExtractConfig, keep_mask: bool = False,
+                 read_path: TileReadPath | None = None) -> Callable[[SlideJob], None]:
     """the scheduler's slide opener for ``config``: open, tissue grid, facts for the result
-    (``keep_mask`` also keeps the tissue mask in ``job.info["_mask"]``, for overview images)"""
+    (``keep_mask`` also keeps the tissue mask in ``job.info["_mask"]``, for overview images;
+    ``read_path`` picks the slide's tile read path, whose ``read`` the scheduler then uses)"""
     from .slide import open_slide
     from .tissue import detect_tissue
 
@@ -67,6 +150,8 @@ def open_job_for(config: ExtractConfig, keep_mask: bool = False) -> Callable[[Sl
                         mpp_source=slide.mpp_source, dimensions=list(slide.dimensions))
         if keep_mask:
             job.info["_mask"] = mask
+        if read_path is not None:
+            read_path.attach(job)
 
     return open_job
 
@@ -133,6 +218,7 @@ class FeatureExtractor:
             "slide_fingerprint": slide_fingerprint(job.path),
             "slide_name": job.path.name,
             "package_version": self.version,
+            "decoder": job.info.get("decoder", "slide"),
         }
         arrays = {"coords": grid.coords.astype(np.int64), "grid_index": grid.grid_index.astype(np.int64),
                   "tissue_fraction": grid.tissue_fraction, "artefact_fraction": grid.artefact_fraction}
@@ -170,12 +256,14 @@ async def aextract_features(paths: Sequence[str | os.PathLike[str]], out_dir: st
     out = Path(out_dir)
     clean_stale_temporaries(out / "features")
     extractor = _extractor(runner, out, config)
+    read_path = TileReadPath(config.decoder, str(runner.device))
 
     def compute(tiles: np.ndarray):
         return runner(tiles, tokens=False)
 
-    async with run_pipeline(slides, open_job=open_job_for(config), factory=extractor, compute=compute,
-                            config=config.scheduler, progress=progress) as results:
+    async with run_pipeline(slides, open_job=open_job_for(config, read_path=read_path), factory=extractor,
+                            compute=compute, config=config.scheduler, read_tiles=read_path.read,
+                            progress=progress) as results:
         async for r in results:
             yield r
 

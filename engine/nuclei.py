@@ -183,14 +183,16 @@ class NucleiModel:
         """Tile embeddings ``(B, D)`` float32 and probability maps from one backbone pass."""
         import torch
 
-        tiles = np.asarray(tiles)
-        if tiles.ndim != 4 or tiles.shape[1:] != (self.tile_size, self.tile_size, 3) or tiles.dtype != np.uint8:
+        if not isinstance(tiles, torch.Tensor):  # tiles decoded on the GPU arrive as a device tensor
+            tiles = np.asarray(tiles)
+        shape, dtype = tuple(tiles.shape), str(tiles.dtype).replace("torch.", "")
+        if len(shape) != 4 or shape[1:] != (self.tile_size, self.tile_size, 3) or dtype != "uint8":
             raise ConfigError(f"tiles: expected uint8 (B, {self.tile_size}, {self.tile_size}, 3), got "
-                              f"{tiles.dtype} {tiles.shape}")
+                              f"{dtype} {shape}")
         embs, nps, hvs, nts = [], [], [], []
         with torch.inference_mode():
-            for s in range(0, tiles.shape[0], self.batch_size):
-                chunk = tiles[s:s + self.batch_size]
+            for s in range(0, shape[0], self.batch_size):
+                chunk = self.runner.to_device(tiles[s:s + self.batch_size])  # one host-to-device copy for both uses
                 out = self.runner(chunk, tokens=True)
                 img = self.runner.preprocess(chunk)
                 dt = next(self.head.parameters()).dtype

@@ -452,6 +452,12 @@ class BackboneRunner:
                 f"got {str(tiles.dtype).replace('torch.', '')} {shape}"
             )
 
+    def to_device(self, tiles: Tiles) -> torch.Tensor:
+        """uint8 tiles as a tensor on the runner's device (pinned, non-blocking copy from the host;
+        no copy when already there)"""
+        self._check_tiles(tiles)
+        return self._to_device(tiles)
+
     def _to_device(self, tiles: Tiles) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(tiles)) if isinstance(tiles, np.ndarray) else tiles
         if t.device == self.device:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -255,16 +255,19 @@ def _box_means(m: np.ndarray, xs: np.ndarray, ys: np.ndarray, w0: int, h0: int,
     return s / (full_w * full_h)
 
 
-def tile_quality(tiles: np.ndarray) -> dict[str, np.ndarray]:
-    """per-tile quality of (N, h, w, 3) uint8 tiles
+def tile_quality(tiles: Any) -> dict[str, np.ndarray]:
+    """per-tile quality of (N, h, w, 3) uint8 tiles (numpy, or a torch tensor on any device: computed
+    there, so tiles decoded on the GPU never come back to the host)
 
     Returns ``blur`` (variance of the 4-neighbour Laplacian of the grey image: low means out of
     focus), ``background`` (fraction of near-white pixels) and ``dark`` (fraction of near-black).
     """
+    if type(tiles).__module__.startswith("torch"):
+        return _tile_quality_torch(tiles)
     t = np.asarray(tiles)
     if t.ndim != 4 or t.shape[-1] != 3:
         raise ConfigError(f"tiles must be (N, h, w, 3), got shape {t.shape}")
-    grey = t.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    grey = t.astype(np.float32) @ _GREY
     lap = (grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:] + grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1]
            - 4 * grey[:, 1:-1, 1:-1])
     return {
@@ -272,6 +275,25 @@ def tile_quality(tiles: np.ndarray) -> dict[str, np.ndarray]:
         "background": (grey > 220).reshape(len(t), -1).mean(1).astype(np.float32),
         "dark": (grey < 30).reshape(len(t), -1).mean(1).astype(np.float32),
     }
+
+
+def _tile_quality_torch(t: Any) -> dict[str, np.ndarray]:
+    import torch
+
+    if t.ndim != 4 or t.shape[-1] != 3:
+        raise ConfigError(f"tiles must be (N, h, w, 3), got shape {tuple(t.shape)}")
+    n = int(t.shape[0])
+    with torch.inference_mode():
+        grey = t.float() @ torch.from_numpy(_GREY).to(t.device)
+        lap = (grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:] + grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1]
+               - 4 * grey[:, 1:-1, 1:-1])
+        out = torch.stack([lap.reshape(n, -1).var(dim=1, correction=0),
+                           (grey > 220).reshape(n, -1).float().mean(1),
+                           (grey < 30).reshape(n, -1).float().mean(1)]).cpu().numpy()
+    return {"blur": out[0], "background": out[1], "dark": out[2]}
+
+
+_GREY = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def draw_overlay(mask: TissueMask, grid: TileGrid | None = None, alpha: float = 0.35) -> np.ndarray:

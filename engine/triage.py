@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
-from .extract import FeatureExtractor, feature_path, open_job_for
+from .extract import FeatureExtractor, TileReadPath, feature_path, open_job_for
 from .features import slide_fingerprint
 from .inspect import Failure
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_png, clean_stale_temporaries
@@ -61,6 +61,7 @@ class TriageConfig:
     scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(batch_tiles=16))
     mpp: float | None = None  # level-0 MPP override
     backend: str = "auto"
+    decoder: str = "auto"  # tile read path (extract.DECODERS): GPU JPEG decode when it measures faster
     nuclei_mpp: float | None = None  # default: the nuclei model's training resolution
     overlap_px: int = 64  # tile overlap at the nuclei resolution (nuclei up to 32 px radius stay whole)
     min_tissue_fraction: float = 0.25
@@ -81,6 +82,10 @@ class TriageConfig:
             raise ConfigError(f"overlap_px={self.overlap_px} must be >= 0")
         if self.shadow_slides < 0:
             raise ConfigError(f"shadow_slides={self.shadow_slides} must be >= 0")
+        from .extract import DECODERS
+
+        if self.decoder not in DECODERS:
+            raise ConfigError(f"decoder={self.decoder!r} is not one of {', '.join(DECODERS)}")
 
 
 @dataclass
@@ -350,7 +355,8 @@ class Engine:
                 return failure_from(r.path, exc)
 
         async with run_pipeline(paths, open_job=factory.open_job, factory=factory, compute=self._forward,
-                                config=self.config.scheduler, progress=progress) as results:
+                                config=self.config.scheduler, read_tiles=factory.read_path.read,
+                                progress=progress) as results:
             async for r in results:
                 pending[position[str(Path(r.path))]] = r
                 while next_index in pending:
@@ -480,11 +486,12 @@ class _TriageFactory:
         from .extract import ExtractConfig
 
         cfg = ExtractConfig(tiling=engine.tiling, tissue=engine.config.tissue, scheduler=engine.config.scheduler,
-                            mpp=engine.config.mpp, backend=engine.config.backend)
+                            mpp=engine.config.mpp, backend=engine.config.backend, decoder=engine.config.decoder)
         norm = {"mean": list(runner.preset.mean), "std": list(runner.preset.std), "dtype": runner.dtype}
         self.features = FeatureExtractor(out, cfg, runner.preset.name, runner.weights_id, runner.embed_dim,
                                          norm, __version__)
-        self.open_job = open_job_for(cfg, keep_mask=True)
+        self.read_path = TileReadPath(cfg.decoder, str(runner.device))
+        self.open_job = open_job_for(cfg, keep_mask=True, read_path=self.read_path)
 
     def prepare(self, job: SlideJob) -> dict[str, Any] | None:
         summary = self.out / job.path.stem / "summary.json"

@@ -31,6 +31,7 @@ class StandInRunner:
         self.seconds_per_batch = seconds_per_batch
         self.preset = _Preset()
         self.dtype = "fp32"
+        self.device = "cpu"
         self.weights_id = f"standin:{dim}"
         self.embed_dim = dim
         self.stain_norm = None
