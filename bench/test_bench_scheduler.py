@@ -12,7 +12,7 @@ and report ``overlap_ratio = end_to_end / max(read_only, compute_only)``: 1.0 is
 about 2.0 none. The cost per batch is set so that the backbone is exactly as fast as the reading
 stage streams tiles (read-only time minus the slide's set-up, which precedes its first tile and can
 overlap only another slide's compute): the balanced case, where overlap matters most. The slide is
-the real one with the most tiles (the DICOM prostate, 7,871 tiles at 0.5 um/px). Figures go to
+the real one with the most tiles (the DICOM prostate, 7,901 tiles at 0.5 um/px). Figures go to
 ``extra_info``; nothing is asserted about time.
 """
 
