@@ -13,7 +13,10 @@ dilation as background), so the results line up with HoVer-Net's OpenCV-based co
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # ----------------------------------------------------------------------------------------- kernels
 
@@ -47,6 +50,19 @@ def _reflect101(i: int, n: int) -> int:
         if i >= n:
             i = 2 * n - 2 - i
     return i
+
+
+@intrinsic
+def _cttz64(typingctx, x):
+    """Number of trailing zero bits of a non-zero uint64 (LLVM ``cttz``: one instruction), as int64."""
+    sig = types.int64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64), ir.IntType(1)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.cttz.i64")
+        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
+
+    return sig, codegen
 
 
 # ----------------------------------------------------------------------------- connected components
@@ -196,17 +212,6 @@ def instance_type_votes(inst, n, type_prob):
 # direction d: 0 east, 1 south, 2 west, 3 north (image coordinates, y down)
 _DX = np.array([1, 0, -1, 0], np.int64)
 _DY = np.array([0, 1, 0, -1], np.int64)
-# pixel ahead-right / ahead-left of vertex (x, y) when moving in direction d (region on the right)
-_RX = np.array([0, -1, -1, 0], np.int64)
-_RY = np.array([0, 0, -1, -1], np.int64)
-_LX = np.array([0, 0, -1, -1], np.int64)
-_LY = np.array([-1, 0, 0, -1], np.int64)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _inside(inst, x, y, v):
-    h, w = inst.shape
-    return x >= 0 and y >= 0 and x < w and y < h and inst[y, x] == v
 
 
 @njit(cache=True, nogil=True)
@@ -214,9 +219,11 @@ def _trace(inst, v, sx, sy, eps, buf, write):
     """Crack-following trace of the outer boundary of the 4-connected piece holding pixel (sx, sy),
     its top-left-most pixel. Vertices at pixel corners; a corner where the region touches itself
     diagonally is cut by ``eps`` on each pass so the ring stays simple. Returns the vertex count
-    (the first vertex is repeated at the end when writing)."""
-    dxs = _DX
-    dys = _DY
+    (the first vertex is repeated at the end when writing).
+
+    The pixel tests are written out in the loop: a helper taking ``inst`` would cost reference-count
+    updates per step."""
+    h, w = inst.shape
     x = sx
     y = sy
     d = 3
@@ -226,27 +233,36 @@ def _trace(inst, v, sx, sy, eps, buf, write):
         if not first and x == sx and y == sy and d == 3:
             break
         first = False
-        r_in = _inside(inst, x + _RX[d], y + _RY[d], v)
-        l_in = _inside(inst, x + _LX[d], y + _LY[d], v)
-        if r_in:
-            nd = (d + 3) % 4 if l_in else d
+        # pixels ahead-right (r) and ahead-left (l) of vertex (x, y) moving in direction d (region on the right)
+        if d == 0:
+            rx, ry, lx, ly = x, y, x, y - 1
+        elif d == 1:
+            rx, ry, lx, ly = x - 1, y, x, y
+        elif d == 2:
+            rx, ry, lx, ly = x - 1, y - 1, x - 1, y
         else:
-            nd = (d + 1) % 4
-        if nd != d:
-            if (not r_in) and l_in:
-                if write:
-                    buf[k, 0] = x - eps * dxs[d]
-                    buf[k, 1] = y - eps * dys[d]
-                    buf[k + 1, 0] = x + eps * dxs[nd]
-                    buf[k + 1, 1] = y + eps * dys[nd]
-                k += 2
-            else:
-                if write:
-                    buf[k, 0] = x
-                    buf[k, 1] = y
-                k += 1
-        x += dxs[nd]
-        y += dys[nd]
+            rx, ry, lx, ly = x, y - 1, x - 1, y - 1
+        r_in = rx >= 0 and ry >= 0 and rx < w and ry < h and inst[ry, rx] == v
+        l_in = lx >= 0 and ly >= 0 and lx < w and ly < h and inst[ly, lx] == v
+        if r_in and not l_in:  # straight on: no vertex
+            x += _DX[d]
+            y += _DY[d]
+            continue
+        nd = (d + 3) % 4 if r_in else (d + 1) % 4
+        if l_in and not r_in:
+            if write:
+                buf[k, 0] = x - eps * _DX[d]
+                buf[k, 1] = y - eps * _DY[d]
+                buf[k + 1, 0] = x + eps * _DX[nd]
+                buf[k + 1, 1] = y + eps * _DY[nd]
+            k += 2
+        else:
+            if write:
+                buf[k, 0] = x
+                buf[k, 1] = y
+            k += 1
+        x += _DX[nd]
+        y += _DY[nd]
         d = nd
     if write:
         buf[k, 0] = buf[0, 0]
@@ -263,6 +279,31 @@ def _start_pixel(inst, v, bx0, by0, bx1):
 
 
 @njit(cache=True, nogil=True)
+def trace_all(inst, start, area, eps, buf):
+    """Outer contours of instances 1..n from their first pixels in raster order ``start`` (n, 2)
+    (x, y), each traced once into ``buf`` (M0, 2) float64, which is replaced by a larger one when full.
+
+    Returns ``coords (M, 2) float64`` (a fresh array of exactly the vertices), ``offsets (n + 1,)
+    int64`` (instance i's closed ring is ``coords[offsets[i]:offsets[i+1]]``; empty when
+    ``area[i] == 0``) and the buffer, for reuse.
+    """
+    n = start.shape[0]
+    offsets = np.zeros(n + 1, np.int64)
+    k = 0
+    for i in range(n):
+        if area[i] > 0:
+            # at most two vertices per boundary edge (<= 4 edges per pixel), plus the closing one
+            need = k + 8 * area[i] + 4
+            if need > buf.shape[0]:
+                nbuf = np.empty((max(need, 2 * buf.shape[0]), 2), np.float64)
+                nbuf[:k] = buf[:k]
+                buf = nbuf
+            k += _trace(inst, i + 1, start[i, 0], start[i, 1], eps, buf[k:], True)
+        offsets[i + 1] = k
+    return buf[:k].copy(), offsets, buf
+
+
+@njit(cache=True, nogil=True)
 def trace_contours(inst, bbox, eps):
     """Outer contours of instances 1..n (``bbox`` (n, 4) x0, y0, x1, y1) as one flat buffer.
 
@@ -271,18 +312,13 @@ def trace_contours(inst, bbox, eps):
     ``coords[offsets[i]:offsets[i+1]]``.
     """
     n = bbox.shape[0]
-    counts = np.zeros(n, np.int64)
-    dummy = np.empty((1, 2), np.float64)
+    start = np.zeros((n, 2), np.int64)
+    area = np.zeros(n, np.int64)
     for i in range(n):
         sx = _start_pixel(inst, i + 1, bbox[i, 0], bbox[i, 1], bbox[i, 2])
         if sx >= 0:
-            counts[i] = _trace(inst, i + 1, sx, bbox[i, 1], eps, dummy, False)
-    offsets = np.zeros(n + 1, np.int64)
-    for i in range(n):
-        offsets[i + 1] = offsets[i] + counts[i]
-    coords = np.empty((offsets[n], 2), np.float64)
-    for i in range(n):
-        if counts[i] > 0:
-            sx = _start_pixel(inst, i + 1, bbox[i, 0], bbox[i, 1], bbox[i, 2])
-            _trace(inst, i + 1, sx, bbox[i, 1], eps, coords[offsets[i] : offsets[i + 1]], True)
+            start[i, 0] = sx
+            start[i, 1] = bbox[i, 1]
+            area[i] = (bbox[i, 2] - bbox[i, 0]) * (bbox[i, 3] - bbox[i, 1])  # bounds the boundary
+    coords, offsets, _ = trace_all(inst, start, area, eps, np.empty((1024, 2), np.float64))
     return coords, offsets

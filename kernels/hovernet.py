@@ -31,7 +31,8 @@ tile-wide min-max normalisation leaves large nuclei (slowly changing HV maps) wi
 and with model-like noise) the optimus rules beat HoVer-Net on every mean and minimum PQ.
 
 Everything runs in Numba kernels from :mod:`._hvpipe` / :mod:`._numba`; no scipy, skimage or OpenCV.
-:func:`hv_to_instances_batch` runs a batch of tiles in parallel.
+One tile is one kernel call (map and table), which releases the GIL; :func:`hv_to_instances_batch`
+runs a batch of tiles on several threads. Scratch buffers are kept per thread and tile shape.
 
 Coordinates: (x, y) with pixel (row y, column x) covering ``[x, x+1] x [y, y+1]``, so a pixel's
 centre is ``(x + 0.5, y + 0.5)`` (QuPath / GeoJSON-friendly; add the tile origin for level 0).
@@ -39,7 +40,10 @@ centre is ``(x + 0.5, y + 0.5)`` (QuPath / GeoJSON-friendly; add the tile origin
 
 from __future__ import annotations
 
+import functools
+import itertools
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -168,11 +172,33 @@ def instance_table(
     if n == 0:
         return InstanceTable.empty(None if type_prob is None else type_prob.shape[0])
     area, sx, sy, bbox = nb.instance_moments(inst, n)
+    _check_ids(area, n)
+    coords, offsets = nb.trace_contours(inst, bbox, float(contour_eps))
+    return _table(inst, n, area, sx, sy, bbox, coords, offsets, type_prob)
+
+
+def _check_ids(area: np.ndarray, n: int) -> None:
     if np.any(area == 0):
         raise ValueError(f"instance ids must be contiguous 1..{n}; {int((area == 0).sum())} ids are absent")
-    cent = np.stack([sx / area + 0.5, sy / area + 0.5], axis=1)
-    coords, offsets = nb.trace_contours(inst, bbox, float(contour_eps))
-    contours = np.split(coords, offsets[1:-1])
+
+
+def _table(
+    inst: np.ndarray,
+    n: int,
+    area: np.ndarray,
+    sx: np.ndarray,
+    sy: np.ndarray,
+    bbox: np.ndarray,
+    coords: np.ndarray,
+    offsets: np.ndarray,
+    type_prob: np.ndarray | None,
+) -> InstanceTable:
+    """An :class:`InstanceTable` from the kernels' moments and flat contours (+ the type vote)."""
+    cent = np.empty((n, 2))
+    np.divide(sx, area, out=cent[:, 0])
+    np.divide(sy, area, out=cent[:, 1])
+    cent += 0.5
+    contours = [coords[a:b] for a, b in itertools.pairwise(offsets.tolist())]
     if type_prob is None:
         types = np.zeros(n, np.int32)
         tprob = np.ones(n, np.float32)
@@ -206,24 +232,21 @@ def sobel_range(hv: np.ndarray, sobel_ksize: int = 21) -> tuple[float, float, fl
     hv = _as_map("hv", hv, 3)
     h, w = hv.shape[1:]
     deriv, smooth = _kernels(int(sobel_ksize))
-    th = np.empty((h, w), np.float32)
-    tv = np.empty((h, w), np.float32)
-    sh = np.empty((h, w), np.float32)
-    sv = np.empty((h, w), np.float32)
-    mm = np.empty((h, 4), np.float64)
     hm = np.ascontiguousarray(hv[0], dtype=np.float32)
     vm = np.ascontiguousarray(hv[1], dtype=np.float32)
-    for y in range(h):
-        hp._sobel_pass1(hm, vm, deriv, smooth, th, tv, y)
-    for y in range(h):
-        hp._sobel_pass2(th, tv, deriv, smooth, sh, sv, mm, y)
-    return float(mm[:, 0].min()), float(mm[:, 1].max()), float(mm[:, 2].min()), float(mm[:, 3].max())
+    rng = hp.sobel_minmax(hm, vm, deriv, smooth, _workspace(h, w, int(sobel_ksize)))
+    return float(rng[0]), float(rng[1]), float(rng[2]), float(rng[3])
 
 
+@functools.lru_cache(maxsize=16)
 def _kernels(ksize: int) -> tuple[np.ndarray, np.ndarray]:
     deriv, smooth = nb.sobel_kernels(ksize)
     # scaled to unit L1 norm: irrelevant after the min-max normalisation, keeps float32 well-ranged
-    return (deriv / np.abs(deriv).sum()).astype(np.float32), (smooth / smooth.sum()).astype(np.float32)
+    deriv = (deriv / np.abs(deriv).sum()).astype(np.float32)
+    smooth = (smooth / smooth.sum()).astype(np.float32)
+    deriv.flags.writeable = False  # shared by every call (cached)
+    smooth.flags.writeable = False
+    return deriv, smooth
 
 
 def _ramp_gain(deriv: np.ndarray) -> float:
@@ -238,17 +261,24 @@ _MODES = {"hovernet": hp.MODE_HOVERNET, "optimus": hp.MODE_OPTIMUS}
 _local = threading.local()
 
 
-def _workspace(h: int, w: int, n: int = 0) -> tuple:
+def _workspace(h: int, w: int, ksize: int = 21) -> tuple:
     """Per-thread scratch buffers, kept for the last tile shape seen (tiles of a slide share one)."""
-    key = (h, w, n)
+    key = (h, w, ksize)
     cache = getattr(_local, "ws", None)
     if cache is None:
         cache = _local.ws = {}
     ws = cache.get(key)
     if ws is None:
         cache.clear()  # one shape at a time: a slide's tiles share it
-        ws = cache[key] = hp.hv_workspace(h, w, n)
+        ws = cache[key] = hp.hv_workspace(h, w, ksize)
     return ws
+
+
+def _contour_buffer() -> np.ndarray:
+    buf = getattr(_local, "contours", None)
+    if buf is None:
+        buf = _local.contours = np.empty((4096, 2), np.float64)
+    return buf
 
 
 @dataclass(frozen=True)
@@ -276,31 +306,55 @@ def _params(
     keep_unmarked: bool | None,
     sobel_range: tuple[float, float, float, float] | None,
 ) -> _Params:
-    if mode not in _MODES:
+    if sobel_range is not None:
+        given = np.asarray(sobel_range, dtype=np.float64).reshape(-1)
+        if given.shape != (4,) or not np.all(np.isfinite(given)):
+            raise ValueError(f"sobel_range must be 4 finite numbers (h_min, h_max, v_min, v_max), got {sobel_range!r}")
+        sobel_range = tuple(float(v) for v in given)
+    if not isinstance(mode, str) or mode not in _MODES:
         raise ValueError(f"mode={mode!r} must be one of {sorted(_MODES)}")
+    return _params_cached(
+        mode, float(np_threshold), int(min_object_size), int(sobel_ksize), float(marker_threshold),
+        float(marker_slope), int(min_marker_size), None if keep_unmarked is None else bool(keep_unmarked),
+        sobel_range,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _params_cached(
+    mode: str,
+    np_threshold: float,
+    min_object_size: int,
+    sobel_ksize: int,
+    marker_threshold: float,
+    marker_slope: float,
+    min_marker_size: int,
+    keep_unmarked: bool | None,
+    sobel_range: tuple[float, float, float, float] | None,
+) -> _Params:
+    """Validated kernel parameters; cached, since building the Sobel kernels costs a fifth of a 256 px
+    tile's post-processing (arrays in the result are read-only)."""
     if min_object_size < 0 or min_marker_size < 0:
         raise ValueError(f"min sizes must be >= 0, got {min_object_size}, {min_marker_size}")
     if not np.isfinite(marker_slope) or marker_slope < 0:
         raise ValueError(f"marker_slope={marker_slope} must be finite and >= 0")
-    deriv, smooth = _kernels(int(sobel_ksize))
+    deriv, smooth = _kernels(sobel_ksize)
     if sobel_range is None:
         rng = np.array([0.0, 0.0, 0.0, 0.0, 1.0])
     else:
-        given = np.asarray(sobel_range, dtype=np.float64).reshape(-1)
-        if given.shape != (4,) or not np.all(np.isfinite(given)):
-            raise ValueError(f"sobel_range must be 4 finite numbers (h_min, h_max, v_min, v_max), got {sobel_range!r}")
-        rng = np.append(given, 0.0)
+        rng = np.append(np.array(sobel_range, np.float64), 0.0)
+    rng.flags.writeable = False
     if keep_unmarked is None:
         keep_unmarked = mode == "optimus"
     return _Params(
-        float(np_threshold),
-        int(min_object_size),
+        np_threshold,
+        min_object_size,
         deriv,
         smooth,
         _MODES[mode],
-        float(marker_threshold),
-        float(marker_slope) * _ramp_gain(deriv),
-        int(min_marker_size),
+        marker_threshold,
+        marker_slope * _ramp_gain(deriv),
+        min_marker_size,
         bool(keep_unmarked),
         rng,
     )
@@ -398,18 +452,55 @@ def hv_to_instances(
         mode, np_threshold, min_object_size, sobel_ksize, marker_threshold, marker_slope, min_marker_size,
         keep_unmarked, sobel_range,
     )
-    h, w = np_prob.shape
-    inst = np.empty((h, w), np.int32)
-    n = hp.hv_tile(
+    inst = np.empty(np_prob.shape, np.int32)
+    table = _tile(
         np.ascontiguousarray(np_prob),
         np.ascontiguousarray(hv[0], dtype=np.float32),
         np.ascontiguousarray(hv[1], dtype=np.float32),
-        p.np_threshold, p.min_object_size, p.deriv, p.smooth, p.mode, p.marker_threshold, p.slope,
-        p.min_marker_size, p.keep_unmarked, p.rng, _workspace(h, w), inst,
+        type_prob, p, inst, with_table, contour_eps,
     )
-    if not with_table:
-        return inst, InstanceTable.empty(None if type_prob is None else type_prob.shape[0])
-    return inst, instance_table(inst, n, type_prob, contour_eps)
+    return inst, table
+
+
+def _tile(
+    np_prob: np.ndarray,
+    hmap: np.ndarray,
+    vmap: np.ndarray,
+    type_prob: np.ndarray | None,
+    p: _Params,
+    inst: np.ndarray,
+    with_table: bool,
+    contour_eps: float,
+) -> InstanceTable:
+    """One tile through the kernel (map and table in one call, the GIL released), with this thread's
+    workspace; fills ``inst`` and returns the table."""
+    h, w = np_prob.shape
+    n, area, sx, sy, bbox, coords, offsets, buf = hp.hv_tile(
+        np_prob, hmap, vmap,
+        p.np_threshold, p.min_object_size, p.deriv, p.smooth, p.mode, p.marker_threshold, p.slope,
+        p.min_marker_size, p.keep_unmarked, p.rng, _workspace(h, w, p.deriv.shape[0]), inst,
+        bool(with_table), float(contour_eps), _contour_buffer(),
+    )
+    _local.contours = buf
+    if not with_table or n == 0:
+        return InstanceTable.empty(None if type_prob is None else type_prob.shape[0])
+    _check_ids(area, n)
+    return _table(inst, n, area, sx, sy, bbox, coords, offsets, type_prob)
+
+
+_pool_lock = threading.Lock()
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _executor(nthreads: int) -> ThreadPoolExecutor:
+    """The module's worker threads for batches: made on first use, replaced by a larger one when more
+    threads are asked for (never shut down here: another batch may still be using it; an executor's
+    idle threads end when it is garbage-collected)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] < nthreads:
+            _pool = (nthreads, ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="hv-post"))
+        return _pool[1]
 
 
 def hv_to_instances_batch(
@@ -429,7 +520,8 @@ def hv_to_instances_batch(
     with_table: bool = True,
     contour_eps: float = 0.01,
 ) -> tuple[np.ndarray, list[InstanceTable]]:
-    """:func:`hv_to_instances` on a batch of tiles (the heads' output shape), tiles spread over threads.
+    """:func:`hv_to_instances` on a batch of tiles (the heads' output shape), tiles spread over threads
+    (``numba.get_num_threads()`` of them: the calling thread and a pool; the kernels release the GIL).
 
     Parameters
     ----------
@@ -464,21 +556,24 @@ def hv_to_instances_batch(
     )
     import numba  # already loaded by the kernels
 
-    nthreads = numba.get_num_threads()
+    np_prob = np.ascontiguousarray(np_prob)
+    hv = np.ascontiguousarray(hv, dtype=np.float32)
     inst = np.empty((b, h, w), np.int32)
-    counts = np.zeros(b, np.int64)
-    rng = np.repeat(p.rng[None, :], b, axis=0)
-    hp.hv_batch(
-        np.ascontiguousarray(np_prob),
-        np.ascontiguousarray(hv, dtype=np.float32),
-        p.np_threshold, p.min_object_size, p.deriv, p.smooth, p.mode, p.marker_threshold, p.slope,
-        p.min_marker_size, p.keep_unmarked, rng, _workspace(h, w, nthreads), inst, counts,
-    )
-    n_classes = None if type_prob is None else type_prob.shape[1]
-    if not with_table:
-        return inst, [InstanceTable.empty(n_classes) for _ in range(b)]
-    tables = [
-        instance_table(inst[i], int(counts[i]), None if type_prob is None else type_prob[i], contour_eps)
-        for i in range(b)
-    ]
-    return inst, tables
+    tables: list[InstanceTable | None] = [None] * b
+    nxt = itertools.count()  # tiles go to whichever thread is free (next() is atomic under the GIL)
+
+    def work() -> None:
+        for i in iter(nxt.__next__, None):
+            if i >= b:
+                return
+            tables[i] = _tile(
+                np_prob[i], hv[i, 0], hv[i, 1], None if type_prob is None else type_prob[i], p, inst[i],
+                with_table, contour_eps,
+            )
+
+    nthreads = min(numba.get_num_threads(), b)
+    helpers = [_executor(nthreads - 1).submit(work) for _ in range(nthreads - 1)] if nthreads > 1 else []
+    work()  # the calling thread takes tiles too
+    for fut in helpers:
+        fut.result()
+    return inst, tables  # type: ignore[return-value]

@@ -14,7 +14,7 @@ from reference_hovernet import (  # type: ignore[import-not-found]
 )
 
 from cellvit_optimus.engine.datasets import load_consep, load_monuseg
-from cellvit_optimus.kernels import hv_to_instances, instances_to_hv, pq
+from cellvit_optimus.kernels import hv_to_instances, instance_table, instances_to_hv, pq
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +166,101 @@ def test_empty_and_validation():
         hv_to_instances(z, np.zeros((2, 32, 48)), mode="cellvit")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="marker_slope"):
         hv_to_instances(z, np.zeros((2, 32, 48)), marker_slope=-1)
+
+
+@pytest.mark.parametrize(
+    "box",
+    [(0, 0, 7, 7), (10, 20, 16, 40), (50, 60, 40, 16), (100, 100, 20, 21), (30, 30, 1, 50), (30, 30, 50, 1),
+     (5, 5, 33, 65), (0, 0, 256, 250), (3, 0, 253, 256), (40, 3, 200, 131)],
+)
+def test_odd_tile_shapes(consep, box):
+    """Tiles narrower / lower than the 21-tap Sobel, widths off the 8-pixel words and 16-float rows of the
+    kernels: ``hovernet`` mode equals the reference, and the fused table equals the general one."""
+    y0, x0, hh, ww = box
+    s = consep[3]
+    np_t, hv = noisy_maps(*instances_to_hv(s.inst_map), seed=3)
+    p = np.ascontiguousarray(np_t[y0 : y0 + hh, x0 : x0 + ww])
+    h = np.ascontiguousarray(hv[:, y0 : y0 + hh, x0 : x0 + ww])
+    ours, _ = hv_to_instances(p, h, mode="hovernet")
+    assert np.array_equal(ours, reference_instance_map(p, h))
+    for mode in ("hovernet", "optimus"):
+        inst, tab = hv_to_instances(p, h, mode=mode)
+        _assert_same_table(tab, instance_table(inst))
+
+
+def _assert_same_table(a, b):
+    assert len(a) == len(b)
+    for name in ("ids", "centroids", "bboxes", "areas", "types", "type_probs"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert all(np.array_equal(x, y) for x, y in zip(a.contours, b.contours))
+
+
+def test_fused_table_equals_general_table(consep, monuseg):
+    """hv_to_instances builds the table from the component runs inside the kernel; instance_table
+    scans any label map: same rows, same contours (with types too)."""
+    rng = np.random.default_rng(1)
+    for k, s in enumerate([*consep[:4], monuseg[0]]):
+        np_t, hv = noisy_maps(*instances_to_hv(s.inst_map), seed=k)
+        tp = rng.dirichlet(np.ones(4), size=np_t.shape).transpose(2, 0, 1).astype(np.float32)
+        for mode in ("optimus", "hovernet"):
+            inst, tab = hv_to_instances(np_t, hv, tp, mode=mode)
+            _assert_same_table(tab, instance_table(inst, type_prob=tp))
+
+
+def test_run_scan_and_opening_match_numpy_scipy():
+    """The word-at-a-time run scan and the 5x5-ellipse opening against numpy / scipy on random masks of
+    awkward sizes (byte masks padded to whole uint64 words, padding zero)."""
+    from cellvit_optimus.kernels import _hvpipe as hp
+    from reference_hovernet import ELLIPSE5  # type: ignore[import-not-found]
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(0)
+    for h, w in ((1, 1), (1, 2), (2, 3), (3, 4), (4, 4), (5, 5), (7, 9), (64, 61), (9, 1), (33, 130)):
+        for density in (0.1, 0.5, 0.9):
+            m = (rng.random((h, w)) < density).astype(np.uint8)
+            wp = (w + 15) // 8 * 8
+            mm = np.zeros((h, wp), np.uint8)
+            mm[:, :w] = m
+            n = h * (w // 2 + 2) + 1
+            rs, re, ry = (np.empty(n, np.int32) for _ in range(3))
+            rowstart = np.empty(h + 1, np.int64)
+            k = hp._scan_runs(mm, rs, re, ry, rowstart)
+            got = np.zeros_like(m)
+            for i in range(k):
+                got[ry[i], rs[i] : re[i]] = 1
+                assert re[i] > rs[i] and (rs[i] == 0 or m[ry[i], rs[i] - 1] == 0)
+            assert np.array_equal(got, m) and rowstart[h] == k
+            t1, t2, out = np.zeros_like(mm), np.zeros_like(mm), np.zeros_like(mm)
+            hp._open_ellipse5(mm, w, t1, t2, out)
+            ref = ndi.binary_dilation(ndi.binary_erosion(m.astype(bool), ELLIPSE5, border_value=1), ELLIPSE5)
+            assert np.array_equal(out[:, :w].astype(bool), ref) and not out[:, w:].any()
+
+
+def test_sobel_range_matches_float64_sobel(consep):
+    """sobel_range (float32, streamed) against the reference's float64 Sobel of the same maps."""
+    from cellvit_optimus.kernels import sobel_range
+    from reference_hovernet import cv2_sobel_kernels  # type: ignore[import-not-found]
+    from scipy import ndimage as ndi
+
+    _, hv = noisy_maps(*instances_to_hv(consep[0].inst_map), seed=0)
+    deriv, smooth = cv2_sobel_kernels(21)
+    h64 = hv.astype(np.float64)
+    sh = ndi.correlate1d(ndi.correlate1d(h64[0], deriv, axis=1, mode="mirror"), smooth, axis=0, mode="mirror")
+    sv = ndi.correlate1d(ndi.correlate1d(h64[1], deriv, axis=0, mode="mirror"), smooth, axis=1, mode="mirror")
+    # the kernels are scaled to unit L1 norm (irrelevant after the min-max normalisation)
+    ref = np.array([sh.min(), sh.max(), sv.min(), sv.max()]) / (np.abs(deriv).sum() * smooth.sum())
+    assert np.allclose(sobel_range(hv), ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("ksize", [5, 21, 69])
+def test_measured_and_fixed_sobel_range_agree(consep, ksize):
+    """``hovernet`` mode measuring its Sobel range (whole Sobel maps, foreground values kept for a
+    second pass) and given the same range (single pass that skips the column blocks far from the
+    foreground) give the same instances: the skipped values are never read."""
+    from cellvit_optimus.kernels import sobel_range
+
+    for k, s in enumerate(consep[:3]):
+        np_t, hv = noisy_maps(*instances_to_hv(s.inst_map), seed=k)
+        measured, _ = hv_to_instances(np_t, hv, mode="hovernet", sobel_ksize=ksize)
+        fixed, _ = hv_to_instances(np_t, hv, mode="hovernet", sobel_ksize=ksize, sobel_range=sobel_range(hv, ksize))
+        assert np.array_equal(measured, fixed)
