@@ -8,6 +8,10 @@
   alone as numpy masks without reasons: a floor showing what the per-tile Python loop and its reason
   strings cost (same tile tags, checked)
 
+- ``safety-ood-features``: :func:`tile_statistics` (the stain/sharpness half of the engine's OOD feature,
+  batched numpy) vs the same statistics tile by tile with scipy (``tile_features`` of the safety tests,
+  the first version), on real 224 px tiles of the bundled slide; the engine pays this per tile
+
 Embeddings are correlated Gaussians (D=384, the tiny backbone's width) with a shifted tail so that
 some tiles go to review or out of domain; timing does not depend on their content. N=8192 tiles (a
 large slide at 0.5 um/px), 512 under ``--benchmark-disable``.
@@ -140,4 +144,42 @@ def test_tags(benchmark, ood, impl):
         got = benchmark.pedantic(lambda: vector_tile_tags(sig, thr), rounds=5, warmup_rounds=1)
         assert np.array_equal(got, ref)
     benchmark.extra_info.update(impl=impl, tag_counts=np.bincount(ref, minlength=3).tolist())
+    record(benchmark, tiles=n)
+
+
+@pytest.fixture(scope="module")
+def real_tiles():
+    from cellvit_optimus.engine.data import bundled_slide
+    from cellvit_optimus.engine.slide import open_slide
+
+    with open_slide(bundled_slide()) as sl:
+        img = sl.read_region((0, 0), 0, sl.dimensions)
+    h, w = img.shape[:2]
+    return np.stack([img[y:y + 224, x:x + 224] for y in range(0, h - 223, 224) for x in range(0, w - 223, 224)])
+
+
+@pytest.mark.benchmark(group="safety-ood-features")
+@pytest.mark.parametrize("impl", ["optimus-batched", "scipy-per-tile"])
+def test_ood_tile_statistics(benchmark, real_tiles, impl):
+    from cellvit_optimus.safety import tile_statistics
+
+    n = smoke(benchmark, len(real_tiles), 16)
+    tiles = real_tiles[:n]
+    if impl == "optimus-batched":
+        got = benchmark.pedantic(lambda: tile_statistics(tiles), rounds=3, warmup_rounds=1)
+    else:
+        import importlib.util
+        from pathlib import Path
+
+        spec = importlib.util.spec_from_file_location(
+            "_safety_conftest", Path(__file__).resolve().parents[1] / "tests" / "safety" / "conftest.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        tile_features = mod.tile_features
+        got = benchmark.pedantic(lambda: tile_features(list(tiles)), rounds=3, warmup_rounds=1)
+    ref = tile_statistics(tiles)
+    # the colour statistics are the same numbers; the sharpness ones use other finite differences
+    np.testing.assert_allclose(np.asarray(got)[:, :25], ref[:, :25], rtol=1e-3, atol=1e-3)
+    benchmark.extra_info.update(impl=impl)
     record(benchmark, tiles=n)

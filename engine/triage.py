@@ -9,8 +9,9 @@ overlap) -> backbone (tile embeddings + token maps) -> UNETR head (NP/HV/NT maps
   centroid, so no slide-sized map is ever held, plus per-tile uncertainty (NP/NT entropy, HV
   consistency) and nuclei counts.
 
-When a slide's last batch is in: OOD scores, trust tags per tile / region / slide (shadow mode for a
-new site), MIL score or the fallback priority, and the outputs (cells and regions GeoJSON for
+When a slide's last batch is in: OOD scores (the backbone embedding next to per-tile stain and
+sharpness statistics, the recipe of the OOD state), conformal nucleus-type set sizes, trust tags per
+tile / region / slide (shadow mode for a new site), MIL score or the fallback priority, and the outputs (cells and regions GeoJSON for
 QuPath, an overview PNG, ``summary.json`` last). Every file is written atomically; ``summary.json``
 marks a finished slide, so a rerun skips it (its features are reused through the cache either way).
 
@@ -68,6 +69,7 @@ class TriageConfig:
     outputs: tuple[str, ...] = OUTPUTS
     thresholds: str | None = None  # TagThresholds JSON; default: conservative built-in defaults
     ood_state: str | None = None  # MahalanobisOOD state (.npz) fitted for this backbone
+    nucleus_conformal: str | None = None  # SplitConformal state (.json) of the nuclei checkpoint's types
     shadow_slides: int = 30  # cold start: the first N slides of a site are never cleared
     site_state: str | None = None  # shadow-mode counter file; default OUT/site_state.json
     site_id: str = "default"
@@ -134,7 +136,7 @@ class BatchResult:
 class _NucleiConsumer:
     """post-processes batches as they arrive and keeps compact per-nucleus records only"""
 
-    def __init__(self, job: SlideJob, post: Any, num_types: int, overlap: int) -> None:
+    def __init__(self, job: SlideJob, post: Any, num_types: int, overlap: int, tile_stats: bool = False) -> None:
         grid = job.grid
         assert grid is not None
         self.grid = grid
@@ -152,10 +154,17 @@ class _NucleiConsumer:
         self.nt_entropy = np.full(n, np.nan, np.float32)
         self.hv_consistency = np.full(n, np.nan, np.float32)
         self.nuclei_per_tile = np.zeros(n, np.int32)
+        # stain/sharpness statistics for the OOD feature, when the OOD state's recipe uses them
+        self.tile_stats: np.ndarray | None = None
+        if tile_stats:
+            from cellvit_optimus.safety.ood_features import N_TILE_STATS
+
+            self.tile_stats = np.zeros((n, N_TILE_STATS), np.float32)
         self.embeddings: np.ndarray | None = None
         self.contours: list[np.ndarray] = []
         self.types: list[int] = []
         self.type_probs: list[float] = []
+        self.type_scores: list[np.ndarray] = []  # per tile, (kept nuclei, C + 1) mean class probabilities
         self.areas: list[float] = []
         self.centroids: list[tuple[float, float]] = []
         self.tile_of: list[int] = []
@@ -170,6 +179,11 @@ class _NucleiConsumer:
         if self.embeddings is None:
             self.embeddings = np.zeros((self.n_tiles, emb.shape[1]), np.float32)
         self.embeddings[idx] = emb
+        if self.tile_stats is not None:
+            from cellvit_optimus.safety import tile_statistics
+
+            tiles = batch.tiles if isinstance(batch.tiles, np.ndarray) else batch.tiles.cpu().numpy()  # GPU read path
+            self.tile_stats[idx] = tile_statistics(tiles)
         np_probs = np.stack([1.0 - maps.np, maps.np], axis=1)
         u = tile_uncertainty(np_probs, maps.nt, maps.hv)
         self.np_entropy[idx], self.nt_entropy[idx] = u.np_entropy, u.nt_entropy
@@ -183,6 +197,7 @@ class _NucleiConsumer:
             y_lo, y_hi = (0.0 if top else self.half), (s if bottom else s - self.half)
             x0, y0 = (float(v) for v in self.grid.coords[t])
             kept = 0
+            sel: list[int] = []
             for i in range(len(table)):
                 cx, cy = table.centroids[i]
                 if not (x_lo <= cx < x_hi and y_lo <= cy < y_hi):
@@ -194,7 +209,10 @@ class _NucleiConsumer:
                 self.areas.append(float(table.areas[i]) * self.scale ** 2)
                 self.tile_of.append(t)
                 kept += 1
+                sel.append(i)
             self.nuclei_per_tile[t] = kept
+            if table.type_scores is not None:
+                self.type_scores.append(np.asarray(table.type_scores, np.float32)[sel])
 
     def finish(self, job: SlideJob) -> dict[str, Any]:
         return {}  # the engine finalises the slide with everything collected here
@@ -253,6 +271,7 @@ class Engine:
                                    overlap=self.config.overlap_px / self.model.tile_size,
                                    min_tissue_fraction=self.config.min_tissue_fraction)
         self._model_hash = _file_hash(self.model.path) if self.model.path else "in-memory"
+        self.conformal = self._load_conformal()
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -286,12 +305,61 @@ class Engine:
             bundled = DATA_DIR / "default_ood.npz"
             path = str(bundled) if bundled.is_file() and self.model.path is not None and \
                 self.model.path.parent == DATA_DIR else None
+        self._ood_hash = _file_hash(Path(path)) if path is not None else None
         if path is None:
             return None
         ood = MahalanobisOOD.load(path, backbone_id=self.model.runner.preset.name,
                                   weights_hash=self.model.runner.weights_id)
+        if ood.tile_mpp is not None and abs(ood.tile_mpp / self.nuclei_mpp - 1.0) > 0.05:
+            # kept on purpose: tiles at another resolution than the reference's are out of its domain
+            log.warning("%s: OOD state fitted on tiles at %.3g um/px, this run tiles at %.3g um/px: its "
+                        "tiles will score as shifted (review or out_of_domain)", path, ood.tile_mpp, self.nuclei_mpp)
         self.thresholds = self.thresholds.with_ood(ood)
         return ood
+
+    def _ood_score(self, emb: np.ndarray, nuc: _NucleiConsumer) -> np.ndarray:
+        """Mahalanobis distance of each tile's OOD feature (the recipe the OOD state was fitted on)"""
+        from cellvit_optimus.safety import ood_features
+
+        assert self.ood is not None
+        return self.ood.score(ood_features(self.ood.features, emb, nuc.tile_stats))
+
+    def _load_conformal(self):
+        """the nucleus-type calibration: the config's file, or the bundled one for the bundled model"""
+        from cellvit_optimus.safety import SplitConformal
+
+        path = self.config.nucleus_conformal
+        if path is None:
+            from .data import DATA_DIR
+
+            bundled = DATA_DIR / "default_nuclei_conformal.json"
+            path = str(bundled) if bundled.is_file() and self.model.path is not None and \
+                self.model.path.parent == DATA_DIR else None
+        self._conformal_hash = _file_hash(Path(path)) if path is not None else None
+        if path is None:
+            return None
+        cp = SplitConformal.load(path, model_id=self._model_hash, backbone_id=self.model.runner.preset.name,
+                                 weights_hash=self.model.runner.weights_id)
+        if cp.n_classes != self.model.num_classes:
+            raise ConfigError(f"{path}: calibrated for {cp.n_classes} nucleus types, the model has "
+                              f"{self.model.num_classes}")
+        return cp
+
+    def _type_set_sizes(self, nuc: _NucleiConsumer) -> np.ndarray | None:
+        """conformal type-set size of every nucleus ``(N,)``, or None without a calibration state"""
+        if self.conformal is None or len(nuc.type_scores) == 0:
+            return None
+        from cellvit_optimus.safety.conformal import type_probabilities
+
+        probs = type_probabilities(np.concatenate(nuc.type_scores))
+        if probs.shape[0] != len(nuc.tile_of):
+            return None
+        # a canonical nucleus order (by tile, then as the kernel found them), so the randomised sets
+        # do not depend on the order batches arrived in
+        order = np.argsort(np.asarray(nuc.tile_of, np.int64), kind="stable")
+        sizes = np.empty(order.size, np.int64)
+        sizes[order] = self.conformal.set_sizes(self.conformal.predict_sets(probs[order]))
+        return sizes
 
     def run_key(self) -> str:
         """identity of everything that shapes a slide's outputs (a rerun with another key recomputes)"""
@@ -300,7 +368,7 @@ class Engine:
                "backbone": self.model.runner.weights_id, "tiling": asdict(self.tiling),
                "tissue": asdict(self.config.tissue), "mpp": self.config.mpp, "post": asdict(self.post),
                "thresholds": asdict(self.thresholds), "outputs": list(self.config.outputs),
-               "mil": self.mil is not None}
+               "mil": self.mil is not None, "ood": self._ood_hash, "conformal": self._conformal_hash}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     # -- running -----------------------------------------------------------------------------------
@@ -332,9 +400,13 @@ class Engine:
         from .inspect import failure_from
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        if clean_temporaries:
-            clean_stale_temporaries(out)
+
+        def prepare_folder() -> None:
+            out.mkdir(parents=True, exist_ok=True)
+            if clean_temporaries:  # walks the whole output tree: file-system work, kept off the host's loop
+                clean_stale_temporaries(out)
+
+        await anyio.to_thread.run_sync(prepare_folder)
         paths = [Path(p) for p in slides]
         _check_unique_stems(paths)
         position = {str(p): i for i, p in enumerate(paths)}
@@ -379,7 +451,7 @@ class Engine:
         sdir = out / name
         t0 = time.perf_counter()
         emb = nuc.embeddings if nuc.embeddings is not None else np.zeros((len(grid), 1), np.float32)
-        ood = self.ood.score(emb) if self.ood is not None else None
+        ood = self._ood_score(emb, nuc) if self.ood is not None else None
         flags = []
         for art, blur in zip(grid.artefact_fraction.tolist(), factory.blur[job.index].tolist()):
             f = []
@@ -388,8 +460,10 @@ class Engine:
             if blur < 15.0:
                 f.append("blur")
             flags.append(",".join(f))
+        set_sizes = self._type_set_sizes(nuc)
         signals = TileSignals(ood_score=ood, np_entropy=nuc.np_entropy, nt_entropy=nuc.nt_entropy,
-                              hv_consistency=nuc.hv_consistency, quality_flags=flags)
+                              hv_consistency=nuc.hv_consistency, quality_flags=flags,
+                              nucleus_set_size=_mean_per_tile(set_sizes, nuc.tile_of, len(grid)))
         site = Path(self.config.site_state) if self.config.site_state else out / "site_state.json"
         shadow = (ShadowMode(site, self.config.site_id, n_slides=self.config.shadow_slides)
                   if self.config.shadow_slides else None)
@@ -422,7 +496,7 @@ class Engine:
         outputs: dict[str, str] = {"features": str(feature_path(out, job.path))}
         if "cells" in self.config.outputs:
             p = sdir / "cells.geojson"
-            atomic_write_bytes(p, _cells_geojson(nuc, profile, tile_tags))
+            atomic_write_bytes(p, _cells_geojson(nuc, profile, tile_tags, set_sizes))
             outputs["cells"] = str(p)
         if "regions" in self.config.outputs:
             p = sdir / "regions.geojson"
@@ -508,7 +582,8 @@ class _TriageFactory:
 
     def consumers(self, job: SlideJob) -> list[Any]:
         writer = self.features.consumers(job)[0] if "features" in self.engine.config.outputs else None
-        nuc = _NucleiConsumer(job, self.engine.post, self.engine.model.num_classes, self.engine.config.overlap_px)
+        nuc = _NucleiConsumer(job, self.engine.post, self.engine.model.num_classes, self.engine.config.overlap_px,
+                              tile_stats=self.engine.ood is not None and self.engine.ood.features != "embedding")
         self.blur[job.index] = np.full(len(job.grid), np.inf, np.float32)
         factory = self
 
@@ -543,26 +618,43 @@ def _file_hash(path: Path | None) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def _cells_geojson(nuc: _NucleiConsumer, profile: Any, tile_tags: list[str]) -> bytes:
-    """QuPath detections (see :mod:`.geojson`) with the trust tag of each nucleus' tile"""
-    from .geojson import polygon_feature
+def _mean_per_tile(values: np.ndarray | None, tile_of: list[int], n_tiles: int) -> np.ndarray | None:
+    """mean of per-nucleus ``values`` over each tile's nuclei ``(n_tiles,)``; NaN for a tile without any"""
+    if values is None:
+        return None
+    t = np.asarray(tile_of, np.int64)
+    n = np.bincount(t, minlength=n_tiles).astype(np.float64)
+    s = np.bincount(t, weights=np.asarray(values, np.float64), minlength=n_tiles)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, s / n, np.nan)
 
-    feats = []
+
+def _cells_geojson(nuc: _NucleiConsumer, profile: Any, tile_tags: list[str],
+                   set_sizes: np.ndarray | None = None) -> bytes:
+    """QuPath detections (see :mod:`.geojson`) with the trust tag of each nucleus' tile (and the size
+    of its conformal type set, when a calibration state is loaded)"""
+    from .geojson import polygon_feature_json
+
+    # Each feature goes straight to its text and only the text is kept. Holding every feature's dicts
+    # and coordinate lists (~50 containers per nucleus) until the end made CPython's cyclic GC start
+    # full collections: each walks every tracked object in the process (~0.44 M once torch and Numba
+    # are loaded) with the GIL held, 250-480 ms that stalled a host's event loop. Short-lived
+    # containers are freed by reference counting and never reach the old generation. This loop is
+    # still the stream's longest stretch of GIL-holding Python, so it is kept lean.
+    parts = []
     # batches may arrive in any order: list nuclei by tile (and, within a tile, as the kernel found them)
     for i in np.argsort(np.asarray(nuc.tile_of, np.int64), kind="stable").tolist():
         t = nuc.types[i]
         known = 0 < t <= profile.num_classes
-        f = polygon_feature(nuc.contours[i], profile.label(t) if known else "unclassified",
-                            profile.color(t) if known else (128, 128, 128),
-                            {"type_prob": round(nuc.type_probs[i], 4), "area_px": round(nuc.areas[i], 2)},
-                            {"type_prob": round(nuc.type_probs[i], 4), "trust": tile_tags[nuc.tile_of[i]]},
-                            validate=False)  # kernel contours are simple polygons by construction
+        f = polygon_feature_json(nuc.contours[i], profile.label(t) if known else "unclassified",
+                                 profile.color(t) if known else (128, 128, 128),
+                                 {"type_prob": round(nuc.type_probs[i], 4), "area_px": round(nuc.areas[i], 2),
+                                  **({} if set_sizes is None else {"type_set_size": int(set_sizes[i])})},
+                                 {"type_prob": round(nuc.type_probs[i], 4), "trust": tile_tags[nuc.tile_of[i]]},
+                                 validate=False)  # kernel contours are simple polygons by construction
         if f is not None:
-            feats.append(f)
-    # one short json.dumps per feature: a single call over the whole collection holds the GIL for
-    # hundreds of milliseconds on a large slide and would stall a host application's event loop
-    body = ",".join(json.dumps(f, separators=(",", ":")) for f in feats)
-    return ('{"type":"FeatureCollection","features":[' + body + "]}\n").encode()
+            parts.append(f)
+    return ('{"type":"FeatureCollection","features":[' + ",".join(parts) + "]}\n").encode()
 
 
 def _regions_geojson(grid: Any, tags: Any) -> dict[str, Any]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from .calibration import CalibrationReport, TemperatureScaler, calibration_errors, reliability_diagram
 from .config import SafetyConfig
-from .conformal import SplitConformal, conformal_quantile
+from .conformal import SplitConformal, conformal_quantile, type_probabilities
 from .ood import MahalanobisOOD, OODThresholds
+from .ood_features import ood_features, tile_statistics
 from .tags import (
     ShadowMode,
     SlideTags,
@@ -44,9 +45,12 @@ __all__ = (
     # conformal
     "SplitConformal",
     "conformal_quantile",
+    "type_probabilities",
     # out-of-domain
     "MahalanobisOOD",
     "OODThresholds",
+    "tile_statistics",
+    "ood_features",
     # tags
     "Tag",
     "TagDecision",

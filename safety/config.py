@@ -14,6 +14,7 @@ from cellvit_optimus.engine.errors import ConfigError
 
 from .conformal import SplitConformal
 from .ood import MahalanobisOOD
+from .ood_features import EMBEDDING_TILE_STATS, RECIPES
 
 __all__ = ("SafetyConfig",)
 
@@ -32,6 +33,7 @@ class SafetyConfig:
     ood_per_class: bool = False
     ood_review_quantile: float = 0.95
     ood_out_quantile: float = 0.995
+    ood_features: str = EMBEDDING_TILE_STATS
     ece_bins: int = 15
     thresholds_path: str | None = None
     site_state_path: str | None = None
@@ -54,6 +56,8 @@ class SafetyConfig:
                 f"ood_review_quantile={self.ood_review_quantile!r}, ood_out_quantile="
                 f"{self.ood_out_quantile!r} must satisfy 0 < review <= out < 1"
             )
+        if self.ood_features not in RECIPES:
+            raise ConfigError(f"ood_features={self.ood_features!r} is not one of {', '.join(map(repr, RECIPES))}")
         if not (isinstance(self.ece_bins, int) and self.ece_bins >= 1):
             raise ConfigError(f"ece_bins={self.ece_bins!r} must be an int >= 1")
         if not (isinstance(self.shadow_slides, int) and not isinstance(self.shadow_slides, bool)
@@ -69,4 +73,5 @@ class SafetyConfig:
 
     def make_ood(self) -> MahalanobisOOD:
         return MahalanobisOOD(estimator=self.ood_estimator, per_class=self.ood_per_class,
-                              review_quantile=self.ood_review_quantile, out_quantile=self.ood_out_quantile)
+                              review_quantile=self.ood_review_quantile, out_quantile=self.ood_out_quantile,
+                              features=self.ood_features)

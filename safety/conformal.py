@@ -27,7 +27,7 @@ from cellvit_optimus.engine.errors import ConfigError
 
 from ._state import STATE_VERSION, atomic_write_json, check_ids, read_json
 
-__all__ = ("SplitConformal", "conformal_quantile")
+__all__ = ("SplitConformal", "conformal_quantile", "type_probabilities")
 
 _KIND = "split_conformal"
 ScoreName = Literal["aps", "raps"]
@@ -48,6 +48,19 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     if k > n:
         return math.inf
     return float(np.partition(s, k - 1)[k - 1])
+
+
+def type_probabilities(type_scores: np.ndarray) -> np.ndarray:
+    """per-nucleus type probabilities ``(N, K)`` from the kernels' ``type_scores`` ``(N, K + 1)`` (the
+    mean class probabilities over each nucleus' pixels, background first): background dropped and
+    rows renormalised (uniform where a row has no foreground mass). What the nucleus-type
+    calibration is fitted on and what the engine feeds it."""
+    s = np.asarray(type_scores, dtype=np.float64)
+    if s.ndim != 2 or s.shape[1] < 2:
+        raise ValueError(f"type_scores must be (N, K + 1) with K >= 1, got shape {s.shape}")
+    s = s[:, 1:]
+    tot = s.sum(axis=1, keepdims=True)
+    return np.where(tot > 0, s / np.where(tot > 0, tot, 1.0), 1.0 / s.shape[1])
 
 
 class SplitConformal:
@@ -97,6 +110,9 @@ class SplitConformal:
         self.cal_labels: np.ndarray | None = None
         self.model_id: str | None = None
         self.backbone_id: str | None = None
+        self.weights_hash: str | None = None
+        self.class_names: list[str] | None = None
+        self.provenance: dict = {}
 
     # scores ---------------------------------------------------------------------------------
     def _all_scores(self, probs: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -174,11 +190,15 @@ class SplitConformal:
 
     # persistence ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], *, model_id: str, backbone_id: str,
-             class_names: list[str] | None = None) -> None:
+             class_names: list[str] | None = None, weights_hash: str | None = None,
+             provenance: dict | None = None) -> None:
+        """save as JSON with the ids it is valid for (``weights_hash``: the backbone weights, when the
+        same backbone id can carry other weights) and what it was calibrated on (``provenance``)"""
         if self.cal_scores is None or self.cal_labels is None:
             raise RuntimeError("SplitConformal is not fitted: nothing to save")
         atomic_write_json(path, {
             "kind": _KIND, "version": STATE_VERSION, "model_id": model_id, "backbone_id": backbone_id,
+            "weights_hash": weights_hash, "provenance": provenance or {},
             "alpha": self.alpha, "score": self.score, "randomized": self.randomized, "lam": self.lam,
             "k_reg": self.k_reg, "class_conditional": self.class_conditional,
             "allow_empty": self.allow_empty, "seed": self.seed, "n_classes": self.n_classes,
@@ -188,10 +208,10 @@ class SplitConformal:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, model_id: str | None = None,
-             backbone_id: str | None = None) -> SplitConformal:
+             backbone_id: str | None = None, weights_hash: str | None = None) -> SplitConformal:
         """load a calibration state; refuses (StateMismatchError) one saved for other ids."""
         o = read_json(path, _KIND)
-        check_ids(path, _KIND, o, model_id=model_id, backbone_id=backbone_id)
+        check_ids(path, _KIND, o, model_id=model_id, backbone_id=backbone_id, weights_hash=weights_hash)
         c = cls(alpha=o["alpha"], score=o["score"], randomized=o["randomized"], lam=o["lam"],
                 k_reg=o["k_reg"], class_conditional=o["class_conditional"],
                 allow_empty=o["allow_empty"], seed=o["seed"])
@@ -199,4 +219,6 @@ class SplitConformal:
         c.cal_scores = np.asarray(o["cal_scores"], dtype=np.float64)
         c.cal_labels = np.asarray(o["cal_labels"], dtype=np.int64)
         c.model_id, c.backbone_id = o["model_id"], o["backbone_id"]
+        c.weights_hash, c.class_names = o.get("weights_hash"), o.get("class_names")
+        c.provenance = o.get("provenance", {})
         return c

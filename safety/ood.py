@@ -9,7 +9,9 @@ distances (each fold scored by a model that did not see it): in-sample distances
 small, and thresholds taken from them would send ordinary in-domain tiles to review.
 
 The state is bound to the backbone: it is saved with the backbone id and the weights hash, and
-loading it for any other backbone raises :class:`StateMismatchError` naming both.
+loading it for any other backbone raises :class:`StateMismatchError` naming both. It also records
+the feature recipe it was fitted on (:mod:`.ood_features`: the embedding alone, or the embedding
+next to tile statistics) and the tile resolution, so the engine builds the same feature at run time.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from typing import Literal
 
 import numpy as np
 
-from cellvit_optimus.engine.errors import ConfigError
+from cellvit_optimus.engine.errors import ConfigError, StateMismatchError
 
 from ._state import STATE_VERSION, atomic_write_bytes, check_header, check_ids
+from .ood_features import EMBEDDING, RECIPES
 
 __all__ = ("MahalanobisOOD", "OODThresholds")
 
@@ -58,6 +61,8 @@ class MahalanobisOOD:
     review_quantile, out_quantile : reference quantiles giving the two thresholds
     cv_folds : folds of the cross-fitting used for the thresholds (>= 2)
     min_class_size : classes with fewer reference samples are folded into a pooled fit
+    features : the feature recipe of the ``(N, D)`` inputs (:data:`.ood_features.RECIPES`), recorded in
+        the state so that the engine builds the same feature when it scores tiles
     """
 
     def __init__(
@@ -70,7 +75,10 @@ class MahalanobisOOD:
         cv_folds: int = 5,
         min_class_size: int = 10,
         seed: int = 0,
+        features: str = EMBEDDING,
     ) -> None:
+        if features not in RECIPES:
+            raise ConfigError(f"features={features!r} is not one of {', '.join(map(repr, RECIPES))}")
         if estimator not in ("ledoit_wolf", "oas"):
             raise ConfigError(f"estimator={estimator!r} is not one of 'ledoit_wolf', 'oas'")
         if not 0.0 < review_quantile <= out_quantile < 1.0:
@@ -88,8 +96,11 @@ class MahalanobisOOD:
         self.cv_folds = int(cv_folds)
         self.min_class_size = int(min_class_size)
         self.seed = int(seed)
+        self.features = features
         self.backbone_id: str | None = None
         self.weights_hash: str | None = None
+        self.tile_mpp: float | None = None
+        self.provenance: dict = {}
         # fitted state
         self.shift_: np.ndarray | None = None  # (D,)
         self.scale_: np.ndarray | None = None  # (D,)
@@ -204,8 +215,13 @@ class MahalanobisOOD:
         return (s > t.review).astype(np.int8) + (s > t.out_of_domain).astype(np.int8)
 
     # persistence ------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str], *, backbone_id: str, weights_hash: str) -> None:
-        """save as ``.npz``: arrays plus a JSON header with the backbone id and weights hash."""
+    def save(self, path: str | os.PathLike[str], *, backbone_id: str, weights_hash: str,
+             tile_mpp: float | None = None, provenance: dict | None = None) -> None:
+        """save as ``.npz``: arrays plus a JSON header with the backbone id and weights hash.
+
+        ``tile_mpp`` (the resolution of the reference tiles) and ``provenance`` (what it was fitted on,
+        JSON-serialisable) are recorded for the reader; neither changes scoring.
+        """
         if self.means_ is None or self.thresholds is None:
             raise RuntimeError("MahalanobisOOD is not fitted: nothing to save")
         meta = {
@@ -213,7 +229,9 @@ class MahalanobisOOD:
             "weights_hash": weights_hash, "estimator": self.estimator, "per_class": self.per_class,
             "standardize": self.standardize, "review_quantile": self.review_quantile,
             "out_quantile": self.out_quantile, "cv_folds": self.cv_folds,
-            "min_class_size": self.min_class_size, "seed": self.seed,
+            "min_class_size": self.min_class_size, "seed": self.seed, "features": self.features,
+            "tile_mpp": self.tile_mpp if tile_mpp is None else float(tile_mpp),
+            "provenance": self.provenance if provenance is None else provenance,
             "thresholds": {"review": self.thresholds.review, "out_of_domain": self.thresholds.out_of_domain},
         }
         import io
@@ -238,9 +256,15 @@ class MahalanobisOOD:
         meta = json.loads(str(arrays["meta"]))
         check_header(meta, _KIND, path)
         check_ids(path, _KIND, meta, backbone_id=backbone_id, weights_hash=weights_hash)
+        features = meta.get("features", EMBEDDING)  # states written before recipes were recorded
+        if features not in RECIPES:
+            raise StateMismatchError(f"{path}: {_KIND} state uses feature recipe {features!r}, which this "
+                                     f"version does not build (known: {', '.join(RECIPES)})")
         o = cls(meta["estimator"], meta["per_class"], meta["standardize"], meta["review_quantile"],
-                meta["out_quantile"], meta["cv_folds"], meta["min_class_size"], meta["seed"])
+                meta["out_quantile"], meta["cv_folds"], meta["min_class_size"], meta["seed"], features)
         o.backbone_id, o.weights_hash = meta["backbone_id"], meta["weights_hash"]
+        o.tile_mpp = meta.get("tile_mpp")
+        o.provenance = meta.get("provenance", {})
         o.shift_, o.scale_ = arrays["shift"], arrays["scale"]
         o.means_, o.precisions_ = arrays["means"], arrays["precisions"]
         o.ref_scores_ = arrays["ref_scores"]

@@ -9,7 +9,7 @@ Tile rule (first matching line wins; every review reason that applies is listed)
     review         ood_score > ood_review
                    or a quality flag is set (blur, pen, fold, ...)
                    or the tile-label conformal set has size > max_set_size, or is empty
-                   or the mean nucleus-type set size > max_mean_nucleus_set_size
+                   or the mean nucleus-type set size > max_mean_nucleus_set_size   (NaN = no nuclei: not judged)
                    or np_entropy > np_entropy_max or nt_entropy > nt_entropy_max
                    or hv_consistency < hv_consistency_min   (NaN = no nuclei: not judged)
                    or a given signal is NaN, or no OOD score was given and require_ood is set
@@ -36,6 +36,7 @@ import enum
 import logging
 import math
 import os
+import re
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -244,11 +245,9 @@ def tag_tiles(signals: TileSignals, thresholds: TagThresholds) -> list[TagDecisi
             elif v[i] < 1:
                 why.append("empty label set")
         v = vals["nucleus_set_size"]
-        if v is not None:
-            if np.isnan(v[i]):
-                why.append("nucleus set size is NaN")
-            elif v[i] > t.max_mean_nucleus_set_size:
-                why.append(f"mean nucleus-type set size {v[i]:.2f} > {t.max_mean_nucleus_set_size:.2f}")
+        # NaN: the tile has no nuclei, nothing to judge
+        if v is not None and not np.isnan(v[i]) and v[i] > t.max_mean_nucleus_set_size:
+            why.append(f"mean nucleus-type set size {v[i]:.2f} > {t.max_mean_nucleus_set_size:.2f}")
         for name, lim, label in (("np_entropy", t.np_entropy_max, "NP entropy"),
                                  ("nt_entropy", t.nt_entropy_max, "NT entropy")):
             v = vals[name]
@@ -267,6 +266,12 @@ def tag_tiles(signals: TileSignals, thresholds: TagThresholds) -> list[TagDecisi
     return out
 
 
+def _cause(reason: str) -> str:
+    """``"NP entropy 0.356 > 0.350; ..."`` -> ``"NP entropy"``: the first clause without its numbers."""
+    clause = reason.split(";")[0].split(" > ")[0].split(" < ")[0].strip()
+    return re.sub(r"(\s+[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?)+$", "", clause) or clause
+
+
 def _summarise(decisions: Sequence[TagDecision], ood_fraction: float, review_fraction: float,
                what: str) -> TagDecision:
     n = len(decisions)
@@ -278,9 +283,8 @@ def _summarise(decisions: Sequence[TagDecision], ood_fraction: float, review_fra
         return TagDecision(Tag.OUT_OF_DOMAIN,
                            f"{n_ood}/{n} tiles out_of_domain (>= {ood_fraction:.0%} of the {what})")
     if n_bad / n > review_fraction:
-        # the most frequent first clause of the tiles' reasons, so that the reader sees why
-        top = Counter(d.reason.split(";")[0].split(" > ")[0].split(" < ")[0].strip()
-                      for d in decisions if d.tag is not Tag.RELIABLE).most_common(2)
+        # the most frequent causes (each tile's first reason without its value), so the reader sees why
+        top = Counter(_cause(d.reason) for d in decisions if d.tag is not Tag.RELIABLE).most_common(2)
         causes = ", ".join(f"{c} ({k})" for c, k in top)
         return TagDecision(Tag.REVIEW, f"{n_bad}/{n} tiles not reliable (> {review_fraction:.0%}): {causes}")
     return TagDecision(Tag.RELIABLE, f"{n - n_bad}/{n} tiles reliable")

@@ -1,4 +1,5 @@
-"""Data shipped inside the package: the bundled real slide and the default nuclei model."""
+"""Data shipped inside the package: the bundled real slide, the default nuclei model and its safety
+states (OOD reference ``default_ood.npz``, nucleus-type calibration ``default_nuclei_conformal.json``)."""
 
 from __future__ import annotations
 

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from cellvit_optimus.engine.datasets import load_consep
+
+# the real-tile helpers of the OOD tests (ood_tiles.py) live beside them; bench/ scripts import them too
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 #: the CoNSeP source images held out from training the nucleus-type classifier
 HELD_OUT_GROUPS = ("consep/test_4", "consep/test_5")

@@ -1,7 +1,8 @@
 """Mahalanobis OOD on real tiles: in-domain H&E (MoNuSeg, CoNSeP) against real shifts.
 
-Until the bundled backbone exists the embeddings are deterministic colour/stain/sharpness
-statistics of each tile (``tile_features``); the detector takes any ``(N, D)`` embeddings.
+The detector itself, on hand-made colour/stain/sharpness statistics (``tile_features``, 128 px tiles
+at the images' own resolution): it takes any ``(N, D)`` features. The bundled model's feature at the
+engine's 0.5 um/px tiles, and the shipped OOD state, are tested in ``test_ood_model.py``.
 """
 
 from __future__ import annotations

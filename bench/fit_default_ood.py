@@ -1,0 +1,81 @@
+"""Fit the bundled default OOD state, ``engine/data/default_ood.npz``, for the bundled nuclei model.
+
+``python bench/fit_default_ood.py [--out PATH] [--threads 1]``
+
+Reference: every real in-domain H&E tile of ``tests/safety/ood_tiles.py`` at the model's 0.5 um/px
+(the 13 MoNuSeg training images + the TIAToolbox target image, 3 x 3 tiles each; the tissue tiles
+of CMU-1-Small-Region and of the TCGA frozen section on the triage engine's own grid), scored with
+the bundled model's backbone (frozen random-init ``tiny``, seed 0) and the product's tile statistics
+(recipe ``embedding+tile_stats/1``, :mod:`cellvit_optimus.safety.ood_features`). Thresholds are the
+0.95 / 0.995 quantiles of distances cross-fitted over whole images / slide quadrants (5 folds).
+The state records the backbone id and weights hash (a mismatched backbone is refused), the recipe,
+the tile resolution and this provenance. Deterministic: a rerun writes the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "safety"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import ood_tiles
+from cellvit_optimus.engine.data import DATA_DIR
+from cellvit_optimus.safety import MahalanobisOOD
+from cellvit_optimus.safety.ood_features import EMBEDDING_TILE_STATS
+
+
+def reference_fit(x: np.ndarray, groups: np.ndarray) -> MahalanobisOOD:
+    """the detector of the bundled state, fitted on reference features ``x`` with their groups"""
+    return MahalanobisOOD(features=EMBEDDING_TILE_STATS, estimator="ledoit_wolf", review_quantile=0.95,
+                          out_quantile=0.995, cv_folds=5, seed=0).fit(x, groups=groups)
+
+
+def fit(shared: Path, model=None) -> tuple[MahalanobisOOD, dict]:
+    """the fitted detector and its provenance record"""
+    from cellvit_optimus.engine.nuclei import NucleiModel
+
+    model = model or NucleiModel()
+    ind = ood_tiles.in_domain(shared)
+    x = ood_tiles.features(model.runner, ind.tiles)[EMBEDDING_TILE_STATS]
+    ood = reference_fit(x, ind.groups)
+    ood.tile_mpp = ood_tiles.MPP
+    ood.provenance = {
+        "script": "bench/fit_default_ood.py",
+        "tiles": {str(s): int((ind.sources == s).sum()) for s in np.unique(ind.sources)},
+        "groups": int(np.unique(ind.groups).size),
+        "tile_size": ood_tiles.TILE,
+        "data": "MoNuSeg train (13) + TIAToolbox target image, CMU-1-Small-Region, TCGA-CR-7395 frozen section",
+        "model": str(model.path.name) if model.path else None,
+    }
+    return ood, ood.provenance
+
+
+def main() -> None:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(DATA_DIR / "default_ood.npz"))
+    ap.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from cellvit_optimus.engine.nuclei import NucleiModel
+
+    model = NucleiModel()
+    ood, prov = fit(Path(a.shared), model)
+    ood.save(a.out, backbone_id=model.runner.preset.name, weights_hash=model.runner.weights_id)
+    Path(a.out).chmod(0o644)  # package data: readable by everyone (the atomic write creates it 0600)
+    t = ood.thresholds
+    print(json.dumps({"out": a.out, "bytes": Path(a.out).stat().st_size, "dim": int(ood.shift_.shape[0]),
+                      "review": round(t.review, 3), "out_of_domain": round(t.out_of_domain, 3), **prov}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
