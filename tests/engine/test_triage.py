@@ -160,9 +160,6 @@ def test_kill9_then_rerun_equals_uninterrupted_run(tmp_path, slides_dir):
     assert not [p for p in killed.rglob(".tmp-*")]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 8: worst heartbeat delay measured 40-58 ms in some runs but "
-                   "220-350 ms in others (stall during slide finalisation, Python frames only: not a "
-                   "GIL-holding C call, not OpenMP spinning); under investigation")
 def test_async_stream_leaves_the_event_loop_responsive(tmp_path, slides_dir):
     engine = Engine(TriageConfig(nuclei_mpp=1.0, overlap_px=32))
     delays: list[float] = []
