@@ -295,16 +295,22 @@ class Engine:
             return TagThresholds.load(self.config.thresholds)
         return TagThresholds(require_ood=False)  # conservative defaults; OOD judged when a state exists
 
+    def _state_path(self, configured: str | None, bundled_name: str) -> str | None:
+        """a safety state file: the configured one, else the bundled one when the bundled model runs
+        (states are bound to their model; another model gets none by default)"""
+        if configured is not None:
+            return configured
+        from .data import DATA_DIR
+
+        bundled = DATA_DIR / bundled_name
+        if bundled.is_file() and self.model.path is not None and self.model.path.parent == DATA_DIR:
+            return str(bundled)
+        return None
+
     def _load_ood(self):
         from cellvit_optimus.safety import MahalanobisOOD
 
-        path = self.config.ood_state
-        if path is None:
-            from .data import DATA_DIR
-
-            bundled = DATA_DIR / "default_ood.npz"
-            path = str(bundled) if bundled.is_file() and self.model.path is not None and \
-                self.model.path.parent == DATA_DIR else None
+        path = self._state_path(self.config.ood_state, "default_ood.npz")
         self._ood_hash = _file_hash(Path(path)) if path is not None else None
         if path is None:
             return None
@@ -328,13 +334,7 @@ class Engine:
         """the nucleus-type calibration: the config's file, or the bundled one for the bundled model"""
         from cellvit_optimus.safety import SplitConformal
 
-        path = self.config.nucleus_conformal
-        if path is None:
-            from .data import DATA_DIR
-
-            bundled = DATA_DIR / "default_nuclei_conformal.json"
-            path = str(bundled) if bundled.is_file() and self.model.path is not None and \
-                self.model.path.parent == DATA_DIR else None
+        path = self._state_path(self.config.nucleus_conformal, "default_nuclei_conformal.json")
         self._conformal_hash = _file_hash(Path(path)) if path is not None else None
         if path is None:
             return None
