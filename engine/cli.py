@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -17,7 +20,8 @@ import click
 from .errors import OptimusError
 from .extract import DECODERS as _DECODERS
 
-__all__ = ("main", "cli", "EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED")
+__all__ = ("main", "cli", "EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "MPP", "DEVICE", "validate_device",
+           "collect_inputs")
 
 EXIT_OK, EXIT_PARTIAL, EXIT_FAILED = 0, 1, 2
 
@@ -28,13 +32,156 @@ def _exit_code(n_ok: int, n_failed: int) -> int:
     return EXIT_PARTIAL if n_ok else EXIT_FAILED
 
 
-def _inputs(slides: tuple[str, ...]) -> list[Path]:
-    from .data import bundled_slide
+# -- argument types ---------------------------------------------------------------------------------
+# Every flag is checked by click before the command body runs, so a bad value fails in well under a
+# second (no model load, no Numba warm-up) with the flag's own name, exit code 2 and one line.
+
+#: a level-0 / image resolution in microns per pixel (the slide readers accept 0.05..50); ``cli_models``
+#: uses it too
+MPP = click.FloatRange(0.05, 50)
+#: a tiling resolution in microns per pixel (the tiling accepts 0.01..50)
+_TARGET_MPP = click.FloatRange(0.01, 50)
+_FRACTION = click.FloatRange(0.0, 1.0)
+_POSITIVE = click.IntRange(min=1)
+_NON_NEGATIVE = click.IntRange(min=0)
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_HELP = "cpu, cuda, cuda:N, mps, or auto (cuda when available, else cpu)"
+
+
+def validate_device(ctx: click.Context | None, param: click.Parameter | None, value: str | None) -> str | None:
+    """click callback: a torch device name (checked by form only; torch is not imported here)"""
+    if value is not None and not _DEVICE_RE.match(value):
+        raise click.BadParameter(f"{value!r} is not a device; use {DEVICE_HELP}", ctx=ctx, param=param)
+    return value
+
+
+#: keyword arguments for a ``--device`` option (shared with ``cli_models``)
+DEVICE = dict(default="auto", show_default=True, callback=validate_device, help=DEVICE_HELP)
+
+
+def _existing_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """click callback for weights that may also name the Hugging Face cache (``hf-hub[:repo]``)"""
+    if value is None or value.startswith("hf-hub"):
+        return value
+    if not Path(value).is_file():
+        raise click.BadParameter(f"{value}: no such file", ctx=ctx, param=param)
+    return value
+
+
+def _outputs(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    # the names are repeated from triage.OUTPUTS so that checking them does not import the engine
+    known = ("features", "cells", "regions", "thumbnail", "summary")
+    got = tuple(o.strip() for o in value.split(",") if o.strip())
+    unknown = [o for o in got if o not in known]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)} unknown; choose from {', '.join(known)}", ctx=ctx,
+                                 param=param)
+    if "summary" not in got:
+        raise click.BadParameter("must include 'summary' (it marks a finished slide)", ctx=ctx, param=param)
+    return got
+
+
+class _Overlap(click.ParamType):
+    """tile overlap in pixels at the tile resolution; a value below 1 is read as the former fraction of
+    a tile (inspect/extract took a fraction before; triage and segment always took pixels)"""
+
+    name = "PIXELS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            v = float(value)
+        else:
+            try:
+                v = float(value)
+            except ValueError:
+                self.fail(f"{value!r} is not a number of pixels", param, ctx)
+        if v < 0 or (v >= 1 and not v.is_integer()):
+            self.fail(f"{value} is not a whole number of pixels >= 0 (or a fraction of a tile below 1)",
+                      param, ctx)
+        return v
+
+
+_OVERLAP_HELP = "pixels two neighbouring tiles share, at the tile resolution (a value < 1: fraction of a tile)"
+
+
+def _overlap_fraction(overlap: float, tile_size: int) -> float:
+    """the tiling's overlap fraction from ``--overlap``"""
+    fraction = overlap if overlap < 1 else overlap / tile_size
+    if fraction >= 0.9:
+        given = f"{overlap:g} of a tile" if overlap < 1 else f"{overlap:g} px of a {tile_size} px tile"
+        raise click.BadParameter(f"{given} leaves less than 10 % of it unshared; use less than "
+                                 f"{int(0.9 * tile_size)} px", param_hint="'--overlap'")
+    return fraction
+
+
+# -- inputs -------------------------------------------------------------------------------------------
+
+
+def _slide_suffixes() -> tuple[str, ...]:
+    import inspect as _inspect
+
     from .slide import iter_slide_paths
 
+    # one list of slide suffixes: the reader module's own default
+    return tuple(_inspect.signature(iter_slide_paths).parameters["suffixes"].default)
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike[str]], recursive: bool = False
+                   ) -> tuple[list[Path], list[tuple[str, str]], list[str]]:
+    """expand files and folders into ``(slides, skipped, missing)``
+
+    ``slides`` are the files to run, in order (folders: sorted; a missing path stays in the list so that
+    the batch reports it with the others); ``skipped`` names every folder entry that is not run, with why;
+    ``missing`` lists the inputs that do not exist.
+    """
+    suffixes = _slide_suffixes()
+    slides: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    missing: list[str] = []
+
+    def walk(folder: Path) -> None:
+        children = sorted(folder.iterdir())
+        mirax = {c.stem for c in children if c.suffix.lower() == ".mrxs"}
+        for child in children:
+            if child.is_dir():
+                if child.name in mirax:
+                    continue  # the data folder of a MIRAX slide, read through its .mrxs file
+                if recursive:
+                    walk(child)
+                else:
+                    skipped.append((str(child), "folder (add --recursive to search it)"))
+            elif child.name.startswith("."):
+                skipped.append((str(child), "hidden file"))
+            elif child.suffix.lower() in suffixes:
+                slides.append(child)
+            else:
+                skipped.append((str(child), f"not a slide file type ({child.suffix or 'no suffix'})"))
+
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            walk(p)
+        else:
+            if not p.exists():
+                missing.append(str(p))
+            slides.append(p)
+    return slides, skipped, missing
+
+
+def _inputs(slides: tuple[str, ...], recursive: bool = False) -> tuple[list[Path], list[tuple[str, str]]]:
+    """the slides to run (default: the bundled one) and the skipped folder entries; fails as a usage
+    error, before any model is loaded, when nothing given exists or no folder holds a slide"""
     if not slides:
-        return [bundled_slide()]
-    return list(iter_slide_paths(slides))
+        from .data import bundled_slide
+
+        return [bundled_slide()], []
+    paths, skipped, missing = collect_inputs(slides, recursive)
+    if missing and len(missing) == len(paths):
+        raise click.BadParameter(f"{', '.join(missing)}: no such file or folder", param_hint="SLIDES")
+    if not paths:
+        why = f" (skipped {len(skipped)}: {'; '.join(f'{p}: {w}' for p, w in skipped[:3])})" if skipped else ""
+        raise click.BadParameter(f"no slides found in {', '.join(slides)}{why}", param_hint="SLIDES")
+    return paths, skipped
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,18 +194,24 @@ def cli(verbose: int) -> None:
 
 
 def _tiling_options(f):
-    f = click.option("--mpp", type=float, default=None,
+    f = click.option("--mpp", type=MPP, default=None,
                      help="level-0 microns per pixel, overriding or replacing the slide's metadata")(f)
-    f = click.option("--target-mpp", type=float, default=0.5, show_default=True,
+    f = click.option("--target-mpp", type=_TARGET_MPP, default=0.5, show_default=True,
                      help="resolution of the tiles (um/px)")(f)
-    f = click.option("--tile-size", type=int, default=224, show_default=True, help="tile side in pixels")(f)
-    f = click.option("--overlap", type=float, default=0.0, show_default=True,
-                     help="fraction of a tile shared with its neighbour")(f)
-    f = click.option("--min-tissue", type=float, default=0.25, show_default=True,
-                     help="minimum tissue fraction of a kept tile")(f)
-    f = click.option("--backend", type=click.Choice(["auto", "cucim", "tiffslide", "dicom", "openslide"]),
-                     default="auto", show_default=True, help="slide reader")(f)
+    f = click.option("--tile-size", type=click.IntRange(min=16), default=224, show_default=True,
+                     help="tile side in pixels")(f)
+    f = click.option("--overlap", type=_Overlap(), default=0, show_default=True, help=_OVERLAP_HELP)(f)
+    f = click.option("--min-tissue", type=_FRACTION, default=0.25, show_default=True,
+                     help="minimum tissue fraction of a kept tile (0..1)")(f)
+    f = click.option("--backend", type=click.Choice(_BACKENDS), default="auto", show_default=True,
+                     help=_BACKEND_HELP)(f)
+    f = click.option("-r", "--recursive", is_flag=True, help="search folders given as SLIDES recursively")(f)
     return f
+
+
+_BACKENDS = ("auto", "cucim", "tiffslide", "dicom", "openslide")
+_BACKEND_HELP = ("slide reader: auto (DICOM files: the DICOM reader, then OpenSlide; others: cuCIM, then "
+                 "tiffslide, then OpenSlide), or force one")
 
 
 @cli.command()
@@ -67,28 +220,31 @@ def _tiling_options(f):
 @click.option("--thumbnails", "thumbnail_dir", type=click.Path(file_okay=False), default=None,
               help="write a PNG per slide with the tissue mask and the tile grid drawn on it")
 @click.option("--json", "as_json", is_flag=True, help="print the facts as JSON instead of a table")
-def inspect(slides, mpp, target_mpp, tile_size, overlap, min_tissue, backend, thumbnail_dir, as_json):
-    """Describe SLIDES (files or folders; default: the bundled real slide) and count tissue tiles."""
+def inspect(slides, mpp, target_mpp, tile_size, overlap, min_tissue, backend, recursive, thumbnail_dir, as_json):
+    """Describe SLIDES (files or folders; default: the bundled real slide) and count tissue tiles.
+
+    The tile count is for the tiling given here (default 224 px at 0.5 um/px, no overlap, as extract);
+    triage tiles at its nuclei model's resolution with 64 px overlap, so it counts more tiles.
+    """
+    paths, skipped = _inputs(slides, recursive)
     from .inspect import Failure, inspect_many
     from .tissue import TilingConfig
 
     try:
-        tiling = TilingConfig(tile_size=tile_size, target_mpp=target_mpp, overlap=overlap,
-                              min_tissue_fraction=min_tissue)
+        tiling = TilingConfig(tile_size=tile_size, target_mpp=target_mpp,
+                              overlap=_overlap_fraction(overlap, tile_size), min_tissue_fraction=min_tissue)
     except OptimusError as exc:
         raise click.UsageError(str(exc)) from exc
-    paths = _inputs(slides)
-    if not paths:
-        raise click.UsageError("no slides found in the given inputs")
     results = list(inspect_many(paths, mpp=mpp, backend=backend, tiling=tiling,
                                 thumbnail_dir=thumbnail_dir))
     ok = [r for r in results if not isinstance(r, Failure)]
     bad = [r for r in results if isinstance(r, Failure)]
     if as_json:
-        click.echo(json.dumps({"slides": [r.to_dict() for r in ok], "failures": [f.to_dict() for f in bad]},
-                              indent=2))
+        click.echo(json.dumps({"slides": [r.to_dict() for r in ok], "failures": [f.to_dict() for f in bad],
+                               "skipped": [{"path": p, "reason": why} for p, why in skipped]}, indent=2))
     else:
         _print_table(ok, bad, target_mpp)
+        _print_skipped(skipped)
     sys.exit(_exit_code(len(ok), len(bad)))
 
 
@@ -113,6 +269,11 @@ def _print_table(ok, bad, target_mpp: float) -> None:
         click.echo(f"FAILED {f.message}", err=True)
 
 
+def _print_skipped(skipped: list[tuple[str, str]]) -> None:
+    for p, why in skipped:
+        click.echo(f"skipped {p}: {why}", err=True)
+
+
 _DECODER_HELP = ("tile read path: auto (GPU JPEG decode when the backbone is on CUDA and it measures faster), "
                  "slide (host reader), dali, cucim (that GPU decoder), reference (host decoder, GPU-path logic)")
 
@@ -120,16 +281,17 @@ _DECODER_HELP = ("tile read path: auto (GPU JPEG decode when the backbone is on 
 def _backbone_options(f):
     f = click.option("--backbone", default="hoptimus0", show_default=True,
                      help="backbone preset: hoptimus0, small, tiny")(f)
-    f = click.option("--weights", default=None,
+    f = click.option("--weights", default=None, callback=_existing_file,
                      help="weights file (.safetensors / .pt), or hf-hub[:repo] for the local Hugging Face "
                           "cache (never downloads); default: hf-hub for hoptimus0, random init for test presets")(f)
-    f = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto")(f)
+    f = click.option("--device", **DEVICE)(f)
     f = click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
                      help="compute precision (default: fp16 on CUDA, fp32 on CPU)")(f)
-    f = click.option("--batch-size", type=int, default=None, help="tiles per backbone call (default: fitted)")(f)
-    f = click.option("--vram-gb", type=float, default=12.0, show_default=True,
+    f = click.option("--batch-size", type=_POSITIVE, default=None,
+                     help="tiles per backbone call (default: fitted)")(f)
+    f = click.option("--vram-gb", type=click.FloatRange(min=0, min_open=True), default=12.0, show_default=True,
                      help="GPU memory budget the batch size is fitted to")(f)
-    f = click.option("--workers", type=int, default=2, show_default=True, help="slide reader threads")(f)
+    f = click.option("--workers", type=_POSITIVE, default=2, show_default=True, help="slide reader threads")(f)
     f = click.option("--decoder", type=click.Choice(_DECODERS), default="auto", show_default=True,
                      help=_DECODER_HELP)(f)
     f = click.option("-q", "--quiet", is_flag=True, help="no progress bars")(f)
@@ -187,9 +349,10 @@ class _Bars:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="output folder")
 @_tiling_options
 @_backbone_options
-def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, backend, backbone, weights,
-            device, dtype, batch_size, vram_gb, workers, decoder, quiet):
+def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, backend, recursive, backbone,
+            weights, device, dtype, batch_size, vram_gb, workers, decoder, quiet):
     """Tile embeddings of SLIDES into OUT/features/<slide>.h5 (CLAM/Trident layout; a versioned cache)."""
+    paths, skipped = _inputs(slides, recursive)
     from .extract import ExtractConfig, extract_features
     from .inspect import Failure
     from .scheduler import SchedulerConfig
@@ -197,13 +360,12 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 
     try:
         config = ExtractConfig(
-            tiling=TilingConfig(tile_size=tile_size, target_mpp=target_mpp, overlap=overlap,
-                                min_tissue_fraction=min_tissue),
+            tiling=TilingConfig(tile_size=tile_size, target_mpp=target_mpp,
+                                overlap=_overlap_fraction(overlap, tile_size), min_tissue_fraction=min_tissue),
             scheduler=SchedulerConfig(reader_threads=workers), mpp=mpp, backend=backend, decoder=decoder)
         runner = _make_runner(backbone, weights, device, dtype, batch_size, vram_gb)
     except OptimusError as exc:
         raise click.UsageError(str(exc)) from exc
-    paths = _inputs(slides)
     bars = _Bars(quiet, len(paths))
     try:
         results = extract_features(paths, out_dir, runner, config, progress=bars)
@@ -215,6 +377,7 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
         click.echo(f"{'cached' if r.cached else 'done  '} {r.path}: {r.tiles} tiles -> {r.info.get('features')}")
     for f in bad:
         click.echo(f"FAILED {f.message}", err=True)
+    _print_skipped(skipped)
     sys.exit(_exit_code(len(ok), len(bad)))
 
 
@@ -222,51 +385,65 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 @click.argument("slides", nargs=-1, type=click.Path())
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out", show_default=True,
               help="output folder")
-@click.option("--mpp", type=float, default=None, help="level-0 microns per pixel override")
-@click.option("--nuclei-mpp", type=float, default=None, help="resolution of the nuclei path (default: the model's)")
-@click.option("--overlap", "overlap_px", type=int, default=64, show_default=True,
-              help="tile overlap in pixels at the nuclei resolution")
-@click.option("--min-tissue", type=float, default=0.25, show_default=True, help="minimum tissue fraction")
-@click.option("--backend", type=click.Choice(["auto", "cucim", "tiffslide", "dicom", "openslide"]), default="auto")
-@click.option("--nuclei-weights", default=None, help="nuclei checkpoint (default: the bundled model)")
-@click.option("--backbone-weights", default=None, help="weights of the backbone the nuclei head was trained on")
-@click.option("--mil-weights", default=None, help="attention-MIL checkpoint for the slide score")
-@click.option("--thresholds", default=None, type=click.Path(dir_okay=False), help="trust-tag thresholds JSON")
-@click.option("--ood-state", default=None, type=click.Path(dir_okay=False), help="OOD reference state (.npz)")
-@click.option("--shadow-slides", type=int, default=30, show_default=True,
+@click.option("--mpp", type=MPP, default=None,
+              help="level-0 microns per pixel, overriding or replacing the slide's metadata")
+@click.option("--nuclei-mpp", type=_TARGET_MPP, default=None,
+              help="resolution of the nuclei path in um/px (default: the nuclei model's)")
+@click.option("--overlap", "overlap_px", type=_NON_NEGATIVE, default=64, show_default=True,
+              help="pixels two neighbouring tiles share, at the nuclei resolution")
+@click.option("--min-tissue", type=_FRACTION, default=0.25, show_default=True,
+              help="minimum tissue fraction of a kept tile (0..1)")
+@click.option("--backend", type=click.Choice(_BACKENDS), default="auto", show_default=True, help=_BACKEND_HELP)
+@click.option("-r", "--recursive", is_flag=True, help="search folders given as SLIDES recursively")
+@click.option("--nuclei-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="nuclei checkpoint (default: the bundled model)")
+@click.option("--backbone-weights", default=None, callback=_existing_file,
+              help="weights of the backbone the nuclei head was trained on (file or hf-hub[:repo])")
+@click.option("--mil-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="attention-MIL checkpoint for the slide score")
+@click.option("--thresholds", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="trust-tag thresholds JSON")
+@click.option("--ood-state", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="OOD reference state (.npz)")
+@click.option("--shadow-slides", type=_NON_NEGATIVE, default=30, show_default=True,
               help="cold start: a site's first N slides are never cleared from review (0: off)")
-@click.option("--site-id", default="default", show_default=True, help="site name for the shadow-mode counter")
+@click.option("--site-id", default="default", show_default=True,
+              help="site name for the shadow-mode counter (kept in OUT/site_state.json)")
 @click.option("--outputs", default=",".join(("features", "cells", "regions", "thumbnail", "summary")),
-              show_default=True, help="what to write (comma-separated)")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="tiles per backbone call")
-@click.option("--workers", type=int, default=2, show_default=True, help="slide reader threads")
+              show_default=True, callback=_outputs, help="what to write (comma-separated; summary is required)")
+@click.option("--device", **DEVICE)
+@click.option("--batch-size", type=_POSITIVE, default=16, show_default=True, help="tiles per backbone call")
+@click.option("--workers", type=_POSITIVE, default=2, show_default=True, help="slide reader threads")
 @click.option("--decoder", type=click.Choice(_DECODERS), default="auto", show_default=True, help=_DECODER_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars (services, logs)")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="distribute slides over a Ray cluster (no value: start/attach locally; 'auto'; "
                    "'ray://head:10001')")
-@click.option("--ray-actors", type=int, default=None, help="Ray actors (default: one per GPU, or per CPU group)")
-@click.option("--ray-cpus-per-actor", type=int, default=1, show_default=True, help="CPUs per CPU-only actor")
-def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, nuclei_weights, backbone_weights,
-           mil_weights, thresholds, ood_state, shadow_slides, site_id, outputs, device, batch_size, workers, decoder, quiet,
-           ray_address, ray_actors, ray_cpus_per_actor):
+@click.option("--ray-actors", type=_POSITIVE, default=None,
+              help="Ray actors (default: one per GPU, or per CPU group)")
+@click.option("--ray-cpus-per-actor", type=_POSITIVE, default=1, show_default=True,
+              help="CPUs per CPU-only actor")
+def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, recursive, nuclei_weights,
+           backbone_weights, mil_weights, thresholds, ood_state, shadow_slides, site_id, outputs, device, batch_size,
+           workers, decoder, quiet, ray_address, ray_actors, ray_cpus_per_actor):
     """Triage SLIDES (files or folders; default: the bundled real slide) into a ranked worklist.
 
     Writes per slide OUT/<slide>/{cells.geojson, regions.geojson, overview.png, summary.json} and
-    OUT/features/<slide>.h5, and per batch OUT/worklist.{csv,json}. Exit code: 0 complete,
-    1 partial (some slides failed; see the worklist), 2 failed.
+    OUT/features/<slide>.h5, and per batch OUT/worklist.{csv,json} (failed inputs and skipped folder
+    entries listed with their reasons). Exit code: 0 complete, 1 partial (some slides failed; see the
+    worklist), 2 failed or a bad argument.
     """
+    if not site_id.strip():
+        raise click.BadParameter("must not be empty", param_hint="'--site-id'")
+    paths, skipped = _inputs(slides, recursive)  # before any model is loaded: a bad path fails at once
     from .scheduler import SchedulerConfig
     from .triage import Engine, TriageConfig
 
     try:
         config = TriageConfig(scheduler=SchedulerConfig(batch_tiles=batch_size, reader_threads=workers), mpp=mpp,
                               backend=backend, decoder=decoder, nuclei_mpp=nuclei_mpp, overlap_px=overlap_px,
-                              min_tissue_fraction=min_tissue,
-                              outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()),
-                              thresholds=thresholds, ood_state=ood_state, shadow_slides=shadow_slides,
-                              site_id=site_id)
+                              min_tissue_fraction=min_tissue, outputs=outputs, thresholds=thresholds,
+                              ood_state=ood_state, shadow_slides=shadow_slides, site_id=site_id)
         weights = dict(nuclei_weights=nuclei_weights, backbone_weights=backbone_weights, mil_weights=mil_weights,
                        device=device, batch_size=batch_size)
         if ray_address is None:
@@ -278,21 +455,21 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, nu
                                                              cpus_per_actor=ray_cpus_per_actor), **weights)
     except OptimusError as exc:
         raise click.UsageError(str(exc)) from exc
-    paths = _inputs(slides)
     bars = _Bars(quiet, len(paths))
     try:
         if ray_address is None:
-            batch = engine.run(paths, out_dir, progress=bars)
+            batch = engine.run(paths, out_dir, progress=bars, skipped=skipped)
         else:
             with engine:
-                batch = engine.run(paths, out_dir, progress=bars)
+                batch = engine.run(paths, out_dir, progress=bars, skipped=skipped)
     finally:
         bars.close()
     for r in batch.results:
         click.echo(f"{'cached' if r.cached else 'done  '} {r.name}: {r.tag} (priority {r.priority:.3f}, "
-                   f"{r.nuclei} nuclei in {r.tiles} tiles) -> {Path(r.outputs['summary']).parent}")
+                   f"{r.nuclei} nuclei in {r.tiles} tiles) -> {Path(out_dir) / r.name}")
     for f in batch.failures:
         click.echo(f"FAILED {f.message}", err=True)
+    _print_skipped(skipped)
     click.echo(f"worklist: {batch.worklist_csv} ({batch.status})")
     sys.exit(_exit_code(len(batch.results), len(batch.failures)))
 

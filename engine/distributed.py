@@ -328,8 +328,10 @@ class RayTriage:
 
     # -- the batch ---------------------------------------------------------------------------------
     def run(self, slides: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
-            progress: Callable[[ClusterProgress], None] | None = None) -> BatchResult:
-        """triage ``slides`` into ``out_dir`` on the cluster; returns the batch with its worklist"""
+            progress: Callable[[ClusterProgress], None] | None = None,
+            skipped: Sequence[tuple[str, str]] = ()) -> BatchResult:
+        """triage ``slides`` into ``out_dir`` on the cluster; returns the batch with its worklist
+        (``skipped``: inputs not run, as ``(path, why)``, listed in the worklist too)"""
         from .extract import _check_unique_stems
         from .io import clean_stale_temporaries
 
@@ -380,7 +382,7 @@ class RayTriage:
                 progress(self._progress(st, len(paths), now - t0))
 
         got = [st.results[i] for i in range(len(paths))]
-        return _write_worklist(out, got)
+        return _write_worklist(out, got, skipped)
 
     def _collect(self, slot: _Slot, ref: Any, paths: list[Path], queue: deque[int], st: _State,
                  out: Path) -> None:
@@ -547,6 +549,7 @@ def _remove_temporaries(out: Path, path: Path) -> None:
             pass
 
 
-def _write_worklist(out: Path, results: list[SlideResult | Failure]) -> BatchResult:
+def _write_worklist(out: Path, results: list[SlideResult | Failure],
+                    skipped: Sequence[tuple[str, str]] = ()) -> BatchResult:
     # without loading a model on the driver.
-    return Engine._worklist(out, results)
+    return Engine._worklist(out, results, skipped)

@@ -103,7 +103,7 @@ def inspect_many(paths: Sequence[str | os.PathLike[str]], **kwargs: Any) -> Iter
         try:
             yield inspect_slide(p, **kwargs)
         except (SlideError, OptimusError) as exc:
-            log.warning("%s", exc)
+            log.info("%s", exc)  # the Failure carries the message; callers print it once
             yield failure_from(p, exc)
         except Exception as exc:  # a backend bug must not stop the batch either
             log.exception("unexpected error on %s", p)

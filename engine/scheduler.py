@@ -255,7 +255,8 @@ async def run_pipeline(
                                                                    limiter=consume_limiter)
                     active[job.index] = job
                 except Exception as exc:
-                    log.warning("%s", exc if isinstance(exc, OptimusError) else f"{p}: {exc!r}")
+                    # info, not warning: the slide's Failure result carries the message to the caller
+                    log.info("%s", exc if isinstance(exc, OptimusError) else f"{p}: {exc!r}")
                     job.failed = exc
                     await _finish(job, ok=False)
                     continue
@@ -282,7 +283,7 @@ async def run_pipeline(
                 try:
                     tiles, quality = await anyio.to_thread.run_sync(reader, job, idx, limiter=read_limiter)
                 except Exception as exc:
-                    log.warning("%s", exc if isinstance(exc, OptimusError) else f"{job.path}: {exc!r}")
+                    log.info("%s", exc if isinstance(exc, OptimusError) else f"{job.path}: {exc!r}")
                     if job.failed is None:
                         job.failed = exc
                     await _drop(job, len(idx))

@@ -120,6 +120,7 @@ class BatchResult:
     failures: list[Failure]
     worklist_csv: str
     worklist_json: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (folder entry, why it was not run)
 
     @property
     def status(self) -> str:
@@ -373,8 +374,10 @@ class Engine:
 
     # -- running -----------------------------------------------------------------------------------
     def run(self, slides: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
-            progress: Callable[[Progress], None] | None = None) -> BatchResult:
-        """triage ``slides`` into ``out_dir``; returns the batch with its worklist"""
+            progress: Callable[[Progress], None] | None = None,
+            skipped: Sequence[tuple[str, str]] = ()) -> BatchResult:
+        """triage ``slides`` into ``out_dir``; returns the batch with its worklist (``skipped``: inputs
+        not run, as ``(path, why)``, listed in the worklist too)"""
         import anyio
 
         async def main() -> list[Any]:
@@ -383,7 +386,7 @@ class Engine:
         got = anyio.run(main)
         order = {str(Path(p)): i for i, p in enumerate(slides)}
         got.sort(key=lambda r: order.get(r.path, len(order)))
-        return self._worklist(Path(out_dir), got)
+        return self._worklist(Path(out_dir), got, skipped)
 
     async def stream(self, slides: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
                      progress: Callable[[Progress], None] | None = None, *, clean_temporaries: bool = True
@@ -423,7 +426,7 @@ class Engine:
             try:
                 return await anyio.to_thread.run_sync(self._finalise, r, factory, out, key)
             except Exception as exc:  # one slide's outputs failing must not stop the batch
-                log.warning("%s: finalising failed: %s", r.path, exc)
+                log.info("%s: finalising failed: %s", r.path, exc)  # reported as the slide's Failure
                 return failure_from(r.path, exc)
 
         async with run_pipeline(paths, open_job=factory.open_job, factory=factory, compute=self._forward,
@@ -522,7 +525,7 @@ class Engine:
 
     # -- the batch worklist --------------------------------------------------------------------------
     @staticmethod
-    def _worklist(out: Path, results: list[Any]) -> BatchResult:
+    def _worklist(out: Path, results: list[Any], skipped: Sequence[tuple[str, str]] = ()) -> BatchResult:
         ok = [r for r in results if isinstance(r, SlideResult)]
         bad = [r for r in results if isinstance(r, Failure)]
         ranked = sorted(ok, key=lambda r: (-r.priority, r.name))
@@ -536,6 +539,10 @@ class Engine:
             rows.append({"rank": "", "slide": Path(f.path).stem, "path": f.path, "status": "failed",
                          "priority": "", "priority_source": "", "tag": "", "reason": f"{f.reason}: {f.message}",
                          "tiles": "", "nuclei": "", "review_fraction": "", "out_of_domain_fraction": ""})
+        for path, why in skipped:
+            rows.append({"rank": "", "slide": Path(path).name, "path": path, "status": "skipped",
+                         "priority": "", "priority_source": "", "tag": "", "reason": why,
+                         "tiles": "", "nuclei": "", "review_fraction": "", "out_of_domain_fraction": ""})
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["rank"])
         w.writeheader()
@@ -544,7 +551,7 @@ class Engine:
         atomic_write_bytes(csv_path, buf.getvalue().encode())
         atomic_write_json(json_path, {"slides": rows, "complete": not bad,
                                       "status": "complete" if not bad else ("partial" if ok else "failed")})
-        return BatchResult(ok, bad, str(csv_path), str(json_path))
+        return BatchResult(ok, bad, str(csv_path), str(json_path), list(skipped))
 
 
 class _TriageFactory:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cellvit_optimus.engine.cli import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, cli
+from cellvit_optimus.engine.cli import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, cli, collect_inputs
 
 
 def test_inspect_bundled_slide_by_default():
@@ -53,4 +56,78 @@ def test_inspect_mpp_override_and_directory(slides_dir):
 
 def test_bad_option_is_a_usage_error():
     res = CliRunner().invoke(cli, ["inspect", "--overlap", "0.95"])
-    assert res.exit_code == 2 and "overlap=0.95" in res.output
+    assert res.exit_code == 2 and "'--overlap'" in res.output and "0.95 of a tile" in res.output
+
+
+BAD_ARGUMENTS = [
+    (["triage", "--mpp", "-1"], "'--mpp'", "-1.0 is not in the range"),
+    (["triage", "--mpp", "0"], "'--mpp'", "0.0 is not in the range"),
+    (["triage", "--min-tissue", "2"], "'--min-tissue'", "2.0 is not in the range"),
+    (["triage", "--nuclei-mpp", "-1"], "'--nuclei-mpp'", "-1.0 is not in the range"),
+    (["triage", "--overlap", "-5"], "'--overlap'", "-5 is not in the range"),
+    (["triage", "--batch-size", "0"], "'--batch-size'", "0 is not in the range"),
+    (["triage", "--shadow-slides", "-1"], "'--shadow-slides'", "-1 is not in the range"),
+    (["triage", "--outputs", "cells"], "'--outputs'", "must include 'summary'"),
+    (["triage", "--outputs", "summary,pdf"], "'--outputs'", "pdf unknown"),
+    (["triage", "--device", "tpu"], "'--device'", "'tpu' is not a device"),
+    (["triage", "--thresholds", "no-such.json"], "'--thresholds'", "does not exist"),
+    (["triage", "--nuclei-weights", "no-such.safetensors"], "'--nuclei-weights'", "does not exist"),
+    (["triage", "--backbone-weights", "no-such.safetensors"], "'--backbone-weights'", "no such file"),
+    (["triage", "--site-id", " "], "'--site-id'", "must not be empty"),
+    (["triage", "no-such-slide.svs"], "SLIDES", "no-such-slide.svs: no such file or folder"),
+    (["inspect", "--mpp", "-1"], "'--mpp'", "-1.0 is not in the range"),
+    (["inspect", "--target-mpp", "0"], "'--target-mpp'", "0.0 is not in the range"),
+    (["inspect", "--overlap", "1.5"], "'--overlap'", "not a whole number of pixels"),
+    (["inspect", "no-such-slide.svs"], "SLIDES", "no-such-slide.svs: no such file or folder"),
+    (["extract", "--out", "x", "--mpp", "-1"], "'--mpp'", "-1.0 is not in the range"),
+    (["extract", "--out", "x", "--min-tissue", "2"], "'--min-tissue'", "2.0 is not in the range"),
+    (["extract", "--out", "x", "--vram-gb", "0"], "'--vram-gb'", "0.0 is not in the range"),
+    (["extract", "--out", "x", "--weights", "no-such.pt"], "'--weights'", "no such file"),
+]
+
+
+@pytest.mark.parametrize("args,flag,why", BAD_ARGUMENTS, ids=[" ".join(a[0]) for a in BAD_ARGUMENTS])
+def test_bad_argument_names_the_flag_and_exits_2(args, flag, why, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative names above must not exist
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    error = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and flag in error[0] and why in error[0], res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()  # nothing ran
+
+
+def test_folder_inputs_list_what_is_skipped_and_why(tmp_path, slides_dir):
+    (tmp_path / "sub").mkdir()
+    shutil.copy(slides_dir / "cmu-1-small-region.svs", tmp_path / "sub" / "deep.svs")
+    shutil.copy(slides_dir / "cmu-1-small-region.svs", tmp_path / "top.svs")
+    (tmp_path / "notes.txt").write_text("not a slide\n")
+    (tmp_path / "scan.mrxs").write_bytes(b"")
+    (tmp_path / "scan").mkdir()  # a MIRAX slide's data folder: part of scan.mrxs, neither run nor listed
+    slides, skipped, missing = collect_inputs([tmp_path, tmp_path / "gone.svs"])
+    assert [p.name for p in slides] == ["scan.mrxs", "top.svs", "gone.svs"]
+    assert missing == [str(tmp_path / "gone.svs")]
+    assert dict(skipped) == {str(tmp_path / "notes.txt"): "not a slide file type (.txt)",
+                             str(tmp_path / "sub"): "folder (add --recursive to search it)"}
+    slides, skipped, _ = collect_inputs([tmp_path], recursive=True)
+    assert [p.name for p in slides] == ["scan.mrxs", "deep.svs", "top.svs"]
+    assert dict(skipped) == {str(tmp_path / "notes.txt"): "not a slide file type (.txt)"}
+
+
+def test_triage_batch_lists_missing_and_skipped_inputs_in_the_worklist(tmp_path, slides_dir):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    shutil.copy(slides_dir / "cmu-1-small-region.svs", src / "sub" / "deep.svs")
+    (src / "notes.txt").write_text("not a slide\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["triage", str(src), str(tmp_path / "gone.svs"), "--recursive", "--out", str(out),
+                                   "--nuclei-mpp", "4", "--overlap", "32", "--shadow-slides", "0", "-q"])
+    assert res.exit_code == EXIT_PARTIAL, res.output
+    with open(out / "worklist.csv") as f:
+        rows = {r["slide"]: r for r in csv.DictReader(f)}
+    assert rows["deep"]["status"] == "done" and rows["deep"]["rank"] == "1"
+    assert rows["gone"]["status"] == "failed" and rows["gone"]["reason"].startswith("not found")
+    assert rows["notes.txt"]["status"] == "skipped"
+    assert rows["notes.txt"]["reason"] == "not a slide file type (.txt)"
+    # each failure printed once (not as a log warning and again as FAILED)
+    assert res.output.count("gone.svs") == 1, res.output
