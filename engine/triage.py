@@ -15,9 +15,12 @@ tile / region / slide (shadow mode for a new site), MIL score or the fallback pr
 QuPath, an overview PNG, ``summary.json`` last). Every file is written atomically; ``summary.json``
 marks a finished slide, so a rerun skips it (its features are reused through the cache either way).
 
-Fallback priority (no MIL checkpoint): the density of nuclei typed as epithelial or inflammatory
-per mm^2 of analysed tissue, divided by 5,000 and clipped to [0, 1] — a crude proxy for cellular,
-inflamed or neoplastic tissue; slides whose tag is not ``reliable`` keep their rank but carry the tag.
+Fallback priority (no MIL checkpoint): from ``d``, the density of nuclei typed as epithelial or
+inflammatory per mm^2 of analysed tissue (a crude proxy for cellular, inflamed or neoplastic tissue),
+``priority = d / (d + 5,000)``: 0 without such nuclei, 0.5 at 5,000 / mm^2, strictly increasing and
+never 1, so dense slides still rank among themselves (the former ``d / 5,000`` clipped to 1 put the
+bundled slide, 8,160 / mm^2, level with every denser one). ``summary.json`` keeps ``d`` itself
+(``focus_density_per_mm2``). Slides whose tag is not ``reliable`` keep their rank but carry the tag.
 """
 
 from __future__ import annotations
@@ -44,13 +47,23 @@ from .io import atomic_write_bytes, atomic_write_json, atomic_write_png, clean_s
 from .scheduler import Progress, SchedulerConfig, SlideDone, SlideJob, TileBatch, run_pipeline
 from .tissue import TilingConfig, TissueConfig, draw_overlay
 
-__all__ = ("TriageConfig", "SlideResult", "BatchResult", "Engine", "OUTPUTS", "FALLBACK_DENSITY_SCALE")
+__all__ = ("TriageConfig", "SlideResult", "BatchResult", "Engine", "OUTPUTS", "FALLBACK_DENSITY_HALF",
+           "fallback_priority")
 
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("features", "cells", "regions", "thumbnail", "summary")
-#: nuclei per mm^2 that map to priority 1.0 in the fallback rule
-FALLBACK_DENSITY_SCALE = 5000.0
+#: epithelial + inflammatory nuclei per mm^2 that map to priority 0.5 in the fallback rule
+FALLBACK_DENSITY_HALF = 5000.0
+#: names the fallback rule in the run key: a rerun after the rule changes recomputes the priority
+_PRIORITY_RULE = "density/(density+5000)"
+
+
+def fallback_priority(density_per_mm2: float) -> float:
+    """``d / (d + FALLBACK_DENSITY_HALF)``: monotone in the density, 0.5 at the half value, never 1"""
+    d = max(float(density_per_mm2), 0.0)
+    return d / (d + FALLBACK_DENSITY_HALF)
+
 _TAG_COLOURS = {"reliable": (40, 170, 60), "review": (240, 170, 20), "out_of_domain": (220, 40, 40)}
 
 
@@ -369,7 +382,8 @@ class Engine:
                "backbone": self.model.runner.weights_id, "tiling": asdict(self.tiling),
                "tissue": asdict(self.config.tissue), "mpp": self.config.mpp, "post": asdict(self.post),
                "thresholds": asdict(self.thresholds), "outputs": list(self.config.outputs),
-               "mil": self.mil is not None, "ood": self._ood_hash, "conformal": self._conformal_hash}
+               "mil": self.mil is not None, "ood": self._ood_hash, "conformal": self._conformal_hash,
+               "priority_rule": _PRIORITY_RULE}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     # -- running -----------------------------------------------------------------------------------
@@ -384,7 +398,7 @@ class Engine:
             return [r async for r in self.stream(slides, out_dir, progress)]
 
         got = anyio.run(main)
-        order = {str(Path(p)): i for i, p in enumerate(slides)}
+        order = {os.path.abspath(p): i for i, p in enumerate(slides)}
         got.sort(key=lambda r: order.get(r.path, len(order)))
         return self._worklist(Path(out_dir), got, skipped)
 
@@ -402,7 +416,9 @@ class Engine:
         from .extract import _check_unique_stems
         from .inspect import failure_from
 
-        out = Path(out_dir)
+        # one path convention, as under Ray: every path in results, the worklist and summary.json is
+        # absolute, so that the files still point at their slides and outputs from any working folder
+        out = Path(os.path.abspath(out_dir))
 
         def prepare_folder() -> None:
             out.mkdir(parents=True, exist_ok=True)
@@ -410,7 +426,7 @@ class Engine:
                 clean_stale_temporaries(out)
 
         await anyio.to_thread.run_sync(prepare_folder)
-        paths = [Path(p) for p in slides]
+        paths = [Path(os.path.abspath(p)) for p in slides]
         _check_unique_stems(paths)
         position = {str(p): i for i, p in enumerate(paths)}
         key = self.run_key()
@@ -482,6 +498,7 @@ class Engine:
         mpp0 = (job.info.get("mpp") or [self.nuclei_mpp])[0]
         tissue_mm2 = float(np.sum(grid.tissue_fraction)) * (grid.stride[0] * grid.stride[1]) * mpp0 ** 2 / 1e6
         attention = None
+        density = None
         if self.mil is not None:
             from cellvit_optimus.heads import predict_mil
 
@@ -492,7 +509,8 @@ class Engine:
         else:
             focus = sum(v for k, v in counts.items() if k in ("epithelial", "inflammatory", "neoplastic",
                                                                "tumour", "lymphocyte"))
-            priority = float(np.clip(focus / max(tissue_mm2, 1e-9) / FALLBACK_DENSITY_SCALE, 0.0, 1.0))
+            density = focus / max(tissue_mm2, 1e-9)
+            priority = fallback_priority(density)
             source = "fallback"
         fractions = {t: round(tile_tags.count(t) / max(len(tile_tags), 1), 4) for t in _TAG_COLOURS}
 
@@ -507,7 +525,7 @@ class Engine:
             outputs["regions"] = str(p)
         if "thumbnail" in self.config.outputs:
             p = sdir / "overview.png"
-            atomic_write_png(p, _overview(mask, grid, nuc.nuclei_per_tile, tile_tags, attention))
+            atomic_write_png(p, _overview(mask, grid, nuc.nuclei_per_tile, tile_tags, attention, title=name))
             outputs["thumbnail"] = str(p)
         timings = {**{k: round(v, 3) for k, v in done.timings.items()},
                    "finalise_s": round(time.perf_counter() - t0, 3)}
@@ -517,6 +535,7 @@ class Engine:
                              timings=timings)
         summary = {"run_key": key, "result": {k: v for k, v in result.to_dict().items() if k != "cached"},
                    "tissue_mm2": round(tissue_mm2, 4), "nuclei_mpp": self.nuclei_mpp,
+                   "focus_density_per_mm2": None if density is None else round(density, 2),
                    "regions": [{"tag": d.tag.value, "reason": d.reason} for d in tags.regions]}
         outputs["summary"] = str(sdir / "summary.json")
         summary["result"]["outputs"] = outputs
@@ -711,8 +730,9 @@ def _regions_geojson(grid: Any, tags: Any) -> dict[str, Any]:
 
 
 def _overview(mask: Any, grid: Any, nuclei_per_tile: np.ndarray, tile_tags: list[str],
-              attention: np.ndarray | None) -> np.ndarray:
-    """three panels: tissue + tiles, nuclei density (or MIL attention), trust tags"""
+              attention: np.ndarray | None, title: str = "") -> np.ndarray:
+    """three titled panels (tissue + tiles, nuclei density or MIL attention, trust tags) with a legend
+    under each: the tissue colours, a colour bar with its scale, the tag colours with tile counts"""
     base = draw_overlay(mask, None)
     h, w = base.shape[:2]
     dx, dy = mask.downsample
@@ -727,7 +747,59 @@ def _overview(mask: Any, grid: Any, nuclei_per_tile: np.ndarray, tile_tags: list
         dens[y0:y1, x0:x1] = np.maximum(dens[y0:y1, x0:x1], values[i] / vmax)
         c = np.array(_TAG_COLOURS[tile_tags[i]], np.float32)
         tagimg[y0:y1, x0:x1] = 0.55 * mask.thumbnail[y0:y1, x0:x1] + 0.45 * c
-    heat = np.stack([255 * dens, 80 * (1 - dens) * (dens > 0), 255 * (1 - dens) * (dens > 0)], -1)
-    heat = np.where(dens[..., None] > 0, 0.4 * mask.thumbnail + 0.6 * heat, mask.thumbnail)
-    gap = np.full((h, 8, 3), 255, np.float32)
-    return np.concatenate([base.astype(np.float32), gap, heat, gap, tagimg], axis=1).clip(0, 255).astype(np.uint8)
+    heat = np.where(dens[..., None] > 0, 0.4 * mask.thumbnail + 0.6 * _heat_colours(dens), mask.thumbnail)
+    if attention is not None:
+        scale = ("MIL attention", "0", f"{vmax:.3g} (max)")
+    else:
+        scale = ("nuclei per tile", "0", f"{vmax:.0f}")
+    counts = {t: tile_tags.count(t) for t in _TAG_COLOURS}
+    panels = [
+        ("tissue and artefacts", base, [("tissue", (0, 200, 0)), ("pen / artefact", (230, 0, 0))], None),
+        ("nuclei density" if attention is None else "MIL attention", heat, [], scale),
+        ("trust tags", tagimg, [(f"{t.replace('_', ' ')} ({counts[t]})", c) for t, c in _TAG_COLOURS.items()],
+         None),
+    ]
+    return _compose(panels, title)
+
+
+def _heat_colours(v: np.ndarray) -> np.ndarray:
+    """the density colour map, blue (low) to red (high), for values in [0, 1]"""
+    return np.stack([255 * v, 80 * (1 - v), 255 * (1 - v)], -1).astype(np.float32)
+
+
+def _compose(panels: list[tuple[str, np.ndarray, list[tuple[str, tuple[int, int, int]]], Any]],
+             title: str) -> np.ndarray:
+    """lay the panels side by side with a title above each and its legend or colour bar below"""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=13)
+    small = ImageFont.load_default(size=11)
+    h = max(p[1].shape[0] for p in panels)
+    col = max(max(p[1].shape[1] for p in panels), 200)  # room for the legends on tiny thumbnails
+    gap, top, legend_h = 8, 38 if title else 20, 18 * max(max(len(p[2]), 2) for p in panels) + 6
+    canvas = Image.new("RGB", (len(panels) * col + (len(panels) - 1) * gap, top + h + legend_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((2, 2), title, fill=(0, 0, 0), font=font)
+    for k, (name, img, swatches, scale) in enumerate(panels):
+        x = k * (col + gap)
+        arr = img.clip(0, 255).astype(np.uint8)
+        canvas.paste(Image.fromarray(arr), (x + (col - arr.shape[1]) // 2, top))
+        draw.text((x + 2, top - 17), name, fill=(0, 0, 0), font=font)
+        y = top + h + 5
+        for label, colour in swatches:
+            draw.rectangle((x + 2, y + 2, x + 13, y + 13), fill=tuple(colour), outline=(60, 60, 60))
+            draw.text((x + 18, y), label, fill=(0, 0, 0), font=small)
+            y += 18
+        if scale is not None:
+            what, lo, hi = scale
+            bar_w = col - 8
+            ramp = _heat_colours(np.linspace(0, 1, bar_w, dtype=np.float32))
+            bar = np.repeat(ramp[None], 10, axis=0).clip(0, 255).astype(np.uint8)
+            canvas.paste(Image.fromarray(bar), (x + 4, y + 2))
+            draw.text((x + 4, y + 14), lo, fill=(0, 0, 0), font=small)
+            hi_w = draw.textlength(hi, font=small)
+            draw.text((x + 4 + bar_w - hi_w, y + 14), hi, fill=(0, 0, 0), font=small)
+            mid_w = draw.textlength(what, font=small)
+            draw.text((x + 4 + (bar_w - mid_w) / 2, y + 14), what, fill=(0, 0, 0), font=small)
+    return np.asarray(canvas)

@@ -9,6 +9,7 @@ from .ood import MahalanobisOOD, OODThresholds
 from .ood_features import ood_features, tile_statistics
 from .tags import (
     ShadowMode,
+    shadow_prefix,
     SlideTags,
     Tag,
     TagDecision,
@@ -62,4 +63,5 @@ __all__ = (
     "tag_slide",
     "tag_all",
     "ShadowMode",
+    "shadow_prefix",
 )

@@ -62,6 +62,7 @@ __all__ = (
     "tag_slide",
     "tag_all",
     "ShadowMode",
+    "shadow_prefix",
 )
 
 logger = logging.getLogger(__name__)
@@ -272,6 +273,28 @@ def _cause(reason: str) -> str:
     return re.sub(r"(\s+[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?)+$", "", clause) or clause
 
 
+#: a tile cause (:func:`_cause`) in words a pathologist reads without the signal's definition
+_PLAIN = {
+    "mean nucleus-type set size": "nucleus types ambiguous",
+    "NT entropy": "nucleus types uncertain",
+    "NP entropy": "nuclei hard to tell from background",
+    "HV consistency": "nucleus boundaries inconsistent",
+    "ood score": "tissue unlike the reference",
+    "ood score is NaN": "tissue not scored against the reference",
+    "no ood score": "tissue not scored against the reference",
+    "label set size": "slide label ambiguous",
+    "empty label set": "slide label ambiguous",
+    "blur": "blurred",
+    "pen/artefact": "pen mark or artefact",
+}
+
+
+def _plain(cause: str) -> str:
+    if cause.startswith("quality flag: "):
+        return ", ".join(_PLAIN.get(f, f) for f in cause[len("quality flag: "):].split(","))
+    return _PLAIN.get(cause, cause)
+
+
 def _summarise(decisions: Sequence[TagDecision], ood_fraction: float, review_fraction: float,
                what: str) -> TagDecision:
     n = len(decisions)
@@ -280,14 +303,15 @@ def _summarise(decisions: Sequence[TagDecision], ood_fraction: float, review_fra
     n_ood = sum(d.tag is Tag.OUT_OF_DOMAIN for d in decisions)
     n_bad = sum(d.tag is not Tag.RELIABLE for d in decisions)
     if n_ood / n >= ood_fraction:
-        return TagDecision(Tag.OUT_OF_DOMAIN,
-                           f"{n_ood}/{n} tiles out_of_domain (>= {ood_fraction:.0%} of the {what})")
+        return TagDecision(Tag.OUT_OF_DOMAIN, f"{n_ood} of {n} tiles out of domain: tissue unlike the "
+                                              f"reference (threshold {ood_fraction:.0%} of the {what})")
     if n_bad / n > review_fraction:
-        # the most frequent causes (each tile's first reason without its value), so the reader sees why
-        top = Counter(_cause(d.reason) for d in decisions if d.tag is not Tag.RELIABLE).most_common(2)
-        causes = ", ".join(f"{c} ({k})" for c, k in top)
-        return TagDecision(Tag.REVIEW, f"{n_bad}/{n} tiles not reliable (> {review_fraction:.0%}): {causes}")
-    return TagDecision(Tag.RELIABLE, f"{n - n_bad}/{n} tiles reliable")
+        # the most frequent causes (each tile's first reason without its value, in plain words), with
+        # the number of tiles for each, so the reader sees why without the signals' definitions
+        top = Counter(_plain(_cause(d.reason)) for d in decisions if d.tag is not Tag.RELIABLE).most_common(2)
+        causes = ", ".join(c if k == n_bad else f"{c} ({k})" for c, k in top)
+        return TagDecision(Tag.REVIEW, f"{n_bad} of {n} tiles uncertain: {causes}")
+    return TagDecision(Tag.RELIABLE, f"{n - n_bad} of {n} tiles reliable")
 
 
 def tag_regions(
@@ -319,7 +343,7 @@ def tag_slide(
     if d.tag is Tag.RELIABLE:
         bad = [i for i, r in enumerate(region_decisions) if r.tag is not Tag.RELIABLE]
         if bad:
-            return TagDecision(Tag.REVIEW, f"{len(bad)}/{len(region_decisions)} regions not reliable")
+            return TagDecision(Tag.REVIEW, f"{len(bad)} of {len(region_decisions)} regions uncertain")
     return d
 
 
@@ -378,7 +402,8 @@ class ShadowMode:
 
     The first ``n_slides`` distinct slides of a site are shadow slides: their computed tag is logged
     and recorded in the state file, and the tag handed back is never reliable (reliable becomes review
-    with reason ``"shadow mode (k/N): ..."``; review and out_of_domain stay, their reason prefixed).
+    with reason ``"new site: first N slides stay in review (k of N); computed reliable (...)"``; review and
+    out_of_domain stay, their reason prefixed the same way).
     A slide seen again keeps its place in the count.
     """
 
@@ -435,7 +460,12 @@ class ShadowMode:
             return decision
         logger.info("shadow mode %d/%d site=%s slide=%s computed=%s (%s)", k, self.n_slides,
                     self.site_id, slide_id, decision.tag.value, decision.reason)
-        prefix = f"shadow mode ({k}/{self.n_slides})"
+        prefix = shadow_prefix(k, self.n_slides)
         if decision.tag is Tag.RELIABLE:
-            return TagDecision(Tag.REVIEW, f"{prefix}: computed reliable ({decision.reason})")
-        return TagDecision(decision.tag, f"{prefix}: {decision.reason}")
+            return TagDecision(Tag.REVIEW, f"{prefix}; computed reliable ({decision.reason})")
+        return TagDecision(decision.tag, f"{prefix}; {decision.reason}")
+
+
+def shadow_prefix(k: int, n_slides: int) -> str:
+    """the reason's opening for the ``k``-th of a new site's ``n_slides`` shadow slides"""
+    return f"new site: first {n_slides} slides stay in review ({k} of {n_slides})"

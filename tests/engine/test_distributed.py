@@ -25,6 +25,7 @@ from cellvit_optimus.engine.distributed import ClusterConfig, RayTriage
 from cellvit_optimus.engine.errors import BackendUnavailableError, ConfigError
 from cellvit_optimus.engine.scheduler import SchedulerConfig
 from cellvit_optimus.engine.triage import Engine, TriageConfig
+from cellvit_optimus.safety import shadow_prefix
 
 COARSE = dict(nuclei_mpp=4.0, overlap_px=32)
 #: the bundled nuclei model when it is there (Engine's default); else a seeded random checkpoint
@@ -140,7 +141,7 @@ def test_two_actors_write_what_one_process_writes(tmp_path, slides_dir, nuclei_w
     assert [r.to_dict() | {"timings": None, "outputs": None} for r in multi.results] == \
         [r.to_dict() | {"timings": None, "outputs": None} for r in single.results]
     assert multi.failures == single.failures and multi.status == single.status == "partial"
-    assert [r.reason.split(":")[0] for r in multi.results] == [f"shadow mode ({k}/30)" for k in range(1, 5)]
+    assert [r.reason.split(";")[0] for r in multi.results] == [shadow_prefix(k, 30) for k in range(1, 5)]
     assert {Path(f.path).name: f.reason for f in multi.failures} == {"kidney-48-5.tif": "no MPP",
                                                                      "notes.svs": "not a slide"}
 

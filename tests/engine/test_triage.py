@@ -105,11 +105,28 @@ def test_outputs_follow_qupath_layout_and_are_valid(tmp_path, slides_dir, engine
     assert regions["features"] and all(shape(f["geometry"]).is_valid for f in regions["features"])
     summary = json.loads(Path(r.outputs["summary"]).read_text())
     assert summary["result"]["tag"] == r.tag == "review"  # shadow mode: a new site's first slide
-    assert summary["result"]["reason"].startswith("shadow mode (1/30)")
+    assert summary["result"]["reason"].startswith("new site: first 30 slides stay in review (1 of 30); ")
+    # the priority is the documented fallback of the density summary.json keeps
+    d = summary["focus_density_per_mm2"]
+    assert d > 0 and r.priority == pytest.approx(d / (d + 5000.0), abs=1e-6)
+    assert all(Path(p).is_absolute() for p in (r.path, *r.outputs.values()))  # one path convention
     from PIL import Image
 
-    img = Image.open(r.outputs["thumbnail"])
-    assert img.size[0] > 3 * 100
+    img = np.asarray(Image.open(r.outputs["thumbnail"]).convert("RGB"))
+    assert img.shape[1] > 3 * 100
+    # legends drawn under the panels: a swatch of every tag colour and the colour bar's two ends
+    colours = {tuple(c) for c in img[-70:].reshape(-1, 3).tolist()}
+    assert {(40, 170, 60), (240, 170, 20), (220, 40, 40), (0, 200, 0), (230, 0, 0)} <= colours
+    assert {(0, 80, 255), (255, 0, 0)} <= colours
+
+
+def test_fallback_priority_is_monotone_and_does_not_saturate():
+    from cellvit_optimus.engine.triage import fallback_priority
+
+    d = np.array([0, 100, 1000, 5000, 8160, 20000, 1e5, 1e6])
+    p = np.array([fallback_priority(v) for v in d])
+    assert p[0] == 0 and p[3] == 0.5 and np.all(np.diff(p) > 0) and p[-1] < 1
+    assert p[4] == pytest.approx(0.62, abs=0.005)  # the bundled slide's density at full resolution
 
 
 KILL = textwrap.dedent("""
@@ -191,7 +208,7 @@ def test_two_engines_in_one_process_do_not_share_state(tmp_path, slides_dir):
     ra = a.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "a").results[0]
     rb = b.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "b").results[0]
     assert a.model is not b.model and a.model.runner is not b.model.runner
-    assert ra.reason.startswith("shadow mode") and not rb.reason.startswith("shadow mode")
+    assert ra.reason.startswith("new site") and not rb.reason.startswith("new site")
     assert (ra.tiles, ra.nuclei, ra.counts) == (rb.tiles, rb.nuclei, rb.counts)
 
 

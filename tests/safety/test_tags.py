@@ -93,8 +93,9 @@ def test_regions_are_8_connected_groups_with_fraction_rule():
     tiles = tag_tiles(TileSignals(ood_score=ood), TH)
     regions, dec = tag_regions(tiles, coords, stride, TH)
     assert regions.tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 2, 2]
-    assert dec[0].tag is Tag.REVIEW and dec[0].reason.startswith("1/6 tiles not reliable")
-    assert dec[1].tag is Tag.OUT_OF_DOMAIN and "2/2 tiles out_of_domain" in dec[1].reason
+    assert dec[0].tag is Tag.REVIEW and dec[0].reason == "1 of 6 tiles uncertain: tissue unlike the reference"
+    assert dec[1].tag is Tag.OUT_OF_DOMAIN
+    assert dec[1].reason.startswith("2 of 2 tiles out of domain: tissue unlike the reference")
     assert dec[2].tag is Tag.OUT_OF_DOMAIN  # 1/2 >= region_ood_fraction 0.5
     slide = tag_slide(tiles, dec, TH)
     assert slide.tag is Tag.REVIEW  # 3/10 out of domain < 50%, but tiles need review
@@ -112,7 +113,7 @@ def test_region_review_fraction_relaxes_worst_tag():
     coords = np.array([(i, 0) for i in range(10)]) * 100
     tiles = tag_tiles(TileSignals(ood_score=np.r_[7.0, np.ones(9)]), th)
     _, dec = tag_regions(tiles, coords, 100, th)
-    assert dec[0].tag is Tag.RELIABLE and dec[0].reason == "9/10 tiles reliable"
+    assert dec[0].tag is Tag.RELIABLE and dec[0].reason == "9 of 10 tiles reliable"
 
 
 def test_shadow_mode_never_clears_a_slide(tmp_path):
@@ -137,7 +138,7 @@ def test_shadow_mode_never_clears_a_slide(tmp_path):
         shown = tag_all(sig, coords, 256, TH, shadow=shadow, slide_id=f"slide-{k}")
         if k <= n_shadow:
             assert shown.slide.tag is not Tag.RELIABLE
-            assert shown.slide.reason.startswith(f"shadow mode ({k}/{n_shadow})")
+            assert shown.slide.reason.startswith(f"new site: first {n_shadow} slides stay in review ({k} of {n_shadow}); ")
             if computed.slide.tag is Tag.RELIABLE:
                 assert shown.slide.tag is Tag.REVIEW and "computed reliable" in shown.slide.reason
             else:
@@ -155,10 +156,10 @@ def test_shadow_counter_persists_and_repeats_do_not_count(tmp_path):
     path = tmp_path / "site.json"
     ok = TagDecision(Tag.RELIABLE, "fine")
     s = ShadowMode(path, "site-B", n_slides=3)
-    assert s.apply("a", ok).reason.startswith("shadow mode (1/3)")
-    assert s.apply("a", ok).reason.startswith("shadow mode (1/3)")  # same slide again
+    assert s.apply("a", ok).reason.startswith("new site: first 3 slides stay in review (1 of 3)")
+    assert s.apply("a", ok).reason.startswith("new site: first 3 slides stay in review (1 of 3)")  # same slide again
     s2 = ShadowMode(path, "site-B", n_slides=3)  # a new process reading the same file
-    assert s2.apply("b", ok).reason.startswith("shadow mode (2/3)")
+    assert s2.apply("b", ok).reason.startswith("new site: first 3 slides stay in review (2 of 3)")
     assert s2.apply("c", ok).tag is Tag.REVIEW
     assert not s2.active and s2.apply("d", ok) == ok
     with pytest.raises(StateMismatchError, match="site-B.*site-C"):
@@ -222,3 +223,15 @@ def test_public_api():
     assert isinstance(safety.__all__, tuple)
     for name in safety.__all__:
         assert getattr(safety, name) is not None
+
+
+def test_slide_reason_names_causes_in_plain_words_with_tile_counts():
+    n = 10
+    flags = ["blur"] * 3 + ["pen/artefact"] + [""] * 6
+    nt = np.array([0.1] * 4 + [0.9] * 2 + [0.1] * 4)
+    ood = np.ones(n)  # within the reference everywhere
+    tiles = tag_tiles(TileSignals(ood_score=ood, nt_entropy=nt, quality_flags=flags), TH)
+    slide = tag_slide(tiles, [], TH)
+    assert slide.tag is Tag.REVIEW
+    assert slide.reason == "6 of 10 tiles uncertain: blurred (3), nucleus types uncertain (2)"
+    assert len(tiles) == n
