@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import click
 
+from .cli_params import DEVICE, MPP, validate_device
 from .errors import OptimusError
 from .extract import DECODERS as _DECODERS
 
@@ -36,27 +36,11 @@ def _exit_code(n_ok: int, n_failed: int) -> int:
 # Every flag is checked by click before the command body runs, so a bad value fails in well under a
 # second (no model load, no Numba warm-up) with the flag's own name, exit code 2 and one line.
 
-#: a level-0 / image resolution in microns per pixel (the slide readers accept 0.05..50); ``cli_models``
-#: uses it too
-MPP = click.FloatRange(0.05, 50)
 #: a tiling resolution in microns per pixel (the tiling accepts 0.01..50)
 _TARGET_MPP = click.FloatRange(0.01, 50)
 _FRACTION = click.FloatRange(0.0, 1.0)
 _POSITIVE = click.IntRange(min=1)
 _NON_NEGATIVE = click.IntRange(min=0)
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-DEVICE_HELP = "cpu, cuda, cuda:N, mps, or auto (cuda when available, else cpu)"
-
-
-def validate_device(ctx: click.Context | None, param: click.Parameter | None, value: str | None) -> str | None:
-    """click callback: a torch device name (checked by form only; torch is not imported here)"""
-    if value is not None and not _DEVICE_RE.match(value):
-        raise click.BadParameter(f"{value!r} is not a device; use {DEVICE_HELP}", ctx=ctx, param=param)
-    return value
-
-
-#: keyword arguments for a ``--device`` option (shared with ``cli_models``)
-DEVICE = dict(default="auto", show_default=True, callback=validate_device, help=DEVICE_HELP)
 
 
 def _existing_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
