@@ -16,14 +16,24 @@ them off as it would without torchvision.
 
 The stand-in stays installed for the life of the process: timm imports torchvision lazily in a few
 places too, and those must meet the same clear error rather than the broken wheel.
+
+Start-up: a few timm model modules we never build (NaFlexViT and those built on it) decorate methods
+with ``torch.compiler.disable`` when the module is imported, and that call imports ``torch._dynamo``,
+the largest part of ``import timm`` (import timm measured on the shared 2-core machine under load: 31-36 s
+with it, 9 s without). While :func:`import_timm` imports timm, ``torch.compiler.disable`` is therefore
+replaced by a deferring version: a decorated function gets the real ``disable`` on its first call, so
+nothing changes for code that calls it, and the process never imports ``torch._dynamo`` unless something
+uses it. ``CELLVIT_OPTIMUS_EAGER_DYNAMO=1`` keeps timm's own import path (the bench compares both).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.abc
 import importlib.machinery
 import logging
+import os
 import sys
 import threading
 import types
@@ -63,8 +73,42 @@ def import_timm() -> types.ModuleType:
         with _lock:
             if not _checked.is_set():
                 _check_torchvision()
+                if os.environ.get("CELLVIT_OPTIMUS_EAGER_DYNAMO") == "1" or "timm" in sys.modules:
+                    importlib.import_module("timm")
+                else:
+                    _import_timm_deferring_dynamo()
                 _checked.set()
     return importlib.import_module("timm")
+
+
+def _import_timm_deferring_dynamo() -> None:
+    """import timm with ``torch.compiler.disable`` deferred to each decorated function's first call
+    (module docstring: it is what pulls ``torch._dynamo`` into ``import timm``)"""
+    import torch
+
+    real = torch.compiler.disable
+
+    def deferred_disable(fn: Any = None, recursive: bool = True, **kwargs: Any) -> Any:
+        if fn is None:  # used as @disable(recursive=...)
+            return lambda f: deferred_disable(f, recursive, **kwargs)
+        if not isinstance(fn, types.FunctionType):  # modules, classes, callables: as timm asked
+            return real(fn, recursive=recursive, **kwargs)
+        wrapped: Any = None
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kw: Any) -> Any:
+            nonlocal wrapped
+            if wrapped is None:
+                wrapped = real(fn, recursive=recursive, **kwargs)
+            return wrapped(*args, **kw)
+
+        return call
+
+    torch.compiler.disable = deferred_disable
+    try:
+        importlib.import_module("timm")
+    finally:
+        torch.compiler.disable = real
 
 
 def _check_torchvision() -> None:

@@ -99,5 +99,30 @@ def test_real_environment_imports_timm() -> None:
     assert hasattr(timm, "create_model")
 
 
+def test_timm_imports_without_torch_dynamo_and_disable_still_applies() -> None:
+    _run(
+        """
+        import sys
+        import torch
+        real = torch.compiler.disable
+        from cellvit_optimus.heads import import_timm
+        timm = import_timm()
+        assert "torch._dynamo" not in sys.modules  # the deferred decorator kept it out of import timm
+        assert torch.compiler.disable is real  # restored for everyone else
+        from timm.layers.typing import disable_compiler
+
+        @disable_compiler
+        def add(a, b):
+            return a + b
+
+        assert add(2, 3) == 5 and add.__name__ == "add"
+        assert "torch._dynamo" in sys.modules  # the first call applied the real torch.compiler.disable
+        # a ViT builds and runs without dynamo in the import path
+        m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32)
+        assert m(torch.zeros(1, 3, 32, 32)).shape == (1, 192)
+        """
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

@@ -1,0 +1,93 @@
+"""Start-up: ``Engine()`` construction and a cached triage rerun of the bundled slide, old path vs new.
+
+Both are what a user waits for before any slide work: a fresh interpreter importing torch and timm,
+building the nuclei model, loading the safety states and the Numba kernels (from their cache), and for
+the rerun also finding the slide finished (``summary.json`` matches the run key) and rewriting the
+worklist. Each number is the wall time of a fresh process, the two paths interleaved, best of
+``REPEATS``:
+
+* ``old``: ``CELLVIT_OPTIMUS_EAGER_DYNAMO=1``, timm imported as before, which imports
+  ``torch._dynamo`` through ``torch.compiler.disable`` (see ``heads/_timm_compat.py``);
+* ``new``: the default, timm imported with that decorator deferred.
+
+``extra_info`` holds both numbers and the ratios. The rerun uses the coarse nuclei resolution of the
+triage tests (4 um/px) so that the one uncached run that fills the cache stays short; a cached rerun
+does no tile work, so its time does not depend on it. Numba's cache is warmed by that first run (once
+per install, as for a user's first command).
+
+Run: ``pytest bench/test_bench_startup.py --benchmark-only -s``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPEATS = int(os.environ.get("OPTIMUS_STARTUP_REPEATS", "2"))  # fresh processes per path
+COARSE = ["--nuclei-mpp", "4", "--overlap", "32"]
+ENGINE = ("import time; t = time.perf_counter(); "
+          "from cellvit_optimus.engine.triage import Engine, TriageConfig; "
+          "Engine(TriageConfig(nuclei_mpp=4.0, overlap_px=32)); print(time.perf_counter() - t)")
+
+
+def _env(path: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("CELLVIT_OPTIMUS_EAGER_DYNAMO", None)
+    if path == "old":
+        env["CELLVIT_OPTIMUS_EAGER_DYNAMO"] = "1"
+    return env
+
+
+def _triage(out: Path, path: str) -> tuple[float, str]:
+    t = time.perf_counter()
+    cli = Path(sys.executable).parent / "cellvit-optimus"  # the console script a user runs
+    res = subprocess.run([str(cli), "triage", "--out", str(out), "-q", *COARSE], capture_output=True, text=True,
+                         env=_env(path), timeout=1200)
+    wall = time.perf_counter() - t
+    assert res.returncode == 0, res.stderr[-2000:]
+    return wall, res.stdout
+
+
+def _engine(path: str) -> float:
+    res = subprocess.run([sys.executable, "-c", ENGINE], capture_output=True, text=True, env=_env(path),
+                         timeout=1200)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def finished_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("startup") / "out"
+    _, stdout = _triage(out, "new")  # fills the feature cache, summary.json and Numba's cache
+    assert stdout.startswith("done ")
+    return out
+
+
+def test_startup_engine_and_cached_rerun_old_vs_new(benchmark, finished_out):
+    times: dict[str, dict[str, list[float]]] = {"old": {"engine": [], "rerun": []},
+                                                "new": {"engine": [], "rerun": []}}
+
+    def measure() -> None:
+        for _ in range(REPEATS):
+            for path in ("old", "new"):
+                times[path]["engine"].append(_engine(path))
+                wall, stdout = _triage(finished_out, path)
+                assert stdout.startswith("cached "), stdout  # the rerun did no slide work
+                times[path]["rerun"].append(wall)
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    best = {p: {k: min(v) for k, v in d.items()} for p, d in times.items()}
+    benchmark.extra_info.update({
+        "engine_s_old": round(best["old"]["engine"], 2), "engine_s_new": round(best["new"]["engine"], 2),
+        "rerun_s_old": round(best["old"]["rerun"], 2), "rerun_s_new": round(best["new"]["rerun"], 2),
+        "engine_ratio": round(best["old"]["engine"] / best["new"]["engine"], 2),
+        "rerun_ratio": round(best["old"]["rerun"] / best["new"]["rerun"], 2),
+        "all_s": {p: {k: [round(x, 2) for x in v] for k, v in d.items()} for p, d in times.items()},
+        "load_avg_1min": os.getloadavg()[0],
+    })
+    print("\nstart-up (s, best of %d):" % REPEATS, benchmark.extra_info)
