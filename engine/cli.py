@@ -16,9 +16,8 @@ from pathlib import Path
 
 import click
 
-from .cli_params import DEVICE, MPP, validate_device
+from .cli_params import DEVICE, MPP, SLIDE_SUFFIXES, validate_device
 from .errors import OptimusError
-from .extract import DECODERS as _DECODERS
 
 __all__ = ("main", "cli", "EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "MPP", "DEVICE", "validate_device",
            "collect_inputs")
@@ -39,6 +38,8 @@ def _exit_code(n_ok: int, n_failed: int) -> int:
 #: a tiling resolution in microns per pixel (the tiling accepts 0.01..50)
 _TARGET_MPP = click.FloatRange(0.01, 50)
 _FRACTION = click.FloatRange(0.0, 1.0)
+#: extract.DECODERS, repeated so that parsing the command line imports no numpy (a test keeps them equal)
+_DECODERS = ("auto", "slide", "dali", "cucim", "reference")
 _POSITIVE = click.IntRange(min=1)
 _NON_NEGATIVE = click.IntRange(min=0)
 
@@ -101,15 +102,6 @@ def _overlap_fraction(overlap: float, tile_size: int) -> float:
 # -- inputs -------------------------------------------------------------------------------------------
 
 
-def _slide_suffixes() -> tuple[str, ...]:
-    import inspect as _inspect
-
-    from .slide import iter_slide_paths
-
-    # one list of slide suffixes: the reader module's own default
-    return tuple(_inspect.signature(iter_slide_paths).parameters["suffixes"].default)
-
-
 def collect_inputs(inputs: Sequence[str | os.PathLike[str]], recursive: bool = False
                    ) -> tuple[list[Path], list[tuple[str, str]], list[str]]:
     """expand files and folders into ``(slides, skipped, missing)``
@@ -118,7 +110,7 @@ def collect_inputs(inputs: Sequence[str | os.PathLike[str]], recursive: bool = F
     the batch reports it with the others); ``skipped`` names every folder entry that is not run, with why;
     ``missing`` lists the inputs that do not exist.
     """
-    suffixes = _slide_suffixes()
+    suffixes = SLIDE_SUFFIXES
     slides: list[Path] = []
     skipped: list[tuple[str, str]] = []
     missing: list[str] = []
@@ -210,13 +202,14 @@ def inspect(slides, mpp, target_mpp, tile_size, overlap, min_tissue, backend, re
     The tile count is for the tiling given here (default 224 px at 0.5 um/px, no overlap, as extract);
     triage tiles at its nuclei model's resolution with 64 px overlap, so it counts more tiles.
     """
+    overlap = _overlap_fraction(overlap, tile_size)
     paths, skipped = _inputs(slides, recursive)
     from .inspect import Failure, inspect_many
     from .tissue import TilingConfig
 
     try:
-        tiling = TilingConfig(tile_size=tile_size, target_mpp=target_mpp,
-                              overlap=_overlap_fraction(overlap, tile_size), min_tissue_fraction=min_tissue)
+        tiling = TilingConfig(tile_size=tile_size, target_mpp=target_mpp, overlap=overlap,
+                              min_tissue_fraction=min_tissue)
     except OptimusError as exc:
         raise click.UsageError(str(exc)) from exc
     results = list(inspect_many(paths, mpp=mpp, backend=backend, tiling=tiling,
@@ -336,6 +329,7 @@ class _Bars:
 def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, backend, recursive, backbone,
             weights, device, dtype, batch_size, vram_gb, workers, decoder, quiet):
     """Tile embeddings of SLIDES into OUT/features/<slide>.h5 (CLAM/Trident layout; a versioned cache)."""
+    overlap = _overlap_fraction(overlap, tile_size)
     paths, skipped = _inputs(slides, recursive)
     from .extract import ExtractConfig, extract_features
     from .inspect import Failure
@@ -344,8 +338,8 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 
     try:
         config = ExtractConfig(
-            tiling=TilingConfig(tile_size=tile_size, target_mpp=target_mpp,
-                                overlap=_overlap_fraction(overlap, tile_size), min_tissue_fraction=min_tissue),
+            tiling=TilingConfig(tile_size=tile_size, target_mpp=target_mpp, overlap=overlap,
+                                min_tissue_fraction=min_tissue),
             scheduler=SchedulerConfig(reader_threads=workers), mpp=mpp, backend=backend, decoder=decoder)
         runner = _make_runner(backbone, weights, device, dtype, batch_size, vram_gb)
     except OptimusError as exc:

@@ -12,7 +12,11 @@ from typing import Any
 
 import click
 
-__all__ = ("MPP", "DEVICE", "DEVICE_HELP", "validate_device")
+__all__ = ("MPP", "DEVICE", "DEVICE_HELP", "SLIDE_SUFFIXES", "validate_device")
+
+#: file suffixes a folder is searched for: ``slide.iter_slide_paths``' default, repeated so that reading
+#: the command line imports no numpy (a test keeps them equal)
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".dcm", ".scn", ".bif", ".mrxs", ".vms", ".svslide")
 
 #: a level-0 / image resolution in microns per pixel (the slide readers accept 0.05..50)
 MPP = click.FloatRange(0.05, 50)

@@ -131,3 +131,15 @@ def test_triage_batch_lists_missing_and_skipped_inputs_in_the_worklist(tmp_path,
     assert rows["notes.txt"]["reason"] == "not a slide file type (.txt)"
     # each failure printed once (not as a log warning and again as FAILED)
     assert res.output.count("gone.svs") == 1, res.output
+
+
+def test_cli_decoder_choices_and_slide_suffixes_are_the_engines():
+    import inspect
+
+    from cellvit_optimus.engine import cli as cli_module
+    from cellvit_optimus.engine.cli_params import SLIDE_SUFFIXES
+    from cellvit_optimus.engine.extract import DECODERS
+    from cellvit_optimus.engine.slide import iter_slide_paths
+
+    assert cli_module._DECODERS == DECODERS
+    assert SLIDE_SUFFIXES == inspect.signature(iter_slide_paths).parameters["suffixes"].default
