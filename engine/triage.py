@@ -400,7 +400,7 @@ class Engine:
         got = anyio.run(main)
         order = {os.path.abspath(p): i for i, p in enumerate(slides)}
         got.sort(key=lambda r: order.get(r.path, len(order)))
-        return self._worklist(Path(out_dir), got, skipped)
+        return self._worklist(Path(os.path.abspath(out_dir)), got, skipped)
 
     async def stream(self, slides: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
                      progress: Callable[[Progress], None] | None = None, *, clean_temporaries: bool = True
