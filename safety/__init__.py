@@ -9,12 +9,12 @@ from .ood import MahalanobisOOD, OODThresholds
 from .ood_features import ood_features, tile_statistics
 from .tags import (
     ShadowMode,
-    shadow_prefix,
     SlideTags,
     Tag,
     TagDecision,
     TagThresholds,
     TileSignals,
+    shadow_prefix,
     tag_all,
     tag_regions,
     tag_slide,

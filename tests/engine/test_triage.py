@@ -158,7 +158,7 @@ def _digest(out: Path, names: list[str]) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_kill9_then_rerun_equals_uninterrupted_run(tmp_path, slides_dir):
+def test_kill9_then_rerun_equals_uninterrupted_run(tmp_path, slides_dir, engine):
     names = ["cmu-1-small-region", "prostate-small"]
     paths = [str(slides_dir / "cmu-1-small-region.svs"), str(slides_dir / "prostate-small.dcm")]
     mpp = "4.0"
@@ -167,12 +167,15 @@ def test_kill9_then_rerun_equals_uninterrupted_run(tmp_path, slides_dir):
     assert (killed / names[0] / "summary.json").exists()
     assert not (killed / names[1] / "summary.json").exists()
 
-    cfg = TriageConfig(nuclei_mpp=float(mpp), overlap_px=32)
-    engine = Engine(cfg)
+    # the module's engine has the killed run's configuration (COARSE); reusing it for the resume and the
+    # clean run saves two model loads (engines keep no state between runs besides this counter)
+    assert engine.config == TriageConfig(nuclei_mpp=float(mpp), overlap_px=32)
+    before = engine.model.runner.tiles_processed
     resumed = engine.run(paths, killed)
     assert [r.cached for r in resumed.results] == [True, False]  # the finished slide was not recomputed
-    assert engine.model.runner.tiles_processed == resumed.results[1].tiles  # counted: only slide 2's tiles
-    Engine(cfg).run(paths, clean)
+    # counted: only slide 2's tiles
+    assert engine.model.runner.tiles_processed - before == resumed.results[1].tiles
+    engine.run(paths, clean)
     assert _digest(killed, names) == _digest(clean, names)
     assert not [p for p in killed.rglob(".tmp-*")]
 
