@@ -37,6 +37,7 @@ __all__ = (
     "PostProcessConfig",
     "SegmentResult",
     "default_model_path",
+    "drop_small",
     "evaluate",
     "score_predictions",
     "segment_image",
@@ -83,6 +84,13 @@ class PostProcessConfig:
     #: the default) or "hovernet" (the published energy threshold)
     mode: str = "optimus"
     marker_slope: float = 0.01
+    #: nuclei smaller than this (square microns) are not reported (0 keeps everything); resolution-free,
+    #: so it survives :meth:`scaled`
+    min_area_um2: float = 0.0
+
+    def min_area_px(self, mpp: float) -> float:
+        """:attr:`min_area_um2` in square pixels at ``mpp`` microns per pixel."""
+        return self.min_area_um2 / (mpp * mpp)
 
     def kernel_kwargs(self) -> dict[str, Any]:
         """keyword arguments for :func:`cellvit_optimus.kernels.hv_to_instances`"""
@@ -96,6 +104,10 @@ class PostProcessConfig:
             raise ConfigError(f"np_threshold={self.np_threshold} must be in (0, 1)")
         if self.sobel_ksize < 3 or self.sobel_ksize % 2 == 0:
             raise ConfigError(f"sobel_ksize={self.sobel_ksize} must be odd and >= 3")
+        if not (self.min_area_um2 >= 0 and np.isfinite(self.min_area_um2)):
+            raise ConfigError(f"min_area_um2={self.min_area_um2} must be a finite number >= 0")
+        if self.mode not in ("optimus", "hovernet"):
+            raise ConfigError(f"mode={self.mode!r}: expected 'optimus' or 'hovernet'")
 
     def scaled(self, factor: float) -> PostProcessConfig:
         """Size thresholds for another resolution (``factor`` = linear scale, areas scale by its square)."""
@@ -134,17 +146,30 @@ class NucleiModel:
         preset, bhash = meta.get("backbone_id"), meta.get("backbone_hash", "")
         if not preset:
             raise WeightsError(f"{path}: no backbone_id in the checkpoint metadata")
-        seed = 0
-        if backbone_weights is None:
-            prefix = f"random:{preset}:seed="
-            if not bhash.startswith(prefix):
-                raise WeightsError(
-                    f"{path}: the head was trained on backbone weights {bhash!r}; pass them as backbone_weights")
-            seed = int(bhash[len(prefix):])
-        self.runner = BackboneRunner(preset, weights=backbone_weights, device=device, dtype=dtype,
-                                     batch_size=batch_size, seed=seed)
-        loaded = load_nuclei_head(path, backbone_id=preset, backbone_hash=self.runner.weights_id,
-                                  embed_dim=self.runner.embed_dim, device=self.runner.device)
+        if meta.get("embedded_backbone") == "1":
+            # the backbone was trained with the head and travels inside the checkpoint
+            from cellvit_optimus.heads.backbone import backbone_from_state
+
+            if backbone_weights is not None:
+                raise WeightsError(f"{path}: the checkpoint carries its own trained backbone; "
+                                   "do not pass backbone_weights with it")
+            loaded = load_nuclei_head(path, backbone_id=preset, device="cpu")
+            assert loaded.backbone_state is not None
+            bb = backbone_from_state(preset, loaded.backbone_state, bhash, source=str(path))
+            self.runner = BackboneRunner(preset, backbone=bb, device=device, dtype=dtype, batch_size=batch_size)
+            loaded.head.to(self.runner.device)
+        else:
+            seed = 0
+            if backbone_weights is None:
+                prefix = f"random:{preset}:seed="
+                if not bhash.startswith(prefix):
+                    raise WeightsError(
+                        f"{path}: the head was trained on backbone weights {bhash!r}; pass them as backbone_weights")
+                seed = int(bhash[len(prefix):])
+            self.runner = BackboneRunner(preset, weights=backbone_weights, device=device, dtype=dtype,
+                                         batch_size=batch_size, seed=seed)
+            loaded = load_nuclei_head(path, backbone_id=preset, backbone_hash=self.runner.weights_id,
+                                      embed_dim=self.runner.embed_dim, device=self.runner.device)
         self.head = loaded.head
         self.profile = loaded.profile
         self.nuclei_mpp = loaded.nuclei_mpp
@@ -209,16 +234,35 @@ class NucleiModel:
         return np.concatenate(embs), NucleiMaps(np.concatenate(nps), np.concatenate(hvs), np.concatenate(nts))
 
 
+def drop_small(inst: np.ndarray, table: Any, min_px: float) -> tuple[np.ndarray, Any]:
+    """Remove instances of area < ``min_px`` pixels from a label map (ids 1..N) and its table (row i = id
+    i + 1); the survivors are renumbered 1..M in order."""
+    if min_px <= 0 or len(table) == 0:
+        return inst, table
+    from dataclasses import replace
+
+    keep = np.asarray(table.areas) >= min_px
+    if keep.all():
+        return inst, table
+    lut = np.zeros(len(table) + 1, np.int32)
+    lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    kept = table.take(keep)
+    return lut[inst], replace(kept, ids=np.arange(1, len(kept) + 1, dtype=kept.ids.dtype))
+
+
 def tiles_to_instances(maps: NucleiMaps, origins: Sequence[tuple[int, int]] | None = None,
-                       post: PostProcessConfig = PostProcessConfig()) -> list[Any]:
+                       post: PostProcessConfig = PostProcessConfig(), mpp: float | None = None) -> list[Any]:
     """HoVer-Net post-processing of each tile's maps -> ``kernels.TileInstances`` (tile-local tables,
-    origins ``(x0, y0)`` for stitching; default all at (0, 0))."""
+    origins ``(x0, y0)`` for stitching; default all at (0, 0)). With ``mpp`` (the maps' resolution),
+    nuclei under ``post.min_area_um2`` are dropped."""
     from cellvit_optimus.kernels import TileInstances, hv_to_instances
 
+    min_px = post.min_area_px(mpp) if mpp else 0.0
     out = []
     for i in range(maps.np.shape[0]):
         inst, table = hv_to_instances(
             maps.np[i], maps.hv[i], maps.nt[i], **post.kernel_kwargs())
+        inst, table = drop_small(inst, table, min_px)
         x0, y0 = origins[i] if origins is not None else (0, 0)
         out.append(TileInstances(int(x0), int(y0), inst, table))
     return out
@@ -314,7 +358,7 @@ def segment_image(image: np.ndarray, mpp: float, model: NucleiModel, tile: int |
     for s in range(0, len(origins), 64):  # bounded memory: maps of at most 64 tiles at once
         chunk = origins[s:s + 64]
         batch = np.stack([work[y:y + size, x:x + size] for x, y in chunk])
-        tiles_inst += tiles_to_instances(model.predict(batch), chunk, post)
+        tiles_inst += tiles_to_instances(model.predict(batch), chunk, post, model.nuclei_mpp)
     table, label = stitch_tiles(tiles_inst, slide_shape=(ph, pw))
     assert label is not None
     label = label[:h, :w]

@@ -142,6 +142,8 @@ class _NucleiConsumer:
         self.grid = grid
         self.post = post
         self.scale = grid.level0_size[0] / grid.tile_size  # level-0 px per nuclei-grid px
+        # nuclei below the checkpoint's minimum area (um^2) are specks, never reported
+        self.min_px = post.min_area_px(grid.target_mpp)
         n = len(grid)
         self.n_tiles = n
         self.half = overlap / 2
@@ -202,6 +204,8 @@ class _NucleiConsumer:
                 cx, cy = table.centroids[i]
                 if not (x_lo <= cx < x_hi and y_lo <= cy < y_hi):
                     continue  # another tile's core owns it
+                if table.areas[i] < self.min_px:
+                    continue
                 self.contours.append(np.asarray(table.contours[i], np.float64) * self.scale + (x0, y0))
                 self.centroids.append((x0 + cx * self.scale, y0 + cy * self.scale))
                 self.types.append(int(table.types[i]))
