@@ -187,8 +187,10 @@ class _Bars:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="output folder")
 @_tiling_options
 @_backbone_options
+@click.option("--clam-layout", is_flag=True,
+              help="also make OUT a CLAM feature folder: OUT/h5_files (link to features/) and OUT/pt_files/*.pt")
 def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, backend, backbone, weights,
-            device, dtype, batch_size, vram_gb, workers, decoder, quiet):
+            device, dtype, batch_size, vram_gb, workers, decoder, quiet, clam_layout):
     """Tile embeddings of SLIDES into OUT/features/<slide>.h5 (CLAM/Trident layout; a versioned cache)."""
     from .extract import ExtractConfig, extract_features
     from .inspect import Failure
@@ -215,6 +217,14 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
         click.echo(f"{'cached' if r.cached else 'done  '} {r.path}: {r.tiles} tiles -> {r.info.get('features')}")
     for f in bad:
         click.echo(f"FAILED {f.message}", err=True)
+    if clam_layout and ok:
+        from .features import write_clam_layout
+
+        try:
+            write_clam_layout(out_dir)
+        except OptimusError as exc:
+            raise click.UsageError(str(exc)) from exc
+        click.echo(f"CLAM layout: {Path(out_dir) / 'h5_files'}, {Path(out_dir) / 'pt_files'}")
     sys.exit(_exit_code(len(ok), len(bad)))
 
 
