@@ -277,12 +277,13 @@ async def aextract_features(paths: Sequence[str | os.PathLike[str]], out_dir: st
 def extract_features(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
                      runner: BackboneRunner, config: ExtractConfig | None = None,
                      progress: Callable[[Progress], None] | None = None) -> list[SlideDone | Failure]:
-    """synchronous :func:`aextract_features`; results in input order"""
-    import anyio
+    """synchronous :func:`aextract_features`; results in input order (also callable inside a running
+    event loop, e.g. a notebook: the work then runs on its own loop in a worker thread)"""
+    from .aio import run_sync
 
     async def main() -> list[Any]:
         return [r async for r in aextract_features(paths, out_dir, runner, config, progress)]
 
-    results = anyio.run(main)
+    results = run_sync(main)
     order = {str(Path(p)): i for i, p in enumerate(paths)}
     return sorted(results, key=lambda r: order.get(str(Path(r.path)), len(order)))
