@@ -164,3 +164,14 @@ def test_clam_layout_refuses_to_replace_a_folder(tmp_path, extracted):
         write_clam_layout(tmp_path)
     with pytest.raises(ValueError, match="no feature folder"):
         write_clam_layout(tmp_path / "nowhere")
+
+
+def test_extract_features_inside_a_running_event_loop(tmp_path, slides_dir, runner):
+    import asyncio
+
+    async def notebook_cell():
+        return extract_features([slides_dir / "cmu-1-small-region.svs"], tmp_path, runner, COARSE)
+
+    [res] = asyncio.run(notebook_cell())
+    assert isinstance(res, SlideDone) and res.tiles > 0
+    assert read_features(feature_path(tmp_path, "cmu-1-small-region.svs")).features.shape[0] == res.tiles
