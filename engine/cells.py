@@ -66,15 +66,14 @@ class CellTable:
         return {str(k): int(v) for k, v in zip(names, n)}
 
     @classmethod
-    def from_columns(cls, *, ids: list[str], contours: list[np.ndarray], type_id: list[int],
-                     type_name: list[str], type_prob: list[float], trust: list[str],
-                     type_set_size: list[int], area_centroid: list[tuple[float, float, float]]) -> CellTable:
-        a = np.asarray(area_centroid, np.float64).reshape(-1, 3)
-        return cls(id=np.asarray(ids, dtype="U36"), centroid_x=a[:, 1].copy(), centroid_y=a[:, 2].copy(),
-                   area_px=a[:, 0].copy(), type_id=np.asarray(type_id, np.int16),
-                   type_name=np.asarray(type_name, dtype=str), type_prob=np.asarray(type_prob, np.float32),
-                   trust=np.asarray(trust, dtype=str), type_set_size=np.asarray(type_set_size, np.int16),
-                   contours=contours)
+    def from_columns(cls, *, ids: Any, contours: list[np.ndarray], type_id: Any, type_name: Any, type_prob: Any,
+                     trust: Any, type_set_size: Any, area: Any, centroid_x: Any, centroid_y: Any) -> CellTable:
+        """a table from sequences or arrays, converted to the columns' dtypes"""
+        return cls(id=np.asarray(ids, dtype="U36"), centroid_x=np.asarray(centroid_x, np.float64),
+                   centroid_y=np.asarray(centroid_y, np.float64), area_px=np.asarray(area, np.float64),
+                   type_id=np.asarray(type_id, np.int16), type_name=np.asarray(type_name, dtype=str),
+                   type_prob=np.asarray(type_prob, np.float32), trust=np.asarray(trust, dtype=str),
+                   type_set_size=np.asarray(type_set_size, np.int16), contours=contours)
 
     @classmethod
     def from_geojson(cls, path: str | os.PathLike[str],
@@ -92,7 +91,8 @@ class CellTable:
         feats = doc.get("features") if isinstance(doc, dict) else None
         if not isinstance(feats, list):
             raise ConfigError(f"{p}: no FeatureCollection features list")
-        ids, contours, tid, tname, prob, trust, sizes, ac = [], [], [], [], [], [], [], []
+        ids, contours, tid, tname, prob, trust, sizes = [], [], [], [], [], [], []
+        ac: list[tuple[float, float, float]] = []
         for f in feats:
             props: dict[str, Any] = f.get("properties", {})
             ring = f["geometry"]["coordinates"][0]
@@ -106,8 +106,10 @@ class CellTable:
             trust.append(str(meta.get("trust", "")))
             sizes.append(int(meas.get("type_set_size", -1)))
             ac.append(ring_area_centroid(ring))
+        a = np.asarray(ac, np.float64).reshape(-1, 3)
         return cls.from_columns(ids=ids, contours=contours, type_id=tid, type_name=tname, type_prob=prob,
-                                trust=trust, type_set_size=sizes, area_centroid=ac)
+                                trust=trust, type_set_size=sizes, area=a[:, 0], centroid_x=a[:, 1],
+                                centroid_y=a[:, 2])
 
     def to_geodataframe(self) -> Any:
         """the table as a geopandas GeoDataFrame (one Polygon per nucleus, index = feature id)"""

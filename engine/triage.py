@@ -503,10 +503,9 @@ class Engine:
         cells, parts = _cells(nuc, profile, tile_tags, set_sizes, grid.slide_dimensions, namespace,
                               as_text="cells" in self.config.outputs)
         # counts are of the nuclei written: they add up to the features of cells.geojson
-        counts = {profile.label(c): 0 for c in range(1, profile.num_classes + 1)}
-        counts[UNCLASSIFIED] = 0
-        for k, v in cells.counts().items():
-            counts[k] = counts.get(k, 0) + v
+        per_type = np.bincount(cells.type_id.astype(np.int64), minlength=profile.num_classes + 1)
+        counts = {profile.label(c): int(per_type[c]) for c in range(1, profile.num_classes + 1)}
+        counts[UNCLASSIFIED] = int(per_type[0])
         mpp0 = (job.info.get("mpp") or [self.nuclei_mpp])[0]
         tissue_mm2 = float(np.sum(grid.tissue_fraction)) * (grid.stride[0] * grid.stride[1]) * mpp0 ** 2 / 1e6
         attention = None
@@ -711,11 +710,12 @@ def _cells(nuc: _NucleiConsumer, profile: Any, tile_tags: list[str], set_sizes: 
     ids: list[str] = []
     rings: list[np.ndarray] = []
     tid: list[int] = []
-    tname: list[str] = []
+    tile: list[int] = []
     prob: list[float] = []
-    trust: list[str] = []
     sizes: list[int] = []
-    ac: list[tuple[float, float, float]] = []
+    area: list[float] = []
+    cx: list[float] = []
+    cy: list[float] = []
     hand_off = _GilHandOff()
     # batches may arrive in any order: list nuclei by tile (and, within a tile, as the kernel found them)
     for i in np.argsort(np.asarray(nuc.tile_of, np.int64), kind="stable").tolist():
@@ -739,13 +739,19 @@ def _cells(nuc: _NucleiConsumer, profile: Any, tile_tags: list[str], set_sizes: 
         ids.append(fid)
         rings.append(np.asarray(coords, np.float64))
         tid.append(t if known else 0)
-        tname.append(profile.label(t) if known else UNCLASSIFIED)
+        tile.append(nuc.tile_of[i])
         prob.append(p)
-        trust.append(tag)
         sizes.append(-1 if set_sizes is None else int(set_sizes[i]))
-        ac.append(ring_area_centroid(rings[-1]))
-    table = CellTable.from_columns(ids=ids, contours=rings, type_id=tid, type_name=tname, type_prob=prob,
-                                   trust=trust, type_set_size=sizes, area_centroid=ac)
+        a, x, y = ring_area_centroid(rings[-1])
+        area.append(a)
+        cx.append(x)
+        cy.append(y)
+    # names and tags by index: no slide-sized conversion of Python strings while holding the GIL
+    names = np.asarray([UNCLASSIFIED] + [profile.label(c) for c in range(1, profile.num_classes + 1)])
+    type_id = np.asarray(tid, np.int16)
+    table = CellTable.from_columns(ids=ids, contours=rings, type_id=type_id, type_name=names[type_id],
+                                   type_prob=prob, trust=np.asarray(tile_tags)[np.asarray(tile, np.int64)],
+                                   type_set_size=sizes, area=area, centroid_x=cx, centroid_y=cy)
     return table, parts
 
 
