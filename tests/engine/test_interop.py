@@ -156,8 +156,7 @@ def test_clam_reader_reads_our_files(extracted):
     assert write_clam_layout(out) == []
 
 
-def test_clam_layout_refuses_to_replace_a_folder(tmp_path, extracted):
-    out, _ = extracted
+def test_clam_layout_refuses_to_replace_a_folder(tmp_path):
     (tmp_path / "features").mkdir()
     (tmp_path / "h5_files").mkdir()
     with pytest.raises(ValueError, match="h5_files: exists and is not a link"):
