@@ -100,9 +100,11 @@ def test_cells_geojson_valid_and_qupath_shaped(model, held_out):
         assert f["geometry"]["type"] == "Polygon" and g.is_valid and g.area > 0
         assert g.exterior.is_ccw
         p = f["properties"]
-        assert p["objectType"] == "detection" and p["slide"] == "x"
+        # strings in metadata, numbers in measurements: the two places QuPath keeps
+        assert p["objectType"] == "detection" and p["metadata"] == {"slide": "x"}
         assert p["classification"]["name"] in names and len(p["classification"]["color"]) == 3
-        assert 0 <= p["type_prob"] <= 1 and p["measurements"]["area_px"] > 0
+        assert 0 <= p["measurements"]["type_prob"] <= 1 and p["measurements"]["area_px"] > 0
+        assert set(p) <= {"objectType", "classification", "measurements", "metadata"}
         # offset and scale applied: the polygon holds the transformed centroid's neighbourhood
         assert g.buffer(2.0).contains(shape({"type": "Point", "coordinates": list(cx * 2.0 + (1000, 2000))}))
     json.dumps(fc)  # plain JSON types only
