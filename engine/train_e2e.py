@@ -75,6 +75,11 @@ class E2ETrainConfig:
     max_minutes: float | None = None
     #: stop (saving state) after this many steps in this process, e.g. to split a run over sessions
     steps_this_run: int | None = None
+    #: start from this nuclei checkpoint's weights (backbone embedded, same preset and head widths)
+    #: instead of random init: a second, longer schedule on top of a finished run
+    init_from: str | None = None
+    #: weight the typed cross-entropy by inverse square-root class frequency (rare types count more)
+    nt_balanced: bool = False
 
     def __post_init__(self) -> None:
         if not (self.nuclei_mpp > 0 and math.isfinite(self.nuclei_mpp)):
@@ -99,6 +104,12 @@ class E2ETrainConfig:
         for k in RUNTIME_FIELDS:
             d.pop(k)
         d["decoder_channels"] = list(d["decoder_channels"])
+        if d["init_from"] is None:  # identities saved before these fields existed stay equal
+            d.pop("init_from")
+        else:  # the start weights, not the path, determine the result
+            d["init_from"] = _init_weights_id(d["init_from"])
+        if not d["nt_balanced"]:
+            d.pop("nt_balanced")
         return d
 
     def lr_at(self, step: int) -> float:
@@ -133,6 +144,45 @@ class NucleiNet(nn.Module):
     def forward(self, x: Any) -> Any:
         _, tokens = self.backbone(x, tokens=True)
         return self.head(tokens, x)
+
+
+def _init_weights_id(path: str) -> str:
+    """What identifies a warm start: the checkpoint file's SHA-256 (its weights, not its path)."""
+    import hashlib
+
+    try:
+        with open(path, "rb") as f:
+            return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the init_from checkpoint ({e.strerror or e})") from None
+
+
+def _load_init(net: NucleiNet, path: str) -> None:
+    """Load a nuclei checkpoint (with embedded backbone) into ``net``; shapes must match exactly."""
+    from cellvit_optimus.heads.checkpoint import load_nuclei_head
+
+    ld = load_nuclei_head(path)
+    if ld.backbone_state is None:
+        raise ConfigError(f"{path}: init_from needs a checkpoint with its backbone embedded (end-to-end trained)")
+    try:
+        net.backbone.model.load_state_dict(ld.backbone_state, strict=True)
+        net.head.load_state_dict(ld.head.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"{path}: does not match this configuration's backbone/head ({e})") from None
+
+
+def _class_weights(pools: Sequence[Any], num_classes: int) -> torch.Tensor:
+    """Inverse square-root pixel frequency of each type over the typed sources, mean 1 over present types."""
+    counts = np.zeros(num_classes + 1, np.float64)
+    for p in pools:
+        if p.typed:
+            for t in p.types:
+                counts += np.bincount(t.ravel(), minlength=num_classes + 1)[: num_classes + 1]
+    w = np.zeros_like(counts)
+    present = counts > 0
+    w[present] = counts[present] ** -0.5
+    w[present] /= w[present].mean()
+    return torch.tensor(w, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -354,6 +404,8 @@ def train_nuclei_e2e(
     head = UNETRHead(preset.embed_dim, prof.num_classes, patch_size=preset.patch_size, tile_size=tile,
                      decoder_channels=cfg.decoder_channels)
     net = NucleiNet(backbone, head)
+    if cfg.init_from is not None and not (resume and state_path.exists()):
+        _load_init(net, cfg.init_from)
     net.requires_grad_(True)
     net.head.to(memory_format=torch.channels_last)
     groups = [{"params": list(net.head.parameters()), "lr_scale": 1.0}]
@@ -398,6 +450,7 @@ def train_nuclei_e2e(
         return {"val_bpq": m["bpq"], "val_f1": m["f1_det"], "val_mpq": m["mpq"]}
 
     np_hv_loss = NucleiLoss(LossWeights(nt_ce=0.0, nt_dice=0.0, nt_ft=0.0))
+    nt_weight = _class_weights(pools, prof.num_classes) if cfg.nt_balanced else None
     lw = LossWeights()
     deadline = None if cfg.max_minutes is None else t_start + 60.0 * cfg.max_minutes
     stop_at = cfg.steps if cfg.steps_this_run is None else min(cfg.steps, step0 + cfg.steps_this_run)
@@ -421,7 +474,7 @@ def train_nuclei_e2e(
         typed = torch.from_numpy(b["typed"])
         if typed.any():  # NT only where the source has types (MoNuSeg has none)
             lg, tg = out_.nt_logits[typed], nt_t[typed]
-            nt_terms = {"nt_ce": F.cross_entropy(lg, tg), "nt_dice": dice_loss(lg, tg),
+            nt_terms = {"nt_ce": F.cross_entropy(lg, tg, weight=nt_weight), "nt_dice": dice_loss(lg, tg),
                         "nt_ft": focal_tversky_loss(lg, tg)}
             total = total + lw.nt_ce * nt_terms["nt_ce"] + lw.nt_dice * nt_terms["nt_dice"] + \
                 lw.nt_ft * nt_terms["nt_ft"]

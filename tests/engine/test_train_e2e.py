@@ -192,3 +192,54 @@ def test_embedded_backbone_checkpoint_round_trip_and_tamper(tmp_path):
     save_file(t, str(bad), metadata=meta)
     with pytest.raises(WeightsError, match="tampered.safetensors.*hash"):
         NucleiModel(bad)
+
+
+def test_warm_start_loads_the_checkpoint_and_is_part_of_the_identity(tmp_path):
+    """init_from: the net starts from the shipped e2e checkpoint's exact weights; its content is in the key."""
+    import shutil
+
+    import torch
+
+    from cellvit_optimus.engine.train_e2e import NucleiNet, _load_init
+    from cellvit_optimus.heads.backbone import build_backbone
+    from cellvit_optimus.heads.checkpoint import save_nuclei_head
+    from cellvit_optimus.heads.profiles import CONSEP
+    from cellvit_optimus.heads.unetr import UNETRHead
+
+    src = Path(__file__).resolve().parents[2] / "bench" / "checkpoints" / "e2e-tiny-0.5um-1400steps.safetensors"
+    net = NucleiNet(build_backbone("tiny", seed=0),
+                    UNETRHead(192, CONSEP.num_classes, decoder_channels=(16, 32, 64, 128)))
+    _load_init(net, str(src))
+    saved = _weights(src)
+    got = {**{"backbone." + k: v for k, v in net.backbone.model.state_dict().items()},
+           **net.head.state_dict()}
+    for k, v in saved.items():
+        assert torch.equal(got[k], v), k
+
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(src, copy)
+    a = E2ETrainConfig(init_from=str(src)).identity()
+    assert a == E2ETrainConfig(init_from=str(copy)).identity()  # the weights count, not the path
+    assert a != E2ETrainConfig().identity() and "init_from" not in E2ETrainConfig().identity()
+
+    plain = tmp_path / "no-backbone.safetensors"  # a frozen-backbone head cannot seed end-to-end training
+    save_nuclei_head(plain, UNETRHead(192, CONSEP.num_classes), profile=CONSEP, backbone_id="tiny",
+                     backbone_hash="x", nuclei_mpp=0.5)
+    with pytest.raises(ConfigError, match="no-backbone.safetensors.*embedded"):
+        _load_init(net, str(plain))
+    with pytest.raises(ConfigError, match="missing.safetensors"):
+        E2ETrainConfig(init_from=str(tmp_path / "missing.safetensors")).identity()
+
+
+def test_balanced_type_weights_favour_rare_types(consep):
+    from cellvit_optimus.engine.train_e2e import _class_weights
+
+    pools = _pools(consep[:8], 0.5)
+    w = _class_weights(pools, 4).numpy()
+    counts = np.zeros(5)
+    for t in pools[0].types:
+        counts += np.bincount(t.ravel(), minlength=5)[:5]
+    present = counts > 0
+    assert w[present].mean() == pytest.approx(1.0)
+    order = np.argsort(counts[present])  # rarer type -> larger weight
+    assert np.all(np.diff(w[present][order]) <= 1e-6)
