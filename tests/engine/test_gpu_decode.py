@@ -447,6 +447,7 @@ def test_gpu_regions_agree_with_the_cpu_path(slide, locations, decoder):
         tiles = r.read_tiles(locations, 224, 0.7)
         d = np.abs(tiles.cpu().numpy().astype(int) - slide.read_tiles(locations, 224, 0.7))
         assert d.mean() <= 1.0, f"{decoder} at 0.7 um/px: mean abs diff {d.mean():.3f}"
+        assert r.fallbacks == 0, f"{decoder} fell back to the host reader: {r.fallback_reason}"
 
 
 @pytest.mark.gpu
