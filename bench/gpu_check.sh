@@ -42,7 +42,9 @@ prepare() {
   # shared data next to the repo, as the tests' default (tests/conftest.py)
   local shared=${OPTIMUS_SHARED_DATA:-../shared/data}
   mkdir -p "$WHEELS"
-  if ! "$PY" -m pip download -q --no-deps "${PLATFORM[@]}" -d "$WHEELS" -r bench/gpu_wheels.txt; then
+  # ("!name" lines mark what is knowingly not carried: not for pip)
+  if ! "$PY" -m pip download -q --no-deps "${PLATFORM[@]}" -d "$WHEELS" \
+      -r <(grep -v '^[[:space:]]*!' bench/gpu_wheels.txt); then
     say "prepare: wheels" FAILED "pip download failed"; return 1
   fi
   # one version of each package only: two stop the install on the machine
@@ -85,9 +87,7 @@ status=0
 # -- 1. what travels ------------------------------------------------------------------------------------------
 if [ "$MODE" = dry-run ]; then
   export GPU_CHECK_DRY_RUN=1
-  if [ ! -d "$WHEELS" ] || [ -z "$(ls "$WHEELS" 2>/dev/null)" ]; then
-    prepare || status=1
-  fi
+  prepare || status=1  # (pip download skips the wheels already there)
   "$PY" bench/gpu_check.py carry-size . "$CARRY" || status=1
   "$PY" bench/gpu_check.py requirements "$WHEELS" || status=1
   # the carried wheels install on CPython 3.12 (resolved for that interpreter, nothing fetched)
