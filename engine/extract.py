@@ -100,6 +100,12 @@ class TileReadPath:
                 raise  # asked for by name: the slide fails with the message naming the package
             job.info.update(decoder="slide", decoder_reason=f"GPU decode unavailable: {exc}")
             return
+        except Exception as exc:  # noqa: BLE001  a decoder that fails to start (DALI pipeline, cuCIM)
+            if self.decoder != "auto":
+                raise
+            job.info.update(decoder="slide", decoder_reason=f"GPU decoder failed to start: {type(exc).__name__}: "
+                            f"{exc}".splitlines()[0])
+            return
         if self.decoder == "auto":
             with self._lock:
                 if self._auto is None:
@@ -126,6 +132,9 @@ class TileReadPath:
         locs = [tuple(c) for c in grid.coords[idx].tolist()]
         source = job.reader if job.reader is not None else job.slide
         tiles = source.read_tiles(locs, grid.tile_size, grid.target_mpp)
+        fallback = getattr(job.reader, "fallback_reason", None)
+        if fallback is not None:  # the GPU decoder failed on some batches: the host reader read them
+            job.info.update(decoder_fallback=fallback, decoder_fallbacks=job.reader.fallbacks)
         return tiles, tile_quality(tiles)
 
 
