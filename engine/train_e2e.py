@@ -322,14 +322,10 @@ def make_batch(step: int, cfg: E2ETrainConfig, pools: Sequence[_Pool], negatives
 
 # ---------------------------------------------------------------------------------------------- training
 def _save_state(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    try:
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _load_state(path: Path) -> dict[str, Any]:
@@ -372,11 +368,10 @@ def train_nuclei_e2e(
         state is an error, so a run is never silently restarted or overwritten
     progress : called with every log record (step, losses, lr, seconds per step, ETA, val metrics)
     """
-    import torch.nn.functional as F
 
     from cellvit_optimus.heads.backbone import build_backbone
     from cellvit_optimus.heads.checkpoint import save_nuclei_head, state_hash
-    from cellvit_optimus.heads.losses import LossWeights, NucleiLoss, dice_loss, focal_tversky_loss
+    from cellvit_optimus.heads.losses import LossWeights, NucleiLoss, typed_nt_loss
     from cellvit_optimus.heads.unetr import UNETRHead
 
     from .train import _profile_for
@@ -471,14 +466,10 @@ def train_nuclei_e2e(
         total = loss.total
         # the NT terms of the whole batch have weight 0 here: NT is added below on the typed items only
         terms = {k: float(v) for k, v in loss.terms.items() if not k.startswith("nt_")}
-        typed = torch.from_numpy(b["typed"])
-        if typed.any():  # NT only where the source has types (MoNuSeg has none)
-            lg, tg = out_.nt_logits[typed], nt_t[typed]
-            nt_terms = {"nt_ce": F.cross_entropy(lg, tg, weight=nt_weight), "nt_dice": dice_loss(lg, tg),
-                        "nt_ft": focal_tversky_loss(lg, tg)}
-            total = total + lw.nt_ce * nt_terms["nt_ce"] + lw.nt_dice * nt_terms["nt_dice"] + \
-                lw.nt_ft * nt_terms["nt_ft"]
-            terms.update({k: float(v.detach()) for k, v in nt_terms.items()})
+        nt = typed_nt_loss(out_.nt_logits, nt_t, torch.from_numpy(b["typed"]), lw, nt_weight)
+        if nt is not None:
+            total = total + nt[0]
+            terms.update(nt[1])
         if not torch.isfinite(total):
             raise ConfigError(f"training diverged at step {step + 1} (loss {float(total)}); lower --lr")
         opt.zero_grad(set_to_none=True)
@@ -531,12 +522,10 @@ def train_nuclei_e2e(
         ckpt = Path(out)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         from .io import atomic_path
-        from .train import _readable
 
         with atomic_path(ckpt) as tmp:
             save_nuclei_head(tmp, net.head, profile=prof, backbone_id=preset.name,
                              backbone_hash=state_hash(bb_state), nuclei_mpp=cfg.nuclei_mpp,
                              extra=record, backbone_state=bb_state)
-        _readable(ckpt)
     return E2ETrainResult(ckpt, finished, step, history, seconds, record)
 
