@@ -441,7 +441,47 @@ def score_predictions(samples: Sequence[Any], pred_maps: Sequence[np.ndarray],
         "recall_det": round(tp / (tp + fn), 4) if tp + fn else None,
     }
     if typed and pred_types is not None:
-        res["mpq"] = round(mpq([trues[i] for i in typed], [preds[i] for i in typed],
-                               [instance_types(trues[i], samples[i].type_map) for i in typed],
-                               [pred_types[i] for i in typed], classes=range(1, num_classes + 1)), 4)
+        tt = [trues[i] for i in typed]
+        pp = [preds[i] for i in typed]
+        true_luts = [instance_types(trues[i], samples[i].type_map) for i in typed]
+        pred_luts = [np.asarray(pred_types[i]) for i in typed]
+        res["mpq"] = round(mpq(tt, pp, true_luts, pred_luts, classes=range(1, num_classes + 1)), 4)
+        res["per_class"] = _per_class(tt, pp, true_luts, pred_luts, [samples[i].mpp for i in typed], num_classes)
     return res
+
+
+def _per_class(trues: Sequence[np.ndarray], preds: Sequence[np.ndarray], true_luts: Sequence[np.ndarray],
+               pred_luts: Sequence[np.ndarray], mpps: Sequence[float], num_classes: int) -> dict[str, Any]:
+    """Per class id: ground-truth count, recall (found *and* given this class), HoVer-Net F_c and PQ."""
+    from cellvit_optimus.kernels import detection_scores, mpq, pair_centroids
+
+    def ids_types(inst: np.ndarray, lut: np.ndarray) -> np.ndarray:
+        ids = np.unique(inst)
+        ids = ids[ids > 0]
+        return lut[ids] if ids.size else np.zeros(0, np.int64)
+
+    found = np.zeros(num_classes + 1, np.int64)
+    total = np.zeros(num_classes + 1, np.int64)
+    ta, pa, tt, pt = [], [], [], []
+    for t, p, tl, pl, mpp in zip(trues, preds, true_luts, pred_luts, mpps):
+        txy, pxy = _centroids(t), _centroids(p)
+        ttyp, ptyp = ids_types(t, tl), ids_types(p, pl)
+        pairs, _, _ = pair_centroids(txy, pxy, 12.0 * 0.25 / mpp)
+        total += np.bincount(ttyp, minlength=num_classes + 1)[: num_classes + 1]
+        ok = ttyp[pairs[:, 0]][ttyp[pairs[:, 0]] == ptyp[pairs[:, 1]]]
+        found += np.bincount(ok, minlength=num_classes + 1)[: num_classes + 1]
+        ta.append(txy)
+        pa.append(pxy)
+        tt.append(ttyp)
+        pt.append(ptyp)
+    # one radius for the F_c pooling: the samples of one evaluation share a resolution
+    f_c = detection_scores(ta, pa, tt, pt, radius=12.0 * 0.25 / float(np.mean(mpps)),
+                           classes=range(1, num_classes + 1)).type_f1
+    out: dict[str, Any] = {}
+    for c in range(1, num_classes + 1):
+        pq_c = mpq(trues, preds, true_luts, pred_luts, classes=[c])
+        out[str(c)] = {"n_true": int(total[c]),
+                       "recall": round(float(found[c] / total[c]), 4) if total[c] else None,
+                       "f1": round(float(f_c[c]), 4) if np.isfinite(f_c[c]) else None,
+                       "pq": round(float(pq_c), 4) if np.isfinite(pq_c) else None}
+    return out
