@@ -4,9 +4,9 @@
 
 The images are bench/train_default_nuclei.py's VAL groups (kept out of training, not the held-out set
 that bench/eval_nuclei.py scores). The model runs once per image (its maps are cached); then a grid
-over the marker rule (``optimus`` / ``hovernet``), ``np_threshold``, ``marker_threshold`` and
-``keep_unmarked`` is scored by the mean of the per-source bPQ (CoNSeP and MoNuSeg count alike), ties
-broken by detection F1. The minimum nucleus area (um^2) is chosen after that, on the best rule, as the
+over the marker rule (``optimus`` with ``marker_slope`` / ``hovernet`` with ``marker_threshold``),
+``np_threshold`` and ``keep_unmarked`` is scored by the mean of the per-source bPQ (CoNSeP and MoNuSeg
+count alike), ties broken by detection F1. The minimum nucleus area (um^2) is chosen after that, on the best rule, as the
 largest value that costs no bPQ and no detection F1 (it removes specks, so it must not remove nuclei).
 ``--stamp DST`` writes the checkpoint again with the choice in its training record (``postprocess``),
 keeping its embedded backbone; :class:`cellvit_optimus.engine.nuclei.NucleiModel` applies it.
@@ -26,8 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_default_nuclei import splits  # noqa: E402
 
-GRID = {"mode": ("optimus", "hovernet"), "np_threshold": (0.4, 0.5, 0.6, 0.7),
-        "marker_threshold": (0.3, 0.4, 0.5), "keep_unmarked": (True, False)}
+#: each marker rule with the parameter that moves it (``marker_threshold`` is unused by "optimus",
+#: ``marker_slope`` by "hovernet")
+GRID = {"optimus": {"np_threshold": (0.4, 0.5, 0.6, 0.7), "marker_slope": (0.005, 0.01, 0.02),
+                    "keep_unmarked": (True, False)},
+        "hovernet": {"np_threshold": (0.4, 0.5, 0.6, 0.7), "marker_threshold": (0.3, 0.4, 0.5),
+                     "keep_unmarked": (True, False)}}
 MIN_AREAS_UM2 = (0.0, 4.0, 8.0, 12.0, 16.0)
 
 
@@ -87,8 +91,9 @@ def main() -> None:
     model.predict = cached
     t0 = time.perf_counter()
     rows = []
-    for values in itertools.product(*GRID.values()):
-        kw = dict(zip(GRID, values))
+    combos = [{"mode": mode, **dict(zip(axes, values))}
+              for mode, axes in GRID.items() for values in itertools.product(*axes.values())]
+    for kw in combos:
         r = score(model, val, PostProcessConfig(**kw))
         rows.append({"post": kw, **r})
         print(json.dumps(rows[-1]), flush=True)
