@@ -16,7 +16,17 @@ from pathlib import Path
 
 import click
 
-from .cli_params import DEVICE, MPP, SLIDE_SUFFIXES, validate_device
+from .cli_params import (
+    DEVICE,
+    MPP,
+    NON_NEGATIVE,
+    POSITIVE,
+    SLIDE_SUFFIXES,
+    existing_file,
+    resolve_device,
+    validate_device,
+    writable_dir,
+)
 from .errors import OptimusError
 
 __all__ = ("main", "cli", "EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "MPP", "DEVICE", "validate_device",
@@ -40,17 +50,9 @@ _TARGET_MPP = click.FloatRange(0.01, 50)
 _FRACTION = click.FloatRange(0.0, 1.0)
 #: extract.DECODERS, repeated so that parsing the command line imports no numpy (a test keeps them equal)
 _DECODERS = ("auto", "slide", "dali", "cucim", "reference")
-_POSITIVE = click.IntRange(min=1)
-_NON_NEGATIVE = click.IntRange(min=0)
-
-
-def _existing_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """click callback for weights that may also name the Hugging Face cache (``hf-hub[:repo]``)"""
-    if value is None or value.startswith("hf-hub"):
-        return value
-    if not Path(value).is_file():
-        raise click.BadParameter(f"{value}: no such file", ctx=ctx, param=param)
-    return value
+_POSITIVE = POSITIVE
+_NON_NEGATIVE = NON_NEGATIVE
+_existing_file = existing_file
 
 
 def _outputs(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
@@ -193,7 +195,7 @@ _BACKEND_HELP = ("slide reader: auto (DICOM files: the DICOM reader, then OpenSl
 @cli.command()
 @click.argument("slides", nargs=-1, type=click.Path())
 @_tiling_options
-@click.option("--thumbnails", "thumbnail_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--thumbnails", "thumbnail_dir", type=click.Path(file_okay=False), default=None, callback=writable_dir,
               help="write a PNG per slide with the tissue mask and the tile grid drawn on it")
 @click.option("--json", "as_json", is_flag=True, help="print the facts as JSON instead of a table")
 def inspect(slides, mpp, target_mpp, tile_size, overlap, min_tissue, backend, recursive, thumbnail_dir, as_json):
@@ -275,12 +277,7 @@ def _backbone_options(f):
     return f
 
 
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+_device = resolve_device
 
 
 def _make_runner(backbone, weights, device, dtype, batch_size, vram_gb, tokens=False):
@@ -323,11 +320,14 @@ class _Bars:
 
 @cli.command()
 @click.argument("slides", nargs=-1, type=click.Path())
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="output folder")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), callback=writable_dir, required=True,
+              help="output folder")
 @_tiling_options
 @_backbone_options
+@click.option("--clam-layout", is_flag=True,
+              help="also make OUT a CLAM feature folder: OUT/h5_files (link to features/) and OUT/pt_files/*.pt")
 def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, backend, recursive, backbone,
-            weights, device, dtype, batch_size, vram_gb, workers, decoder, quiet):
+            weights, device, dtype, batch_size, vram_gb, workers, decoder, quiet, clam_layout):
     """Tile embeddings of SLIDES into OUT/features/<slide>.h5 (CLAM/Trident layout; a versioned cache)."""
     overlap = _overlap_fraction(overlap, tile_size)
     paths, skipped = _inputs(slides, recursive)
@@ -355,14 +355,22 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
         click.echo(f"{'cached' if r.cached else 'done  '} {r.path}: {r.tiles} tiles -> {r.info.get('features')}")
     for f in bad:
         click.echo(f"FAILED {f.message}", err=True)
+    if clam_layout and ok:
+        from .features import write_clam_layout
+
+        try:
+            write_clam_layout(out_dir)
+        except OptimusError as exc:
+            raise click.UsageError(str(exc)) from exc
+        click.echo(f"CLAM layout: {Path(out_dir) / 'h5_files'}, {Path(out_dir) / 'pt_files'}")
     _print_skipped(skipped)
     sys.exit(_exit_code(len(ok), len(bad)))
 
 
 @cli.command()
 @click.argument("slides", nargs=-1, type=click.Path())
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out", show_default=True,
-              help="output folder")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), callback=writable_dir, default="out",
+              show_default=True, help="output folder")
 @click.option("--mpp", type=MPP, default=None,
               help="level-0 microns per pixel, overriding or replacing the slide's metadata")
 @click.option("--nuclei-mpp", type=_TARGET_MPP, default=None,
@@ -394,6 +402,8 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 @click.option("--workers", type=_POSITIVE, default=2, show_default=True, help="slide reader threads")
 @click.option("--decoder", type=click.Choice(_DECODERS), default="auto", show_default=True, help=_DECODER_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars (services, logs)")
+@click.option("--gzip", "gzip_cells", is_flag=True,
+              help="write cells.geojson.gz (gzip; QuPath imports .geojson/.json/.zip: gunzip before importing)")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="distribute slides over a Ray cluster (no value: start/attach locally; 'auto'; "
                    "'ray://head:10001')")
@@ -403,10 +413,10 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
               help="CPUs per CPU-only actor")
 def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, recursive, nuclei_weights,
            backbone_weights, mil_weights, thresholds, ood_state, shadow_slides, site_id, outputs, device, batch_size,
-           workers, decoder, quiet, ray_address, ray_actors, ray_cpus_per_actor):
+           workers, decoder, quiet, gzip_cells, ray_address, ray_actors, ray_cpus_per_actor):
     """Triage SLIDES (files or folders; default: the bundled real slide) into a ranked worklist.
 
-    Writes per slide OUT/<slide>/{cells.geojson, regions.geojson, overview.png, summary.json} and
+    Writes per slide OUT/<slide>/{cells.geojson[.gz], regions.geojson, overview.png, summary.json} and
     OUT/features/<slide>.h5, and per batch OUT/worklist.{csv,json} (failed inputs and skipped folder
     entries listed with their reasons). Exit code: 0 complete, 1 partial (some slides failed; see the
     worklist), 2 failed or a bad argument.
@@ -421,7 +431,8 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
         config = TriageConfig(scheduler=SchedulerConfig(batch_tiles=batch_size, reader_threads=workers), mpp=mpp,
                               backend=backend, decoder=decoder, nuclei_mpp=nuclei_mpp, overlap_px=overlap_px,
                               min_tissue_fraction=min_tissue, outputs=outputs, thresholds=thresholds,
-                              ood_state=ood_state, shadow_slides=shadow_slides, site_id=site_id)
+                              ood_state=ood_state, shadow_slides=shadow_slides, site_id=site_id,
+                              gzip_cells=gzip_cells)
         weights = dict(nuclei_weights=nuclei_weights, backbone_weights=backbone_weights, mil_weights=mil_weights,
                        device=device, batch_size=batch_size)
         if ray_address is None:

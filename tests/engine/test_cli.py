@@ -59,6 +59,7 @@ def test_bad_option_is_a_usage_error():
     assert res.exit_code == 2 and "'--overlap'" in res.output and "0.95 of a tile" in res.output
 
 
+TRAIN = ("--dataset", "consep", "--out", "x/m.safetensors")
 BAD_ARGUMENTS = [
     (["triage", "--mpp", "-1"], "'--mpp'", "-1.0 is not in the range"),
     (["triage", "--mpp", "0"], "'--mpp'", "0.0 is not in the range"),
@@ -83,6 +84,21 @@ BAD_ARGUMENTS = [
     (["extract", "--out", "x", "--min-tissue", "2"], "'--min-tissue'", "2.0 is not in the range"),
     (["extract", "--out", "x", "--vram-gb", "0"], "'--vram-gb'", "0.0 is not in the range"),
     (["extract", "--out", "x", "--weights", "no-such.pt"], "'--weights'", "no such file"),
+    (["segment", "a.png", "--out", "x", "--mpp", "-1"], "'--mpp'", "-1.0 is not in the range"),
+    (["segment", "a.png", "--out", "x", "--mpp", "0.25", "--device", "tpu"], "'--device'", "'tpu' is not a device"),
+    (["segment", "a.png", "--out", "x", "--mpp", "0.25", "--overlap", "-1"], "'--overlap'", "-1 is not in the range"),
+    (["segment", "a.png", "--out", "x", "--mpp", "0.25"], "IMAGES", "a.png: no such file"),
+    (["train", "nuclei", *TRAIN, "--mpp", "0"], "'--mpp'", "0.0 is not in the range"),
+    (["train", "nuclei", *TRAIN, "--source-mpp", "-1"], "'--source-mpp'", "-1.0 is not in the range"),
+    (["train", "nuclei", *TRAIN, "--batch-size", "0"], "'--batch-size'", "0 is not in the range"),
+    (["train", "nuclei", *TRAIN, "--crop", "100"], "'--crop'", "100 is not a multiple of 14"),
+    (["train", "nuclei", *TRAIN, "--decoder-channels", "16,32"], "'--decoder-channels'", "expected 4 positive"),
+    (["train", "nuclei", *TRAIN, "--end-to-end", "--steps", "0"], "'--steps'", "0 is not in the range"),
+    (["train", "nuclei", *TRAIN, "--end-to-end", "--checkpoint-every", "-5"], "'--checkpoint-every'",
+     "-5 is not in the range"),
+    (["train", "nuclei", *TRAIN, "--end-to-end", "--eval-every", "0"], "'--eval-every'", "0 is not in the range"),
+    (["train", "nuclei", *TRAIN, "--end-to-end", "--negatives", "no-such.svs"], "'--negatives'", "does not exist"),
+    (["train", "mil", ".", ".", "--out", "m.safetensors", "--epochs", "0"], "'--epochs'", "0 is not in the range"),
 ]
 
 
@@ -95,6 +111,19 @@ def test_bad_argument_names_the_flag_and_exits_2(args, flag, why, tmp_path, monk
     assert len(error) == 1 and flag in error[0] and why in error[0], res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("args", [["triage", "--out", "f/sub"], ["extract", "--out", "f"],
+                                  ["segment", "a.png", "--mpp", "0.25", "--out", "f"],
+                                  ["train", "nuclei", "--dataset", "consep", "--out", "f/m.safetensors"],
+                                  ["inspect", "--thumbnails", "f/t"]], ids=lambda a: " ".join(a[:2]))
+def test_output_under_a_file_is_a_usage_error(args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f").write_text("a file, not a folder\n")
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    [error] = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert "is a file" in error and "'--out'" in error or "'--thumbnails'" in error, error
 
 
 def test_folder_inputs_list_what_is_skipped_and_why(tmp_path, slides_dir):
@@ -143,3 +172,32 @@ def test_cli_decoder_choices_and_slide_suffixes_are_the_engines():
 
     assert cli_module._DECODERS == DECODERS
     assert SLIDE_SUFFIXES == inspect.signature(iter_slide_paths).parameters["suffixes"].default
+
+
+def test_triage_gzip_writes_compressed_cells(tmp_path, slides_dir):
+    import gzip
+
+    from cellvit_optimus.engine.cells import CellTable
+
+    r = CliRunner().invoke(cli, ["triage", str(slides_dir / "cmu-1-small-region.svs"), "--out", str(tmp_path),
+                                 "--nuclei-mpp", "4", "--overlap", "32", "--device", "cpu", "--gzip", "-q"])
+    assert r.exit_code == EXIT_OK, r.output
+    sdir = tmp_path / "cmu-1-small-region"
+    assert sorted(p.name for p in sdir.iterdir()) == ["cells.geojson.gz", "overview.png", "regions.geojson",
+                                                     "summary.json"]
+    doc = json.loads(gzip.decompress((sdir / "cells.geojson.gz").read_bytes()))
+    summary = json.loads((sdir / "summary.json").read_text())
+    assert len(doc["features"]) == summary["result"]["nuclei"] == sum(summary["result"]["counts"].values())
+    assert len(CellTable.from_geojson(sdir / "cells.geojson.gz")) == len(doc["features"])
+
+
+def test_extract_clam_layout(tmp_path, slides_dir):
+    import torch
+
+    r = CliRunner().invoke(cli, ["extract", str(slides_dir / "cmu-1-small-region.svs"), "--out", str(tmp_path),
+                                 "--backbone", "tiny", "--target-mpp", "2.0", "--device", "cpu", "--clam-layout",
+                                 "-q"])
+    assert r.exit_code == EXIT_OK, r.output
+    assert (tmp_path / "h5_files").is_symlink() and (tmp_path / "h5_files" / "cmu-1-small-region.h5").is_file()
+    x = torch.load(tmp_path / "pt_files" / "cmu-1-small-region.pt")
+    assert x.shape[1] == 192 and x.dtype == torch.float32
