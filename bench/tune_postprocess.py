@@ -93,8 +93,14 @@ def main() -> None:
     rows = []
     combos = [{"mode": mode, **dict(zip(axes, values))}
               for mode, axes in GRID.items() for values in itertools.product(*axes.values())]
+    failed = []
     for kw in combos:
-        r = score(model, val, PostProcessConfig(**kw))
+        try:
+            r = score(model, val, PostProcessConfig(**kw))
+        except ValueError as exc:  # a kernel invariant broken by this setting: recorded, never chosen
+            failed.append({"post": kw, "error": str(exc)})
+            print(json.dumps(failed[-1]), flush=True)
+            continue
         rows.append({"post": kw, **r})
         print(json.dumps(rows[-1]), flush=True)
     best = max(rows, key=lambda r: (r["mean_bpq"], r["mean_f1"]))
@@ -108,7 +114,7 @@ def main() -> None:
     chosen = max(ok, key=lambda r: r["post"]["min_area_um2"])
     default = score(model, val, PostProcessConfig())
     result = {"checkpoint": Path(a.checkpoint).name, "val_groups": sorted({s.group for s in val}),
-              "default_post": default, "chosen": chosen, "grid": rows, "min_area": areas,
+              "default_post": default, "chosen": chosen, "grid": rows, "failed": failed, "min_area": areas,
               "seconds": round(time.perf_counter() - t0, 1)}
     print("CHOSEN", json.dumps(chosen), "\nDEFAULT", json.dumps(default), flush=True)
     if a.json:
