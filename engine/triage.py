@@ -13,7 +13,10 @@ When a slide's last batch is in: OOD scores (the backbone embedding next to per-
 sharpness statistics, the recipe of the OOD state), conformal nucleus-type set sizes, trust tags per
 tile / region / slide (shadow mode for a new site), MIL score or the fallback priority, and the outputs (cells and regions GeoJSON for
 QuPath, an overview PNG, ``summary.json`` last). Every file is written atomically; ``summary.json``
-marks a finished slide, so a rerun skips it (its features are reused through the cache either way).
+marks a finished slide, so a rerun skips it when its run key, path and slide fingerprint (size, mtime,
+content samples) all match; an unreadable or malformed summary is moved aside and the slide recomputed.
+A run holds the output folder's lock for its whole length (:func:`~.io.folder_lock`), and each slide
+writes under its :func:`~.io.output_name`, which cannot leave the folder or hit its reserved names.
 
 Fallback priority (no MIL checkpoint): the density of nuclei typed as epithelial or inflammatory
 per mm^2 of analysed tissue, divided by 5,000 and clipped to [0, 1] — a crude proxy for cellular,
@@ -29,7 +32,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,10 +40,11 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
-from .extract import FeatureExtractor, TileReadPath, feature_path, open_job_for
+from .extract import FeatureExtractor, TileReadPath, job_fingerprint, open_job_for
 from .features import slide_fingerprint
 from .inspect import Failure
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_png, clean_stale_temporaries
+from .io import (atomic_write_bytes, atomic_write_json, atomic_write_png, clean_stale_temporaries, folder_lock,
+                 move_aside, output_names)
 from .scheduler import Progress, SchedulerConfig, SlideDone, SlideJob, TileBatch, run_pipeline
 from .tissue import TilingConfig, TissueConfig, draw_overlay
 
@@ -73,6 +77,7 @@ class TriageConfig:
     shadow_slides: int = 30  # cold start: the first N slides of a site are never cleared
     site_state: str | None = None  # shadow-mode counter file; default OUT/site_state.json
     site_id: str = "default"
+    lock_timeout_s: float | None = None  # a second run on a locked output folder waits this long (None: until free)
 
     def __post_init__(self) -> None:
         unknown = set(self.outputs) - set(OUTPUTS)
@@ -84,6 +89,8 @@ class TriageConfig:
             raise ConfigError(f"overlap_px={self.overlap_px} must be >= 0")
         if self.shadow_slides < 0:
             raise ConfigError(f"shadow_slides={self.shadow_slides} must be >= 0")
+        if self.lock_timeout_s is not None and not self.lock_timeout_s >= 0:
+            raise ConfigError(f"lock_timeout_s={self.lock_timeout_s} must be >= 0 (or None: wait until free)")
         from .extract import DECODERS
 
         if self.decoder not in DECODERS:
@@ -256,6 +263,11 @@ class Engine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = NucleiModel(nuclei_weights, backbone_weights=backbone_weights, device=device,
                                  batch_size=batch_size)
+        from cellvit_optimus.heads.backbone import check_finite
+
+        # NaN/inf weights would give all-NaN outputs that still look like a finished slide
+        # (backbone weights files are checked as they load, in load_state_dict_file)
+        check_finite(self.model.head, self.model.path or nuclei_weights, " (nuclei head)")
         self.nuclei_mpp = float(self.config.nuclei_mpp or self.model.nuclei_mpp)
         # the checkpoint's tuned post-processing; its sizes are HoVer-Net's at 0.25 um/px (40x)
         self.post = (getattr(self.model, "post", None) or PostProcessConfig()).scaled(0.25 / self.nuclei_mpp)
@@ -265,6 +277,7 @@ class Engine:
 
             self.mil = load_mil(mil_weights, backbone_id=self.model.runner.preset.name,
                                 backbone_hash=self.model.runner.weights_id).model
+            check_finite(self.mil, mil_weights, " (MIL head)")
         self.thresholds = self._load_thresholds()
         self.ood = self._load_ood()
         self.tiling = TilingConfig(tile_size=self.model.tile_size, target_mpp=self.nuclei_mpp,
@@ -386,32 +399,56 @@ class Engine:
         return self._worklist(Path(out_dir), got)
 
     async def stream(self, slides: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
-                     progress: Callable[[Progress], None] | None = None, *, clean_temporaries: bool = True
-                     ) -> AsyncIterator[SlideResult | Failure]:
+                     progress: Callable[[Progress], None] | None = None, *, clean_temporaries: bool = True,
+                     names: Mapping[str, str] | None = None) -> AsyncIterator[SlideResult | Failure]:
         """per-slide results (features, nuclei, tags and outputs written)
 
         Slides are finalised, and so counted by shadow mode, in input order: a slide that finishes
-        early waits for the ones before it, so tags never depend on timing. ``clean_temporaries=False``
-        leaves other writers' temporaries alone (several engines sharing one output folder).
+        early waits for the ones before it, so tags never depend on timing. The run holds the output
+        folder's lock throughout (another run waits ``config.lock_timeout_s``, then gets
+        :class:`~.errors.OutputLockedError`). ``clean_temporaries=False`` is for workers of a run that
+        already holds the lock elsewhere (Ray actors): no lock, no clean-up. ``names`` maps
+        ``str(path)`` to output names (default: :func:`~.io.output_names` of this batch).
         """
         import anyio
 
-        from .extract import _check_unique_stems
-        from .inspect import failure_from
-
         out = Path(out_dir)
+        lock = folder_lock(out, self.config.lock_timeout_s) if clean_temporaries else None
 
         def prepare_folder() -> None:
             out.mkdir(parents=True, exist_ok=True)
-            if clean_temporaries:  # walks the whole output tree: file-system work, kept off the host's loop
+            if lock is not None:
+                lock.__enter__()  # waits for another run on this folder (in a thread: the host's loop runs on)
+                # walks the whole output tree: file-system work, kept off the host's loop; safe under the
+                # lock, since no other run writes here now
                 clean_stale_temporaries(out)
 
         await anyio.to_thread.run_sync(prepare_folder)
-        paths = [Path(p) for p in slides]
-        _check_unique_stems(paths)
+        try:
+            async for r in self._stream_locked(slides, out, progress, names):
+                yield r
+        finally:
+            if lock is not None:
+                lock.__exit__(None, None, None)
+
+    async def _stream_locked(self, slides: Sequence[str | os.PathLike[str]], out: Path,
+                             progress: Callable[[Progress], None] | None,
+                             names: Mapping[str, str] | None) -> AsyncIterator[SlideResult | Failure]:
+        import anyio
+
+        from .inspect import failure_from
+
+        paths: list[Path] = []
+        seen: set[str] = set()
+        for p in slides:
+            if os.path.abspath(p) in seen:  # the same file twice would write its outputs twice at once
+                log.warning("%s: given twice; triaged once", p)
+                continue
+            seen.add(os.path.abspath(p))
+            paths.append(Path(p))
         position = {str(p): i for i, p in enumerate(paths)}
         key = self.run_key()
-        factory = _TriageFactory(self, out, key)
+        factory = _TriageFactory(self, out, key, dict(names) if names is not None else output_names(paths))
         pending: dict[int, Any] = {}
         next_index = 0
 
@@ -447,7 +484,7 @@ class Engine:
         nuc: _NucleiConsumer = done.info.pop("_nuclei")
         grid, mask = job.grid, done.info.pop("_mask")
         assert grid is not None
-        name = job.path.stem
+        name = factory.name_of(job)
         sdir = out / name
         t0 = time.perf_counter()
         emb = nuc.embeddings if nuc.embeddings is not None else np.zeros((len(grid), 1), np.float32)
@@ -493,7 +530,7 @@ class Engine:
             source = "fallback"
         fractions = {t: round(tile_tags.count(t) / max(len(tile_tags), 1), 4) for t in _TAG_COLOURS}
 
-        outputs: dict[str, str] = {"features": str(feature_path(out, job.path))}
+        outputs: dict[str, str] = {"features": str(factory.features.path_for(job))}
         if "cells" in self.config.outputs:
             p = sdir / "cells.geojson"
             atomic_write_bytes(p, _cells_geojson(nuc, profile, tile_tags, set_sizes))
@@ -512,7 +549,8 @@ class Engine:
                              priority=round(priority, 6), priority_source=source, tiles=len(grid),
                              nuclei=len(nuc.types), counts=counts, tag_fractions=fractions, outputs=outputs,
                              timings=timings)
-        summary = {"run_key": key, "result": {k: v for k, v in result.to_dict().items() if k != "cached"},
+        summary = {"run_key": key, "slide_fingerprint": job_fingerprint(job),
+                   "result": {k: v for k, v in result.to_dict().items() if k != "cached"},
                    "tissue_mm2": round(tissue_mm2, 4), "nuclei_mpp": self.nuclei_mpp,
                    "regions": [{"tag": d.tag.value, "reason": d.reason} for d in tags.regions]}
         outputs["summary"] = str(sdir / "summary.json")
@@ -525,6 +563,7 @@ class Engine:
     def _worklist(out: Path, results: list[Any]) -> BatchResult:
         ok = [r for r in results if isinstance(r, SlideResult)]
         bad = [r for r in results if isinstance(r, Failure)]
+        names = output_names([r.path for r in results])  # the names the batch wrote under (symmetric in order)
         ranked = sorted(ok, key=lambda r: (-r.priority, r.name))
         rows = []
         for rank, r in enumerate(ranked, 1):
@@ -533,7 +572,7 @@ class Engine:
                          "tiles": r.tiles, "nuclei": r.nuclei, "review_fraction": r.tag_fractions["review"],
                          "out_of_domain_fraction": r.tag_fractions["out_of_domain"]})
         for f in bad:
-            rows.append({"rank": "", "slide": Path(f.path).stem, "path": f.path, "status": "failed",
+            rows.append({"rank": "", "slide": names.get(f.path, Path(f.path).stem), "path": f.path, "status": "failed",
                          "priority": "", "priority_source": "", "tag": "", "reason": f"{f.reason}: {f.message}",
                          "tiles": "", "nuclei": "", "review_fraction": "", "out_of_domain_fraction": ""})
         buf = io.StringIO()
@@ -550,10 +589,11 @@ class Engine:
 class _TriageFactory:
     """the scheduler's per-slide hooks for triage: open + grid, resume check, consumers"""
 
-    def __init__(self, engine: Engine, out: Path, key: str) -> None:
+    def __init__(self, engine: Engine, out: Path, key: str, names: dict[str, str] | None = None) -> None:
         self.engine = engine
         self.out = out
         self.key = key
+        self.names = names or {}
         self.blur: dict[int, np.ndarray] = {}
         runner = engine.model.runner
         from . import __version__
@@ -564,20 +604,22 @@ class _TriageFactory:
         norm = {"mean": list(runner.preset.mean), "std": list(runner.preset.std), "dtype": runner.dtype}
         self.features = FeatureExtractor(out, cfg, runner.preset.name, runner.weights_id, runner.embed_dim,
                                          norm, __version__)
+        self.features.names = self.names
         self.read_path = TileReadPath(cfg.decoder, str(runner.device))
         self.open_job = open_job_for(cfg, keep_mask=True, read_path=self.read_path)
 
+    def name_of(self, job: SlideJob) -> str:
+        from .io import output_name
+
+        return self.names.get(str(job.path)) or output_name(job.path)
+
     def prepare(self, job: SlideJob) -> dict[str, Any] | None:
-        summary = self.out / job.path.stem / "summary.json"
-        if summary.is_file():
-            try:
-                doc = json.loads(summary.read_text())
-            except (OSError, ValueError):
-                return None
-            if doc.get("run_key") == self.key and Path(doc["result"]["path"]) == job.path:
-                job.info.pop("_mask", None)
-                return {"result": doc["result"]}
-        self.features.prepare(job)  # sets the feature cache key
+        result = finished_result(self.out / self.name_of(job) / "summary.json", job.path, self.key,
+                                 job_fingerprint(job))
+        if result is not None:
+            job.info.pop("_mask", None)
+            return {"result": result}
+        self.features.prepare(job)  # sets the feature cache key (and moves a damaged feature file aside)
         return None
 
     def consumers(self, job: SlideJob) -> list[Any]:
@@ -610,6 +652,58 @@ class _TriageFactory:
 # --------------------------------------------------------------------------------------------------
 # outputs
 # --------------------------------------------------------------------------------------------------
+
+
+_RESULT_FIELDS = {"path": str, "name": str, "tag": str, "reason": str, "priority": (int, float),
+                  "priority_source": str, "tiles": int, "nuclei": int, "counts": dict, "tag_fractions": dict,
+                  "outputs": dict, "timings": dict}
+
+
+def _summary_problem(doc: Any) -> str | None:
+    """what makes a parsed summary.json unusable, or None"""
+    if not isinstance(doc, dict):
+        return f"summary is a JSON {type(doc).__name__}, not an object"
+    if not isinstance(doc.get("run_key"), str):
+        return "summary has no run key"
+    result = doc.get("result")
+    if not isinstance(result, dict):
+        return "summary has no result"
+    for k, t in _RESULT_FIELDS.items():
+        if not isinstance(result.get(k), t):
+            return f"summary result field {k!r} missing or of the wrong type"
+    if set(result) - set(_RESULT_FIELDS):
+        return f"summary result has unknown fields {sorted(set(result) - set(_RESULT_FIELDS))}"
+    return None
+
+
+def finished_result(summary: Path, slide: Path, key: str | None, fingerprint: str) -> dict[str, Any] | None:
+    """the resume rule: the recorded result when ``summary`` says this slide file (path and fingerprint)
+    was finished under run ``key``, else None. A summary that cannot be read or is malformed is moved
+    aside (warning naming it) so the slide is recomputed; one for another key, path or slide content
+    is simply overwritten by the recomputation."""
+    try:
+        text = summary.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        move_aside(summary, f"unreadable summary ({exc.strerror or exc})")
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        move_aside(summary, f"summary is not valid JSON ({exc})")
+        return None
+    problem = _summary_problem(doc)
+    if problem is not None:
+        move_aside(summary, problem)
+        return None
+    if doc["run_key"] != key or Path(doc["result"]["path"]) != slide:
+        return None
+    if doc.get("slide_fingerprint") != fingerprint:
+        log.warning("%s: %s changed since this summary was written (size, mtime or content); recomputing",
+                    summary, slide)
+        return None
+    return doc["result"]
 
 
 def _file_hash(path: Path | None) -> str:
