@@ -134,7 +134,8 @@ class OutputWriteError(OptimusError, OSError):
     def from_os_error(cls, path: str | PathLike[str], exc: OSError) -> OutputWriteError:
         import errno
 
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        # HDF5 reports a full disk inside its message ("errno = 28, ... No space left on device")
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc) or "errno = 28" in str(exc)
         where = f" writing {exc.filename}" if exc.filename and str(exc.filename) != str(path) else ""
         return cls(path, f"{exc.strerror or exc}{where}", "disk full" if full else None)
 
