@@ -279,7 +279,11 @@ async def aextract_features(paths: Sequence[str | os.PathLike[str]], out_dir: st
     from .io import clean_stale_temporaries, folder_lock, output_names
 
     config = config or ExtractConfig()
-    slides = [Path(p) for p in paths]
+    # the same file twice would write one feature file twice at once: once is enough
+    firsts: dict[str, Path] = {}
+    for p in paths:
+        firsts.setdefault(os.path.abspath(p), Path(p))
+    slides = list(firsts.values())
     out = Path(out_dir)
     extractor = _extractor(runner, out, config)
     extractor.names = output_names(slides)

@@ -419,9 +419,13 @@ class Engine:
             out.mkdir(parents=True, exist_ok=True)
             if lock is not None:
                 lock.__enter__()  # waits for another run on this folder (in a thread: the host's loop runs on)
-                # walks the whole output tree: file-system work, kept off the host's loop; safe under the
-                # lock, since no other run writes here now
-                clean_stale_temporaries(out)
+                try:
+                    # walks the whole output tree: file-system work, kept off the host's loop; safe under
+                    # the lock, since no other run writes here now
+                    clean_stale_temporaries(out)
+                except BaseException:
+                    lock.__exit__(None, None, None)
+                    raise
 
         await anyio.to_thread.run_sync(prepare_folder)
         try:
