@@ -25,6 +25,7 @@ inflamed or neoplastic tissue; slides whose tag is not ``reliable`` keep their r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -390,13 +391,40 @@ class Engine:
         """triage ``slides`` into ``out_dir``; returns the batch with its worklist"""
         import anyio
 
-        async def main() -> list[Any]:
-            return [r async for r in self.stream(slides, out_dir, progress)]
-
-        got = anyio.run(main)
+        out = Path(out_dir)
         order = {str(Path(p)): i for i, p in enumerate(slides)}
-        got.sort(key=lambda r: order.get(r.path, len(order)))
-        return self._worklist(Path(out_dir), got)
+
+        async def main() -> BatchResult:
+            async with self._own_folder(out):  # the worklist too is written under the folder's lock
+                got = [r async for r in self._stream_locked(slides, out, progress, None)]
+                got.sort(key=lambda r: order.get(r.path, len(order)))
+                return await anyio.to_thread.run_sync(self._worklist, out, got)
+
+        return anyio.run(main)
+
+    @contextlib.asynccontextmanager
+    async def _own_folder(self, out: Path) -> AsyncIterator[None]:
+        """hold ``out``'s lock (waiting in a thread: the host's loop runs on) and clean what dead runs left"""
+        import anyio
+
+        lock = folder_lock(out, self.config.lock_timeout_s)
+
+        def enter() -> None:
+            out.mkdir(parents=True, exist_ok=True)
+            lock.__enter__()
+            try:
+                # walks the whole output tree: file-system work, kept off the host's loop; safe under the
+                # lock, since no other run writes here now
+                clean_stale_temporaries(out)
+            except BaseException:
+                lock.__exit__(None, None, None)
+                raise
+
+        await anyio.to_thread.run_sync(enter)
+        try:
+            yield
+        finally:
+            lock.__exit__(None, None, None)
 
     async def stream(self, slides: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
                      progress: Callable[[Progress], None] | None = None, *, clean_temporaries: bool = True,
@@ -413,27 +441,14 @@ class Engine:
         import anyio
 
         out = Path(out_dir)
-        lock = folder_lock(out, self.config.lock_timeout_s) if clean_temporaries else None
-
-        def prepare_folder() -> None:
-            out.mkdir(parents=True, exist_ok=True)
-            if lock is not None:
-                lock.__enter__()  # waits for another run on this folder (in a thread: the host's loop runs on)
-                try:
-                    # walks the whole output tree: file-system work, kept off the host's loop; safe under
-                    # the lock, since no other run writes here now
-                    clean_stale_temporaries(out)
-                except BaseException:
-                    lock.__exit__(None, None, None)
-                    raise
-
-        await anyio.to_thread.run_sync(prepare_folder)
-        try:
+        if clean_temporaries:
+            async with self._own_folder(out):
+                async for r in self._stream_locked(slides, out, progress, names):
+                    yield r
+        else:
+            await anyio.to_thread.run_sync(lambda: out.mkdir(parents=True, exist_ok=True))
             async for r in self._stream_locked(slides, out, progress, names):
                 yield r
-        finally:
-            if lock is not None:
-                lock.__exit__(None, None, None)
 
     async def _stream_locked(self, slides: Sequence[str | os.PathLike[str]], out: Path,
                              progress: Callable[[Progress], None] | None,

@@ -267,11 +267,22 @@ def test_a_run_that_cannot_wait_fails_naming_the_folder_and_the_holder(tmp_path,
         pass
 
 
-def _cli(args: list[str], out: Path) -> subprocess.Popen:
+def _cli(args: list[str], out: Path, log: Path) -> subprocess.Popen:
+    """the CLI in a subprocess; its output goes to ``log``.out/.err files (an undrained pipe would block it)"""
     code = "from cellvit_optimus.engine.cli import main; main()"
     return subprocess.Popen([sys.executable, "-c", code, "triage", *args, "--out", str(out), "-q",
                              "--nuclei-mpp", "4", "--overlap", "32", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=open(f"{log}.out", "w"), stderr=open(f"{log}.err", "w"))
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float) -> tuple[str, str]:
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return Path(f"{log}.out").read_text(), Path(f"{log}.err").read_text()
 
 
 @pytest.mark.slow
@@ -280,8 +291,9 @@ def test_two_concurrent_cli_runs_on_one_folder_compute_each_slide_once(tmp_path,
     src.mkdir()
     slides = [shutil.copy(slides_dir / CMU, src / "a.svs"), shutil.copy(slides_dir / "prostate-small.dcm", src / "b.dcm")]
     out = tmp_path / "out"
-    runs = [_cli([str(s) for s in slides], out), _cli([str(s) for s in reversed(slides)], out)]
-    logs = [p.communicate(timeout=900) for p in runs]
+    runs = [_cli([str(s) for s in slides], out, tmp_path / "run1"),
+            _cli([str(s) for s in reversed(slides)], out, tmp_path / "run2")]
+    logs = [_finish(p, tmp_path / f"run{i + 1}", 1500) for i, p in enumerate(runs)]
     assert [p.returncode for p in runs] == [0, 0], logs
     lines = [ln for o, _ in logs for ln in o.splitlines() if ln.startswith(("done", "cached"))]
     for name in ("a", "b"):
@@ -342,6 +354,7 @@ def make_single_level_tiff(path: Path, side: int = 50_000, tile: int = 512, mpp:
     buf = io.BytesIO()
     tifffile.imwrite(buf, np.full((tile, tile, 3), 243, np.uint8), tile=(tile, tile), photometric="rgb",
                      compression="jpeg", compressionargs={"level": 30})
+    buf.seek(0)
     with tifffile.TiffFile(buf) as tf:
         page = tf.pages[0]
         enc = buf.getvalue()[page.dataoffsets[0]:page.dataoffsets[0] + page.databytecounts[0]]
@@ -440,8 +453,8 @@ def test_disk_full_fails_the_slide_with_a_named_error_and_leaves_no_temporaries(
 def test_disk_full_ends_the_cli_with_a_named_error_and_a_clean_exit(tmp_path, slides_dir):
     with _tiny_tmpfs(tmp_path / "small", "160k") as disk:
         out = disk / "out"
-        proc = _cli([str(slides_dir / CMU)], out)
-        stdout, stderr = proc.communicate(timeout=600)
+        proc = _cli([str(slides_dir / CMU)], out, tmp_path / "run")
+        stdout, stderr = _finish(proc, tmp_path / "run", 900)
         assert proc.returncode == 2, (stdout, stderr)  # every input failed: no traceback, no signal
         assert "Traceback" not in stderr, stderr[-3000:]
         assert "FAILED" in stderr and "disk full" in stderr and str(out) in stderr, stderr[-3000:]
