@@ -8,9 +8,25 @@ are no statistics: nothing is recorded and inputs are scaled down with :func:`sm
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-__all__ = ("record", "smoke")
+__all__ = ("gpu_batches", "record", "smoke")
+
+
+def gpu_batches(default: tuple[int, ...]) -> tuple[int, ...]:
+    """the GPU backbone benches' batch sizes: ``default``, or ``OPTIMUS_BENCH_GPU_BATCHES`` ("64,256"),
+    which bench/gpu_check.sh sets to trim the suite to its time slot"""
+    raw = os.environ.get("OPTIMUS_BENCH_GPU_BATCHES", "").strip()
+    if not raw:
+        return default
+    try:
+        sizes = tuple(int(v) for v in raw.split(","))
+    except ValueError as exc:
+        raise ValueError(f"OPTIMUS_BENCH_GPU_BATCHES={raw!r}: expected comma-separated integers") from exc
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"OPTIMUS_BENCH_GPU_BATCHES={raw!r}: batch sizes must be >= 1")
+    return sizes
 
 
 def smoke(benchmark: Any, full: int, small: int) -> int:

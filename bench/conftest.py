@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import (  # noqa: E402,F401  (re-exported fixtures)
@@ -21,6 +23,15 @@ from conftest import (  # noqa: E402,F401  (re-exported fixtures)
 
 # bench helpers (benchutil); appended, so that `conftest` above still resolves to tests/conftest.py
 sys.path.append(str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session")
+def hoptimus0_cpu():  # type: ignore[no-untyped-def]
+    """H-optimus-0's architecture, seeded random init, fp32 on the CPU: built once per session (a 1.1 B
+    parameter init takes tens of seconds) and shared; users deep-copy it before casting or moving it."""
+    from cellvit_optimus.heads import build_backbone
+
+    return build_backbone("hoptimus0", seed=0)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):  # type: ignore[no-untyped-def]

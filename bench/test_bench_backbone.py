@@ -28,8 +28,10 @@ import torch
 from cellvit_optimus.engine.runner import BackboneRunner
 from cellvit_optimus.heads import PRESETS, Backbone, build_backbone
 
+from benchutil import gpu_batches  # type: ignore[import-not-found]
+
 CPU_BATCH = 32
-GPU_BATCHES = (16, 32, 64, 128, 256)
+GPU_BATCHES = gpu_batches((16, 32, 64, 128, 256))
 GPU_BUDGET_GB = 12.0
 
 #: dense (no sparsity) FP16 tensor-core peak FLOP/s with FP32 accumulation (what PyTorch's fp16 GEMMs
@@ -132,9 +134,10 @@ def test_cpu_tiny_runner(benchmark, tiny_cpu: Backbone, tokens: bool) -> None:  
 
 
 @pytest.fixture(scope="module")
-def hopt_cpu() -> Backbone:
-    """H-optimus-0 architecture, random init, fp32 on the CPU (4.5 GB of host memory), built once."""
-    return build_backbone("hoptimus0", seed=0)
+def hopt_cpu(hoptimus0_cpu: Backbone) -> Backbone:
+    """H-optimus-0 architecture, random init, fp32 on the CPU (4.5 GB of host memory), built once per
+    session (bench/conftest.py); never modified here, only copied."""
+    return hoptimus0_cpu
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,11 @@ from test_bench_backbone import GPU_BATCHES, _record, make_tiles  # type: ignore
 
 
 @pytest.fixture(scope="module")
-def hopt_bf16():
-    from cellvit_optimus.heads import build_backbone
+def hopt_bf16(hoptimus0_cpu):
+    """a copy of the session's one CPU init (the runners cast and move it in place)"""
+    import copy
 
-    return build_backbone("hoptimus0", seed=0)
+    return copy.deepcopy(hoptimus0_cpu)
 
 
 @pytest.mark.gpu

@@ -41,10 +41,14 @@ def big_slide(tmp_path_factory, slides_dir):
 
 
 @pytest.fixture(scope="module")
-def runner():
+def runner(hoptimus0_cpu):
+    import copy
+
     from cellvit_optimus.engine.runner import BackboneRunner
 
-    r = BackboneRunner("hoptimus0", device="cuda", dtype="fp16", tokens=False)
+    # a copy of the session's one CPU init: the runner casts and moves it in place
+    r = BackboneRunner("hoptimus0", device="cuda", dtype="fp16", tokens=False,
+                       backbone=copy.deepcopy(hoptimus0_cpu))
     r.capture(tokens=False)
     return r
 

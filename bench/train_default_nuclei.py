@@ -1,9 +1,15 @@
-"""Train the bundled default nuclei model (or its 0.5 MPP twin for the resolution study).
+"""Train the bundled default nuclei model: tiny ViT + UNETR head, end to end, on CPU (resumable).
 
-Equivalent CLI: ``cellvit-optimus train nuclei --dataset consep --dataset monuseg --held-out <groups...>
---mpp M --epochs N --lr 2e-3 --out OUT``. The bundled model: ``python bench/train_default_nuclei.py
---mpp 0.5 --epochs 8 --out ...`` (its 0.25 MPP twin for the resolution study: ``--mpp 0.25 --epochs 2``,
-the same number of training crops).
+Equivalent CLI::
+
+    cellvit-optimus train nuclei --end-to-end --dataset consep --dataset monuseg \\
+        --held-out <HELD_OUT groups> --val <VAL groups> --negatives-from-bundled-slide \\
+        --mpp 0.5 --steps 1400 --work-dir WORK --out OUT [--resume]
+
+``python bench/train_default_nuclei.py --work-dir WORK --out OUT [--resume]``: the state is saved every
+50 steps in WORK; a killed run continues with ``--resume`` and ends with the same weights. Splits are by
+source image: HELD_OUT is never seen (bench/eval_nuclei.py scores it), VAL is scored during training
+and is what bench/tune_postprocess.py tunes the post-processing on.
 """
 
 from __future__ import annotations
@@ -13,32 +19,55 @@ import json
 import logging
 import time
 
-from cellvit_optimus.engine.datasets import load_consep, load_monuseg
-from cellvit_optimus.engine.train import NucleiTrainConfig, split_by_group, train_nuclei
-
-#: whole source images held out (never tiled into the training set)
+#: whole source images held out for the final evaluation (never tiled into training or validation)
 HELD_OUT = (
     "consep/test_2",
     "monuseg/TCGA-A7-A13E-01Z-00-DX1",
     "monuseg/TCGA-B0-5710-01Z-00-DX1",
     "monuseg/TCGA-G9-6362-01Z-00-DX1",
 )
+#: source images kept out of training for monitoring and post-processing tuning
+VAL = ("consep/test_5", "monuseg/TCGA-21-5786-01Z-00-DX1")
+
+
+def splits():
+    from cellvit_optimus.engine.datasets import load_consep, load_monuseg
+    from cellvit_optimus.engine.train import split_by_group
+
+    rest, test = split_by_group(load_consep() + load_monuseg(), HELD_OUT)
+    train, val = split_by_group(rest, VAL)
+    return train, val, test
+
 
 if __name__ == "__main__":
+    from cellvit_optimus.engine.data import DATA_DIR
+    from cellvit_optimus.engine.train_e2e import E2ETrainConfig, background_crops, train_nuclei_e2e
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--mpp", type=float, default=0.5)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=1400)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--max-minutes", type=float, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--work-dir", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init-from", default=None, help="warm start from this end-to-end checkpoint")
+    ap.add_argument("--nt-balanced", action="store_true", help="class-balanced typed cross-entropy")
+    ap.add_argument("--warmup", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0, help="batch/augmentation seed (use a new one for a warm start)")
     a = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    train, test = split_by_group(load_consep() + load_monuseg(), HELD_OUT)
-    cfg = NucleiTrainConfig(nuclei_mpp=a.mpp, epochs=a.epochs, lr=a.lr, threads=a.threads,
-                            max_minutes=a.max_minutes)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    train, val, _ = splits()
+    neg = background_crops([DATA_DIR / "cmu_small_region.svs"], a.mpp)
+    cfg = E2ETrainConfig(nuclei_mpp=a.mpp, steps=a.steps, lr=a.lr, threads=a.threads, eval_every=a.eval_every,
+                         init_from=a.init_from, nt_balanced=a.nt_balanced, warmup_steps=a.warmup, seed=a.seed)
     t = time.time()
-    r = train_nuclei(train, a.out, cfg, val_samples=[], progress=lambda rec: print(json.dumps(rec), flush=True),
-                     extra_record={"command": "python bench/train_default_nuclei.py " + " ".join(
-                         f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None)})
-    print(json.dumps({"wall_s": round(time.time() - t, 1), "tiles": r.n_train_tiles, "ckpt": str(r.checkpoint)}))
+    r = train_nuclei_e2e(train, a.work_dir, a.out, cfg, val_samples=val, negatives=neg, resume=a.resume,
+                         progress=lambda rec: print(json.dumps(rec), flush=True),
+                         extra_record={"command": "python bench/train_default_nuclei.py --mpp {} --steps {} --lr {} --seed {}{}{}"
+                                       .format(a.mpp, a.steps, a.lr, a.seed,
+                                               f" --init-from {a.init_from}" if a.init_from else "",
+                                               " --nt-balanced" if a.nt_balanced else ""), "held_out": list(HELD_OUT), "val": list(VAL)})
+    print(json.dumps({"wall_s": round(time.time() - t, 1), "finished": r.finished, "step": r.step,
+                      "ckpt": str(r.checkpoint)}), flush=True)

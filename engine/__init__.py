@@ -42,6 +42,7 @@ _LAZY = {
     "TriageConfig": ".triage",
     "SlideResult": ".triage",
     "BatchResult": ".triage",
+    "CellTable": ".cells",
 }
 
 __all__ = (

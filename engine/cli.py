@@ -187,8 +187,10 @@ class _Bars:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="output folder")
 @_tiling_options
 @_backbone_options
+@click.option("--clam-layout", is_flag=True,
+              help="also make OUT a CLAM feature folder: OUT/h5_files (link to features/) and OUT/pt_files/*.pt")
 def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, backend, backbone, weights,
-            device, dtype, batch_size, vram_gb, workers, decoder, quiet):
+            device, dtype, batch_size, vram_gb, workers, decoder, quiet, clam_layout):
     """Tile embeddings of SLIDES into OUT/features/<slide>.h5 (CLAM/Trident layout; a versioned cache)."""
     from .extract import ExtractConfig, extract_features
     from .inspect import Failure
@@ -217,6 +219,14 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
         click.echo(f"{'cached' if r.cached else 'done  '} {r.path}: {r.tiles} tiles -> {r.info.get('features')}")
     for f in bad:
         click.echo(f"FAILED {f.message}", err=True)
+    if clam_layout and ok:
+        from .features import write_clam_layout
+
+        try:
+            write_clam_layout(out_dir)
+        except OptimusError as exc:
+            raise click.UsageError(str(exc)) from exc
+        click.echo(f"CLAM layout: {Path(out_dir) / 'h5_files'}, {Path(out_dir) / 'pt_files'}")
     sys.exit(_exit_code(len(ok), len(bad)))
 
 
@@ -245,6 +255,8 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 @click.option("--workers", type=int, default=2, show_default=True, help="slide reader threads")
 @click.option("--decoder", type=click.Choice(_DECODERS), default="auto", show_default=True, help=_DECODER_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars (services, logs)")
+@click.option("--gzip", "gzip_cells", is_flag=True,
+              help="write cells.geojson.gz (gzip; QuPath imports .geojson/.json/.zip: gunzip before importing)")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="distribute slides over a Ray cluster (no value: start/attach locally; 'auto'; "
                    "'ray://head:10001')")
@@ -254,10 +266,10 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
               help="seconds to wait when another run is writing to OUT (default: wait until it ends; 0: fail at once)")
 def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, nuclei_weights, backbone_weights,
            mil_weights, thresholds, ood_state, shadow_slides, site_id, outputs, device, batch_size, workers, decoder, quiet,
-           ray_address, ray_actors, ray_cpus_per_actor, lock_timeout):
+           gzip_cells, ray_address, ray_actors, ray_cpus_per_actor, lock_timeout):
     """Triage SLIDES (files or folders; default: the bundled real slide) into a ranked worklist.
 
-    Writes per slide OUT/<slide>/{cells.geojson, regions.geojson, overview.png, summary.json} and
+    Writes per slide OUT/<slide>/{cells.geojson[.gz], regions.geojson, overview.png, summary.json} and
     OUT/features/<slide>.h5, and per batch OUT/worklist.{csv,json}. Exit code: 0 complete,
     1 partial (some slides failed; see the worklist), 2 failed.
     """
@@ -270,7 +282,7 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, nu
                               min_tissue_fraction=min_tissue,
                               outputs=tuple(o.strip() for o in outputs.split(",") if o.strip()),
                               thresholds=thresholds, ood_state=ood_state, shadow_slides=shadow_slides,
-                              site_id=site_id, lock_timeout_s=lock_timeout)
+                              site_id=site_id, gzip_cells=gzip_cells, lock_timeout_s=lock_timeout)
         weights = dict(nuclei_weights=nuclei_weights, backbone_weights=backbone_weights, mil_weights=mil_weights,
                        device=device, batch_size=batch_size)
         if ray_address is None:

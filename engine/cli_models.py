@@ -53,19 +53,48 @@ def train() -> None:
 @click.option("--threads", type=int, default=None, help="torch CPU threads")
 @click.option("--max-minutes", type=float, default=None, help="stop after the epoch that passes this")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--end-to-end", "end_to_end", is_flag=True, default=False,
+              help="train a small backbone (tiny/small preset) together with the head, step-based and "
+              "resumable; the checkpoint carries the trained backbone")
+@click.option("--steps", type=int, default=1400, show_default=True, help="--end-to-end: optimiser steps")
+@click.option("--val", "val_groups", multiple=True,
+              help="--end-to-end: source-image groups kept out of training and scored every --eval-every steps")
+@click.option("--negatives", "negative_slides", multiple=True, type=click.Path(dir_okay=False),
+              help="--end-to-end: slides whose glass/background crops are nucleus-free negatives "
+              "(default: the bundled slide)")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="--end-to-end: folder of the resumable training state (default: OUT + '.train')")
+@click.option("--resume", is_flag=True, default=False, help="--end-to-end: continue the state in --work-dir")
+@click.option("--checkpoint-every", type=int, default=50, show_default=True,
+              help="--end-to-end: save the training state every N steps")
+@click.option("--eval-every", type=int, default=250, show_default=True,
+              help="--end-to-end: score the --val images every N steps")
+@click.option("--decoder-channels", default="16,32,64,128", show_default=True,
+              help="UNETR widths c0,c1,c2,c3 (full, 1/2, 1/4, 1/8 resolution)")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="checkpoint (.safetensors)")
 def train_nuclei_cmd(datasets, data_root, held_out, profile_name, source_mpp, nuclei_mpp, backbone,
                      backbone_weights, epochs, batch_size, lr, crop, curriculum, cache_dir, threads,
-                     max_minutes, seed, out):
-    """Train a UNETR nuclei head on a frozen backbone (token maps cached in HDF5)."""
+                     max_minutes, seed, end_to_end, steps, val_groups, negative_slides, work_dir, resume,
+                     checkpoint_every, eval_every, decoder_channels, out):
+    """Train a nuclei model: a UNETR head on a frozen backbone (token maps cached in HDF5), or with
+    --end-to-end a small backbone and its head together."""
     from .train import NucleiTrainConfig, read_dataset, split_by_group, train_nuclei
 
+    try:
+        channels = tuple(int(c) for c in decoder_channels.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{decoder_channels!r}: expected 4 integers like 16,32,64,128",
+                                 param_hint="--decoder-channels") from None
     try:
         profile = _profile(profile_name)
         samples = []
         for spec in datasets:
             samples += read_dataset(spec, profile=profile, root=data_root, mpp=source_mpp)
         train_s, test_s = split_by_group(samples, held_out)
+        if end_to_end:
+            return _train_e2e(train_s, test_s, profile, nuclei_mpp, backbone, backbone_weights, steps, batch_size,
+                              lr, threads, max_minutes, seed, val_groups, negative_slides, work_dir, resume,
+                              checkpoint_every, eval_every, channels, datasets, out)
         cfg = NucleiTrainConfig(nuclei_mpp=nuclei_mpp, backbone=backbone, backbone_weights=backbone_weights,
                                 epochs=epochs, batch_size=batch_size, lr=lr, crop=crop, curriculum=curriculum,
                                 cache_dir=cache_dir, threads=threads, max_minutes=max_minutes, seed=seed)
@@ -79,6 +108,43 @@ def train_nuclei_cmd(datasets, data_root, held_out, profile_name, source_mpp, nu
     click.echo(json.dumps({"checkpoint": str(res.checkpoint), "seconds": round(res.seconds, 1),
                            "train_tiles": res.n_train_tiles, "cache": str(res.cache_path),
                            "held_out": res.metrics}, indent=2))
+
+
+def _train_e2e(train_s, test_s, profile, nuclei_mpp, backbone, backbone_weights, steps, batch_size, lr, threads,
+               max_minutes, seed, val_groups, negative_slides, work_dir, resume, checkpoint_every, eval_every,
+               channels, datasets, out) -> None:
+    from .train import split_by_group
+    from .train_e2e import E2ETrainConfig, background_crops, train_nuclei_e2e
+
+    if backbone_weights is not None:
+        raise click.UsageError("--end-to-end trains a randomly initialised small backbone; "
+                               "--backbone-weights is for frozen-backbone training")
+    train_s, val_s = split_by_group(train_s, val_groups)
+    cfg = E2ETrainConfig(nuclei_mpp=nuclei_mpp, backbone=backbone, decoder_channels=channels, steps=steps,
+                         batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
+                         eval_every=eval_every, threads=threads, max_minutes=max_minutes)
+    if not negative_slides:
+        from .data import DATA_DIR
+
+        negative_slides = (str(DATA_DIR / "cmu_small_region.svs"),)
+    negatives = background_crops(negative_slides, nuclei_mpp)
+    click.echo(f"{len(train_s)} training images, {len(val_s)} validation, {len(test_s)} held out, "
+               f"{len(negatives)} negative crops", err=True)
+    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in click.get_current_context().params.items()}
+    res = train_nuclei_e2e(train_s, work_dir or f"{out}.train", out, cfg, profile=profile, val_samples=val_s,
+                           negatives=negatives, resume=resume,
+                           progress=lambda rec: click.echo(json.dumps(rec), err=True),
+                           extra_record={"datasets": list(datasets), "cli_params": params})
+    metrics = None
+    if res.finished and test_s:
+        from .nuclei import NucleiModel, evaluate
+
+        metrics = evaluate(NucleiModel(res.checkpoint), test_s)
+    click.echo(json.dumps({"checkpoint": str(res.checkpoint) if res.checkpoint else None,
+                           "finished": res.finished, "step": res.step, "seconds": round(res.seconds, 1),
+                           "held_out": metrics}, indent=2))
+    if not res.finished:
+        sys.exit(EXIT_PARTIAL)
 
 
 @train.command("mil")

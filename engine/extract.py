@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ConfigError
-from .features import FeatureWriter, cache_key, preprocessing_hash, slide_fingerprint, verify_features
+from .features import (FeatureWriter, cache_key, coords_attributes, preprocessing_hash,
+                       slide_fingerprint, verify_features)
 from .scheduler import Progress, SchedulerConfig, SlideDone, SlideJob, TileBatch, run_pipeline
 from .tissue import TilingConfig, TissueConfig, tile_grid
 
@@ -99,6 +100,12 @@ class TileReadPath:
                 raise  # asked for by name: the slide fails with the message naming the package
             job.info.update(decoder="slide", decoder_reason=f"GPU decode unavailable: {exc}")
             return
+        except Exception as exc:  # noqa: BLE001  a decoder that fails to start (DALI pipeline, cuCIM)
+            if self.decoder != "auto":
+                raise
+            job.info.update(decoder="slide", decoder_reason=f"GPU decoder failed to start: {type(exc).__name__}: "
+                            f"{exc}".splitlines()[0])
+            return
         if self.decoder == "auto":
             with self._lock:
                 if self._auto is None:
@@ -125,6 +132,9 @@ class TileReadPath:
         locs = [tuple(c) for c in grid.coords[idx].tolist()]
         source = job.reader if job.reader is not None else job.slide
         tiles = source.read_tiles(locs, grid.tile_size, grid.target_mpp)
+        fallback = getattr(job.reader, "fallback_reason", None)
+        if fallback is not None:  # the GPU decoder failed on some batches: the host reader read them
+            job.info.update(decoder_fallback=fallback, decoder_fallbacks=job.reader.fallbacks)
         return tiles, tile_quality(tiles)
 
 
@@ -252,7 +262,13 @@ class FeatureExtractor:
         }
         arrays = {"coords": grid.coords.astype(np.int64), "grid_index": grid.grid_index.astype(np.int64),
                   "tissue_fraction": grid.tissue_fraction, "artefact_fraction": grid.artefact_fraction}
-        writer = FeatureWriter(self.path_for(job), len(grid), self.embed_dim, attrs, arrays)
+        # Trident and CLAM read the patch geometry from the coords dataset, not the file root; the name
+        # is the file's own (the sanitised output name), which is what a reader pairs it with
+        dest = self.path_for(job)
+        on_coords = coords_attributes(name=dest.stem, tile_size=grid.tile_size, target_mpp=grid.target_mpp,
+                                      level0_size=grid.level0_size, stride=grid.stride,
+                                      slide_dimensions=slide.dimensions, mpp=slide.mpp)
+        writer = FeatureWriter(dest, len(grid), self.embed_dim, attrs, arrays, {"coords": on_coords})
         return [_FeatureConsumer(writer)]
 
 
@@ -308,12 +324,13 @@ async def aextract_features(paths: Sequence[str | os.PathLike[str]], out_dir: st
 def extract_features(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
                      runner: BackboneRunner, config: ExtractConfig | None = None,
                      progress: Callable[[Progress], None] | None = None) -> list[SlideDone | Failure]:
-    """synchronous :func:`aextract_features`; results in input order"""
-    import anyio
+    """synchronous :func:`aextract_features`; results in input order (also callable inside a running
+    event loop, e.g. a notebook: the work then runs on its own loop in a worker thread)"""
+    from .aio import run_sync
 
     async def main() -> list[Any]:
         return [r async for r in aextract_features(paths, out_dir, runner, config, progress)]
 
-    results = anyio.run(main)
+    results = run_sync(main)
     order = {str(Path(p)): i for i, p in enumerate(paths)}
     return sorted(results, key=lambda r: order.get(str(Path(r.path)), len(order)))

@@ -6,10 +6,18 @@ Layout (what CLAM / Trident users already read):
 - ``coords``: (N, 2) int64 top-left corners in level-0 pixels (x, y)
 - ``grid_index``: (N, 2) int64 (column, row) on the tile lattice
 - ``tissue_fraction``, ``artefact_fraction``, ``quality/blur``, ``quality/background``, ``quality/dark``: (N,)
-- attributes: ``patch_size`` (pixels at the target MPP), ``patch_size_level0``, ``target_mpp``, ``mpp``
+- root attributes: ``patch_size`` (pixels at the target MPP), ``patch_size_level0``, ``target_mpp``, ``mpp``
   (level 0), ``backbone``, ``weights_hash``, ``preprocessing_hash``, ``cache_key``, ``slide_fingerprint``,
   ``package_version``, ``stride_level0``, ``slide_dimensions``, ``complete``, ``data_sha256`` (of
   ``features`` and ``coords``, checked before a file is reused)
+- attributes of the ``coords`` dataset, where Trident and CLAM look for them (:func:`coords_attributes`):
+  Trident's ``patch_size``, ``patch_size_level0``, ``level0_magnification``, ``target_magnification``,
+  ``overlap``, ``name``, ``level0_width``, ``level0_height``; CLAM's ``patch_level``, ``downsample``,
+  ``level_dim``, ``downsampled_level_dim``; and ``patch_size_level0_xy`` (the footprint per axis, which
+  differs from the square ``patch_size_level0`` when the slide's pixels are not square)
+
+CLAM's MIL dataset reads ``DATA_DIR/h5_files/<slide>.h5`` (h5 mode) or ``DATA_DIR/pt_files/<slide>.pt``:
+:func:`write_clam_layout` adds both beside ``features/`` without copying the HDF5 files.
 
 A file is written to a temporary name and renamed when every tile is in, so a reader only ever sees
 complete files; ``cache_key`` says which backbone, weights, preprocessing, resolution, package version
@@ -21,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +38,12 @@ import numpy as np
 from .errors import ConfigError
 
 __all__ = ("FeatureWriter", "read_features", "cache_key", "slide_fingerprint", "cached", "verify_features",
-           "FEATURE_SCHEMA")
+           "coords_attributes", "write_clam_layout", "FEATURE_SCHEMA")
 
 #: bump when the file layout or the meaning of a field changes: old files then miss the cache
-FEATURE_SCHEMA = 2  # 2: data checksum, slide fingerprint with content samples and mtime
+#: (2 on both lines of work: Trident / CLAM attributes on ``coords``, and separately the data checksum
+#: with the content-sampled, mtime-bound slide fingerprint; 3: both together)
+FEATURE_SCHEMA = 3
 
 
 #: content samples of a slide fingerprint beside its first and last MiB (spread over the file, so a
@@ -89,6 +99,55 @@ def cache_key(*, backbone: str, weights_hash: str, preprocessing: dict[str, Any]
 
 def preprocessing_hash(preprocessing: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(_canonical(preprocessing), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _magnification(mpp: float) -> np.int64 | np.float64:
+    """objective power in Trident's convention (10 / um per px: 0.25 um/px is 40x); an integer, as
+    Trident writes it, unless that would change the pixel size a reader derives from it"""
+    mag = 10.0 / float(mpp)
+    if abs(mag - round(mag)) < 1e-6:
+        return np.int64(round(mag))
+    return np.float64(mag)
+
+
+def coords_attributes(*, name: str, tile_size: int, target_mpp: float, level0_size: tuple[int, int],
+                      stride: tuple[int, int], slide_dimensions: tuple[int, int],
+                      mpp: tuple[float, float] | None) -> dict[str, Any]:
+    """attributes of the ``coords`` dataset, with the names and dtypes Trident and CLAM read there
+
+    Trident (``coords`` attributes of its patch-feature files): ``patch_size`` (pixels at the target
+    magnification), ``patch_size_level0`` (one integer: the footprint side in level-0 pixels),
+    ``level0_magnification`` / ``target_magnification`` (10 / MPP), ``overlap`` (pixels shared by
+    neighbouring patches, at the target magnification), ``name`` (slide name without extension),
+    ``level0_width`` / ``level0_height``. CLAM: ``patch_level`` (0: coordinates and footprint are
+    level-0 pixels), ``downsample``, ``level_dim``, ``downsampled_level_dim``, ``name``.
+
+    Pixels need not be square (the DICOM test slide: 4.64 x 5.69 um/px, a 24 x 20 px footprint):
+    ``patch_size_level0`` is then the width, as both tools assume square footprints, and
+    ``patch_size_level0_xy`` holds (width, height). The magnifications follow the x axis.
+    """
+    w0, h0 = (int(v) for v in level0_size)
+    mpp_x = float(mpp[0]) if mpp else float(target_mpp) * w0 / int(tile_size)
+    overlap = int(tile_size) - int(round(int(stride[0]) * int(tile_size) / w0))
+    W, H = (int(v) for v in slide_dimensions)
+    return {
+        # Trident
+        "patch_size": np.int64(tile_size),
+        "patch_size_level0": np.int64(w0),
+        "level0_magnification": _magnification(mpp_x),
+        "target_magnification": _magnification(target_mpp),
+        "overlap": np.int64(max(overlap, 0)),
+        "name": str(name),
+        "level0_width": np.int64(W),
+        "level0_height": np.int64(H),
+        # both axes, where a single number cannot say it
+        "patch_size_level0_xy": np.array([w0, h0], np.int64),
+        # CLAM
+        "patch_level": np.int64(0),
+        "downsample": np.array([1.0, 1.0], np.float64),
+        "level_dim": np.array([W, H], np.int64),
+        "downsampled_level_dim": np.array([W, H], np.int64),
+    }
 
 
 def cached(path: str | os.PathLike[str], key: str) -> bool:
@@ -149,7 +208,7 @@ class FeatureWriter:
     """
 
     def __init__(self, dest: str | os.PathLike[str], n_tiles: int, dim: int, attrs: dict[str, Any],
-                 arrays: dict[str, np.ndarray]) -> None:
+                 arrays: dict[str, np.ndarray], array_attrs: dict[str, dict[str, Any]] | None = None) -> None:
         import h5py
 
         if n_tiles < 0 or dim <= 0:
@@ -168,7 +227,9 @@ class FeatureWriter:
                                             chunks=(chunk_rows, dim) if n_tiles else None, track_times=False)
         self._quality: dict[str, Any] = {}
         for name, arr in arrays.items():
-            self._f.create_dataset(name, data=arr, track_times=False)
+            ds = self._f.create_dataset(name, data=arr, track_times=False)
+            for k, v in (array_attrs or {}).get(name, {}).items():
+                ds.attrs[k] = v
         for k, v in attrs.items():
             self._f.attrs[k] = v
         self._f.attrs["complete"] = False
@@ -240,6 +301,11 @@ class FeatureFile:
     coords: np.ndarray
     attrs: dict[str, Any]
     arrays: dict[str, np.ndarray]
+    coords_attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def _plain(v: Any) -> Any:
+    return v.tolist() if isinstance(v, np.ndarray) else v
 
 
 def read_features(path: str | os.PathLike[str]) -> FeatureFile:
@@ -253,5 +319,52 @@ def read_features(path: str | os.PathLike[str]) -> FeatureFile:
                 arrays[name] = obj[()]
 
         f.visititems(visit)
-        attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f.attrs.items()}
-        return FeatureFile(features=f["features"][()], coords=f["coords"][()], attrs=attrs, arrays=arrays)
+        attrs = {k: _plain(v) for k, v in f.attrs.items()}
+        coords_attrs = {k: _plain(v) for k, v in f["coords"].attrs.items()}
+        return FeatureFile(features=f["features"][()], coords=f["coords"][()], attrs=attrs, arrays=arrays,
+                           coords_attrs=coords_attrs)
+
+
+def write_clam_layout(out_dir: str | os.PathLike[str], pt_files: bool = True) -> list[Path]:
+    """make ``out_dir`` a CLAM feature directory: ``h5_files`` (a relative link to ``features``, so
+    the HDF5 files are not copied and stay current) and, with ``pt_files``, ``pt_files/<slide>.pt``
+    (the ``features`` tensor, what CLAM's MIL dataset loads by default). Returns the ``.pt`` files.
+
+    Only complete feature files are exported; a ``.pt`` file is rewritten when its HDF5 file is newer.
+    """
+    out = Path(out_dir)
+    feats = out / "features"
+    if not feats.is_dir():
+        raise ConfigError(f"{feats}: no feature folder to export in CLAM's layout")
+    link = out / "h5_files"
+    if link.is_symlink():
+        if Path(os.readlink(link)) != Path("features"):
+            raise ConfigError(f"{link}: already links to {os.readlink(link)}, not to features/")
+    elif link.exists():
+        raise ConfigError(f"{link}: exists and is not a link to features/; move it away first")
+    else:
+        link.symlink_to("features", target_is_directory=True)
+    written: list[Path] = []
+    if not pt_files:
+        return written
+    import h5py
+    import torch
+
+    from .io import atomic_path
+
+    pt_dir = out / "pt_files"
+    pt_dir.mkdir(exist_ok=True)
+    for h5 in sorted(feats.glob("*.h5")):
+        if h5.name.startswith("."):
+            continue
+        dest = pt_dir / f"{h5.stem}.pt"
+        if dest.is_file() and dest.stat().st_mtime_ns >= h5.stat().st_mtime_ns:
+            continue
+        with h5py.File(h5, "r") as f:
+            if not bool(f.attrs.get("complete", False)):
+                continue
+            x = torch.from_numpy(f["features"][()])
+        with atomic_path(dest) as tmp:
+            torch.save(x, tmp)
+        written.append(dest)
+    return written

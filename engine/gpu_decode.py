@@ -56,6 +56,7 @@ __all__ = (
     "resample",
     "resample_matrix",
     "choose_decoder",
+    "gpu_array_to_tensor",
 )
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 #: the GPU path must beat the CPU path by this factor to be chosen (timing noise, set-up cost)
 MIN_SPEEDUP = 1.1
+#: mean absolute difference (grey levels) above which the GPU path's pixels are refused: IDCT rounding
+#: differs by well under one level; a decoder that ignores the Adobe marker (YCbCr read as RGB) by tens
+MAX_MEAN_ABS_DIFF = 2.0
 
 
 # -- JPEG streams -----------------------------------------------------------------------------------
@@ -350,7 +354,7 @@ def _require(decoder: str) -> None:
     if not _cuda_ok():
         raise BackendUnavailableError(f"decoder={decoder!r} needs a CUDA device; torch.cuda.is_available() is False")
     if decoder not in gpu_decoders_available():
-        pkg = {"dali": "nvidia-dali-cuda120", "cucim": "cucim-cu12 and cupy-cuda12x"}[decoder]
+        pkg = {"dali": "nvidia-dali-cuda130", "cucim": "cucim-cu13 and cupy-cuda13x"}[decoder]
         raise BackendUnavailableError(
             f"decoder={decoder!r} needs {pkg}: pip install 'cellvit-optimus[gpu]'")
 
@@ -392,6 +396,51 @@ class _DaliDecoder:
                 self._feed(t, dst, cuda_stream=torch.cuda.current_stream(self.device_id).cuda_stream)
                 parts.append(dst)
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def gpu_array_to_tensor(obj: Any, device: str | torch.device,
+                        as_tensor: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """a torch tensor on ``device`` holding a *copy* of a GPU array handed out by a decoder.
+
+    cuCIM's GPU ``read_region`` yields ``CuImage`` objects that expose only ``__cuda_array_interface__``
+    (no ``__dlpack__``), so ``torch.from_dlpack`` refuses them; ``torch.as_tensor(obj, device=...)``
+    reads the interface and wraps the memory without a copy. cuCIM reuses that buffer for its next
+    batch, so the copy is made here, at once, before anything else runs. Objects with ``__dlpack__``
+    (cupy arrays) and host arrays (``__array_interface__``) are taken too.
+
+    ``as_tensor`` stands in for ``torch.as_tensor`` (tests drive this logic on the CPU with it).
+    Raises TypeError naming the type when the object exposes none of the three interfaces.
+    """
+    import torch
+
+    as_tensor = torch.as_tensor if as_tensor is None else as_tensor
+    borrowed = hasattr(obj, "__cuda_array_interface__")
+    if borrowed:
+        stream = obj.__cuda_array_interface__.get("stream")
+        if stream:  # CAI v3: the consumer must wait for the producer's stream before reading
+            _wait_for_stream(int(stream), device)
+        view = as_tensor(obj, device=device)
+    elif hasattr(obj, "__dlpack__"):
+        view = torch.from_dlpack(obj)
+    elif hasattr(obj, "__array_interface__") or isinstance(obj, np.ndarray):
+        view = torch.from_numpy(np.asarray(obj))
+    else:
+        raise TypeError(f"GPU decoder returned a {type(obj).__module__}.{type(obj).__qualname__}, which has "
+                        "no __cuda_array_interface__, __dlpack__ or __array_interface__")
+    # copy=True even where .to() would be a no-op: the producer's buffer is reused for its next batch
+    out = view.to(device, copy=True)
+    if borrowed and out.is_cuda:  # the copy must be done before the producer writes its next batch there
+        torch.cuda.current_stream(out.device).synchronize()
+    return out
+
+
+def _wait_for_stream(stream: int, device: str | torch.device) -> None:
+    import torch
+
+    if stream in (1, 2):  # the legacy / per-thread default stream: no handle to wait on, so wait for all
+        torch.cuda.synchronize(device)
+    else:
+        torch.cuda.current_stream(device).wait_stream(torch.cuda.ExternalStream(stream, device=device))
 
 
 def _cpu_decoder(device: str) -> _StreamDecoder:
@@ -440,6 +489,10 @@ class GpuTileReader:
         self.decoder: str = decoder
         self.device = device
         self.max_batch = int(max_batch)
+        #: why the GPU decoder last failed and its tiles were read by the host reader (None: never)
+        self.fallback_reason: str | None = None
+        #: read calls answered by the host reader after a GPU decoder failure
+        self.fallbacks = 0
         self._cucim: Any = None
         self._raw: RawJpegTiles | None = None
         self._decode: _StreamDecoder
@@ -492,7 +545,10 @@ class GpuTileReader:
         ds = self.slide.level_downsamples[level]
         origins = [(int(math.floor(x / ds)), int(math.floor(y / ds))) for x, y in locations]
         if self._cucim is not None:
-            return self._read_cucim(locations, origins, level, w, h)
+            try:
+                return self._read_cucim(locations, origins, level, w, h)
+            except Exception as exc:  # noqa: BLE001  any decoder failure: the host reader answers
+                return self._fall_back(exc, locations, level, w, h)
         assert self._raw is not None
         tl = self._levels[level]
         geom = self._raw.check_level(tl)
@@ -505,6 +561,8 @@ class GpuTileReader:
             try:
                 dec = self._decode([b for _, b in chunk])
             except Exception as exc:
+                if self.decoder != "cpu":  # a GPU decoder failed: the host reader answers
+                    return self._fall_back(exc, locations, level, w, h)
                 raise CorruptSlideError(self.slide.path, f"GPU decode ({self.decoder}) failed at level {level}: "
                                         f"{exc}") from exc
             tiles.update({t: dec[k] for k, (t, _) in enumerate(chunk)})
@@ -514,6 +572,20 @@ class GpuTileReader:
                 tiles[t] = blank
         out = torch.full((len(origins), h, w, 3), 255, dtype=torch.uint8, device=self.device)
         return assemble_regions(tiles, geom, origins, (w, h), out)
+
+    def _fall_back(self, exc: BaseException, locations: Sequence[tuple[int, int]], level: int, w: int,
+                   h: int) -> torch.Tensor:
+        """the regions read by the host slide reader, uploaded, after a GPU decoder failure (recorded)"""
+        import torch
+
+        reason = f"{self.decoder} failed at level {level}: {type(exc).__name__}: {exc}".splitlines()[0]
+        if self.fallbacks == 0:
+            log.warning("%s: GPU decode failed, reading with the host reader instead (%s)",
+                        self.slide.path.name, reason)
+        self.fallback_reason = reason
+        self.fallbacks += 1
+        locs = [(int(x), int(y)) for x, y in locations]
+        return torch.from_numpy(self.slide.read_regions(locs, level, (w, h))).to(self.device)
 
     def _read_cucim(self, locations: Sequence[tuple[int, int]], origins: list[tuple[int, int]], level: int,
                     w: int, h: int) -> torch.Tensor:
@@ -527,11 +599,13 @@ class GpuTileReader:
             regions = self._cucim.read_region(locs, (w, h), level, device="cuda", num_workers=2,
                                               batch_size=min(len(locs), self.max_batch))
             k = 0
-            for batch in regions:  # cuCIM yields batches of (b, h, w, 3) cupy arrays
-                b = torch.from_dlpack(batch)
+            for batch in regions:  # cuCIM yields batches of (b, h, w, 3) GPU CuImages
+                b = gpu_array_to_tensor(batch, self.device)  # copied now: cuCIM reuses the buffer
                 b = b[None] if b.ndim == 3 else b
-                out[inside[k : k + b.shape[0]]] = b[..., :3].to(self.device)
+                out[inside[k : k + b.shape[0]]] = b[..., :3]
                 k += b.shape[0]
+            if k != len(inside):
+                raise RuntimeError(f"cuCIM returned {k} regions for {len(inside)} locations")
         for i in sorted(set(range(len(origins))) - set(inside)):  # slide edge: CPU path, then upload
             x, y = locations[i]
             out[i] = torch.from_numpy(self.slide.read_region((int(x), int(y)), level, (w, h))).to(self.device)
@@ -563,10 +637,14 @@ class DecoderChoice:
     reason: str
 
 
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
 def _time_path(read: Callable[[Sequence[tuple[int, int]]], Any], batches: list[list[tuple[int, int]]],
-               sync: Callable[[], None], clock: Callable[[], float]) -> float:
-    """tiles/s over ``batches[1:]`` after ``batches[0]`` as warm-up"""
-    read(batches[0])
+               sync: Callable[[], None], clock: Callable[[], float]) -> tuple[float, Any]:
+    """tiles/s over ``batches[1:]`` after ``batches[0]`` as warm-up, and the warm-up batch's tiles"""
+    first = read(batches[0])
     sync()
     t0 = clock()
     n = 0
@@ -575,7 +653,7 @@ def _time_path(read: Callable[[Sequence[tuple[int, int]]], Any], batches: list[l
         n += len(b)
     sync()
     dt = clock() - t0
-    return n / dt if dt > 0 else math.inf
+    return (n / dt if dt > 0 else math.inf), first
 
 
 def choose_decoder(slide: Slide, locations: Sequence[tuple[int, int]], tile_size: int = 224,
@@ -586,8 +664,10 @@ def choose_decoder(slide: Slide, locations: Sequence[tuple[int, int]], tile_size
     when it is at least ``min_speedup`` times faster.
 
     One batch of ``batch_size`` tiles warms each path up (decoder start, nvJPEG handles, page cache),
-    then up to ``n_batches`` batches are timed. Without a usable GPU decoder, or for a slide whose tiles
-    the GPU path cannot read, the answer is ``"cpu"`` with the reason. ``gpu_reader`` (anything with
+    then up to ``n_batches`` batches are timed. Without a usable GPU decoder, for a slide whose tiles
+    the GPU path cannot read, when the GPU path fails (to start, or while timed) or when its warm-up
+    pixels differ from the host reader's by more than :data:`MAX_MEAN_ABS_DIFF` grey levels on average,
+    the answer is ``"cpu"`` with the reason. ``gpu_reader`` (anything with
     ``read_tiles`` and ``synchronize``) is built from ``decoder`` when not given; it is not closed.
     """
     if batch_size < 1 or n_batches < 1:
@@ -602,12 +682,26 @@ def choose_decoder(slide: Slide, locations: Sequence[tuple[int, int]], tile_size
             gpu_reader = GpuTileReader(slide, decoder=decoder)
         except (BackendUnavailableError, UnsupportedFormatError) as exc:
             return DecoderChoice("cpu", None, None, f"GPU decode unavailable: {exc}")
+        except Exception as exc:  # noqa: BLE001  e.g. a DALI pipeline or cuCIM that fails to start
+            return DecoderChoice("cpu", None, None, f"GPU decoder failed to start: {_why(exc)}")
     batches = [locs[i : i + batch_size] for i in range(0, len(locs), batch_size)]
     if len(batches) == 1:  # too few tiles for a separate warm-up: time the one batch again
         batches = batches * 2
-    cpu = _time_path(lambda b: slide.read_tiles(b, tile_size, target_mpp), batches, lambda: None, clock)
-    gpu = _time_path(lambda b: gpu_reader.read_tiles(b, tile_size, target_mpp), batches,
-                     gpu_reader.synchronize, clock)
+    cpu, cpu_tiles = _time_path(lambda b: slide.read_tiles(b, tile_size, target_mpp), batches, lambda: None,
+                                clock)
+    before = getattr(gpu_reader, "fallbacks", 0)
+    try:
+        gpu, gpu_tiles = _time_path(lambda b: gpu_reader.read_tiles(b, tile_size, target_mpp), batches,
+                                    gpu_reader.synchronize, clock)
+    except Exception as exc:  # noqa: BLE001  any GPU-path failure keeps the host reader
+        return DecoderChoice("cpu", cpu, None, f"GPU path failed while timing: {_why(exc)}")
+    if getattr(gpu_reader, "fallbacks", 0) > before:  # the reader fell back: its timing is the host's
+        return DecoderChoice("cpu", cpu, None, f"GPU path failed while timing: {gpu_reader.fallback_reason}")
+    got = np.asarray(gpu_tiles.cpu() if hasattr(gpu_tiles, "cpu") else gpu_tiles, dtype=np.float32)
+    diff = float(np.abs(got - np.asarray(cpu_tiles, dtype=np.float32)).mean()) if got.size else 0.0
+    if not diff <= MAX_MEAN_ABS_DIFF:  # wrong colours (e.g. YCbCr taken for RGB): never worth the speed
+        return DecoderChoice("cpu", cpu, gpu, f"GPU pixels differ from the host reader's by {diff:.1f} grey "
+                             f"levels on average (> {MAX_MEAN_ABS_DIFF:g}): wrong colours")
     if gpu >= cpu * min_speedup:
         return DecoderChoice("gpu", cpu, gpu, f"GPU {gpu:.0f} tiles/s >= {min_speedup:g} x CPU {cpu:.0f} tiles/s")
     return DecoderChoice("cpu", cpu, gpu, f"GPU {gpu:.0f} tiles/s < {min_speedup:g} x CPU {cpu:.0f} tiles/s")

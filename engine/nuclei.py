@@ -37,6 +37,7 @@ __all__ = (
     "PostProcessConfig",
     "SegmentResult",
     "default_model_path",
+    "drop_small",
     "evaluate",
     "score_predictions",
     "segment_image",
@@ -83,6 +84,13 @@ class PostProcessConfig:
     #: the default) or "hovernet" (the published energy threshold)
     mode: str = "optimus"
     marker_slope: float = 0.01
+    #: nuclei smaller than this (square microns) are not reported (0 keeps everything); resolution-free,
+    #: so it survives :meth:`scaled`
+    min_area_um2: float = 0.0
+
+    def min_area_px(self, mpp: float) -> float:
+        """:attr:`min_area_um2` in square pixels at ``mpp`` microns per pixel."""
+        return self.min_area_um2 / (mpp * mpp)
 
     def kernel_kwargs(self) -> dict[str, Any]:
         """keyword arguments for :func:`cellvit_optimus.kernels.hv_to_instances`"""
@@ -96,6 +104,10 @@ class PostProcessConfig:
             raise ConfigError(f"np_threshold={self.np_threshold} must be in (0, 1)")
         if self.sobel_ksize < 3 or self.sobel_ksize % 2 == 0:
             raise ConfigError(f"sobel_ksize={self.sobel_ksize} must be odd and >= 3")
+        if not (self.min_area_um2 >= 0 and np.isfinite(self.min_area_um2)):
+            raise ConfigError(f"min_area_um2={self.min_area_um2} must be a finite number >= 0")
+        if self.mode not in ("optimus", "hovernet"):
+            raise ConfigError(f"mode={self.mode!r}: expected 'optimus' or 'hovernet'")
 
     def scaled(self, factor: float) -> PostProcessConfig:
         """Size thresholds for another resolution (``factor`` = linear scale, areas scale by its square)."""
@@ -134,17 +146,30 @@ class NucleiModel:
         preset, bhash = meta.get("backbone_id"), meta.get("backbone_hash", "")
         if not preset:
             raise WeightsError(f"{path}: no backbone_id in the checkpoint metadata")
-        seed = 0
-        if backbone_weights is None:
-            prefix = f"random:{preset}:seed="
-            if not bhash.startswith(prefix):
-                raise WeightsError(
-                    f"{path}: the head was trained on backbone weights {bhash!r}; pass them as backbone_weights")
-            seed = int(bhash[len(prefix):])
-        self.runner = BackboneRunner(preset, weights=backbone_weights, device=device, dtype=dtype,
-                                     batch_size=batch_size, seed=seed)
-        loaded = load_nuclei_head(path, backbone_id=preset, backbone_hash=self.runner.weights_id,
-                                  embed_dim=self.runner.embed_dim, device=self.runner.device)
+        if meta.get("embedded_backbone") == "1":
+            # the backbone was trained with the head and travels inside the checkpoint
+            from cellvit_optimus.heads.backbone import backbone_from_state
+
+            if backbone_weights is not None:
+                raise WeightsError(f"{path}: the checkpoint carries its own trained backbone; "
+                                   "do not pass backbone_weights with it")
+            loaded = load_nuclei_head(path, backbone_id=preset, device="cpu")
+            assert loaded.backbone_state is not None
+            bb = backbone_from_state(preset, loaded.backbone_state, bhash, source=str(path))
+            self.runner = BackboneRunner(preset, backbone=bb, device=device, dtype=dtype, batch_size=batch_size)
+            loaded.head.to(self.runner.device)
+        else:
+            seed = 0
+            if backbone_weights is None:
+                prefix = f"random:{preset}:seed="
+                if not bhash.startswith(prefix):
+                    raise WeightsError(
+                        f"{path}: the head was trained on backbone weights {bhash!r}; pass them as backbone_weights")
+                seed = int(bhash[len(prefix):])
+            self.runner = BackboneRunner(preset, weights=backbone_weights, device=device, dtype=dtype,
+                                         batch_size=batch_size, seed=seed)
+            loaded = load_nuclei_head(path, backbone_id=preset, backbone_hash=self.runner.weights_id,
+                                      embed_dim=self.runner.embed_dim, device=self.runner.device)
         self.head = loaded.head
         self.profile = loaded.profile
         self.nuclei_mpp = loaded.nuclei_mpp
@@ -209,16 +234,35 @@ class NucleiModel:
         return np.concatenate(embs), NucleiMaps(np.concatenate(nps), np.concatenate(hvs), np.concatenate(nts))
 
 
+def drop_small(inst: np.ndarray, table: Any, min_px: float) -> tuple[np.ndarray, Any]:
+    """Remove instances of area < ``min_px`` pixels from a label map (ids 1..N) and its table (row i = id
+    i + 1); the survivors are renumbered 1..M in order."""
+    if min_px <= 0 or len(table) == 0:
+        return inst, table
+    from dataclasses import replace
+
+    keep = np.asarray(table.areas) >= min_px
+    if keep.all():
+        return inst, table
+    lut = np.zeros(len(table) + 1, np.int32)
+    lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    kept = table.take(keep)
+    return lut[inst], replace(kept, ids=np.arange(1, len(kept) + 1, dtype=kept.ids.dtype))
+
+
 def tiles_to_instances(maps: NucleiMaps, origins: Sequence[tuple[int, int]] | None = None,
-                       post: PostProcessConfig = PostProcessConfig()) -> list[Any]:
+                       post: PostProcessConfig = PostProcessConfig(), mpp: float | None = None) -> list[Any]:
     """HoVer-Net post-processing of each tile's maps -> ``kernels.TileInstances`` (tile-local tables,
-    origins ``(x0, y0)`` for stitching; default all at (0, 0))."""
+    origins ``(x0, y0)`` for stitching; default all at (0, 0)). With ``mpp`` (the maps' resolution),
+    nuclei under ``post.min_area_um2`` are dropped."""
     from cellvit_optimus.kernels import TileInstances, hv_to_instances
 
+    min_px = post.min_area_px(mpp) if mpp else 0.0
     out = []
     for i in range(maps.np.shape[0]):
         inst, table = hv_to_instances(
             maps.np[i], maps.hv[i], maps.nt[i], **post.kernel_kwargs())
+        inst, table = drop_small(inst, table, min_px)
         x0, y0 = origins[i] if origins is not None else (0, 0)
         out.append(TileInstances(int(x0), int(y0), inst, table))
     return out
@@ -314,7 +358,7 @@ def segment_image(image: np.ndarray, mpp: float, model: NucleiModel, tile: int |
     for s in range(0, len(origins), 64):  # bounded memory: maps of at most 64 tiles at once
         chunk = origins[s:s + 64]
         batch = np.stack([work[y:y + size, x:x + size] for x, y in chunk])
-        tiles_inst += tiles_to_instances(model.predict(batch), chunk, post)
+        tiles_inst += tiles_to_instances(model.predict(batch), chunk, post, model.nuclei_mpp)
     table, label = stitch_tiles(tiles_inst, slide_shape=(ph, pw))
     assert label is not None
     label = label[:h, :w]
@@ -397,7 +441,47 @@ def score_predictions(samples: Sequence[Any], pred_maps: Sequence[np.ndarray],
         "recall_det": round(tp / (tp + fn), 4) if tp + fn else None,
     }
     if typed and pred_types is not None:
-        res["mpq"] = round(mpq([trues[i] for i in typed], [preds[i] for i in typed],
-                               [instance_types(trues[i], samples[i].type_map) for i in typed],
-                               [pred_types[i] for i in typed], classes=range(1, num_classes + 1)), 4)
+        tt = [trues[i] for i in typed]
+        pp = [preds[i] for i in typed]
+        true_luts = [instance_types(trues[i], samples[i].type_map) for i in typed]
+        pred_luts = [np.asarray(pred_types[i]) for i in typed]
+        res["mpq"] = round(mpq(tt, pp, true_luts, pred_luts, classes=range(1, num_classes + 1)), 4)
+        res["per_class"] = _per_class(tt, pp, true_luts, pred_luts, [samples[i].mpp for i in typed], num_classes)
     return res
+
+
+def _per_class(trues: Sequence[np.ndarray], preds: Sequence[np.ndarray], true_luts: Sequence[np.ndarray],
+               pred_luts: Sequence[np.ndarray], mpps: Sequence[float], num_classes: int) -> dict[str, Any]:
+    """Per class id: ground-truth count, recall (found *and* given this class), HoVer-Net F_c and PQ."""
+    from cellvit_optimus.kernels import detection_scores, mpq, pair_centroids
+
+    def ids_types(inst: np.ndarray, lut: np.ndarray) -> np.ndarray:
+        ids = np.unique(inst)
+        ids = ids[ids > 0]
+        return lut[ids] if ids.size else np.zeros(0, np.int64)
+
+    found = np.zeros(num_classes + 1, np.int64)
+    total = np.zeros(num_classes + 1, np.int64)
+    ta, pa, tt, pt = [], [], [], []
+    for t, p, tl, pl, mpp in zip(trues, preds, true_luts, pred_luts, mpps):
+        txy, pxy = _centroids(t), _centroids(p)
+        ttyp, ptyp = ids_types(t, tl), ids_types(p, pl)
+        pairs, _, _ = pair_centroids(txy, pxy, 12.0 * 0.25 / mpp)
+        total += np.bincount(ttyp, minlength=num_classes + 1)[: num_classes + 1]
+        ok = ttyp[pairs[:, 0]][ttyp[pairs[:, 0]] == ptyp[pairs[:, 1]]]
+        found += np.bincount(ok, minlength=num_classes + 1)[: num_classes + 1]
+        ta.append(txy)
+        pa.append(pxy)
+        tt.append(ttyp)
+        pt.append(ptyp)
+    # one radius for the F_c pooling: the samples of one evaluation share a resolution
+    f_c = detection_scores(ta, pa, tt, pt, radius=12.0 * 0.25 / float(np.mean(mpps)),
+                           classes=range(1, num_classes + 1)).type_f1
+    out: dict[str, Any] = {}
+    for c in range(1, num_classes + 1):
+        pq_c = mpq(trues, preds, true_luts, pred_luts, classes=[c])
+        out[str(c)] = {"n_true": int(total[c]),
+                       "recall": round(float(found[c] / total[c]), 4) if total[c] else None,
+                       "f1": round(float(f_c[c]), 4) if np.isfinite(f_c[c]) else None,
+                       "pq": round(float(pq_c), 4) if np.isfinite(pq_c) else None}
+    return out

@@ -43,6 +43,7 @@ __all__ = (
     "BackboneRunner",
     "RunnerStats",
     "apply_precision",
+    "is_out_of_memory",
     "next_capture_size",
 )
 
@@ -60,11 +61,31 @@ PROBE_SIZES: tuple[int, int] = (4, 8)
 BUDGET_HEADROOM = 0.9
 #: batch size on the CPU when none is given
 DEFAULT_CPU_BATCH_SIZE = 32
+#: memory the probe cannot see, added to the fitted peak: the cuBLAS workspace of each extra stream
+#: (graph warm-up runs on a side stream; 32 MiB per handle on Hopper) and the graph pool's rounding
+GRAPH_OVERHEAD_BYTES = 128 * 2**20
 
 DType = Literal["fp16", "bf16", "fp32"]
 _DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 Tiles = np.ndarray | torch.Tensor
 StainNorm = Callable[[torch.Tensor], torch.Tensor]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised while handling, a CUDA out-of-memory error.
+
+    An OOM inside CUDA-graph capture does not surface as ``torch.OutOfMemoryError``: leaving
+    ``torch.cuda.graph`` calls ``capture_end()``, which fails with a ``RuntimeError`` ("operation failed
+    due to a previous error during capture") whose ``__context__`` is the OOM.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short walk: chains are a few links long and may, in principle, loop
+        if seen is None:
+            return False
+        if isinstance(seen, torch.OutOfMemoryError) or "out of memory" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def next_capture_size(n: int, sizes: Sequence[int] = CAPTURE_SIZES) -> int | None:
@@ -122,6 +143,8 @@ class RunnerStats:
     eager_calls: int = 0
     graphs_captured: int = 0
     oom_fallbacks: int = 0
+    #: graph captures that failed for another reason than memory (the runner then stays eager)
+    capture_failures: int = 0
 
     @property
     def padding_fraction(self) -> float:
@@ -208,7 +231,17 @@ class _Dispatcher:
             r.stats.eager_calls += 1
         else:
             if (size, tokens) not in self._graphs:
-                self.capture(tokens)
+                try:
+                    self.capture(tokens)
+                except RuntimeError as exc:  # OutOfMemoryError included
+                    if is_out_of_memory(exc):
+                        raise  # the caller shrinks the batch and retries
+                    self.drop()
+                    r.use_cuda_graphs = False
+                    r.stats.capture_failures += 1
+                    logger.warning("CUDA graph capture failed on %s (%s); running eagerly", r.device,
+                                   f"{type(exc).__name__}: {exc}".splitlines()[0])
+                    return self(x, tokens)
             out = self._graphs[(size, tokens)](x)
             r.stats.graph_replays += 1
             r.stats.padded_tiles += size - n
@@ -390,8 +423,8 @@ class BackboneRunner:
                 try:
                     x = self._normalise(self._to_device(tiles[start : start + n]))
                     emb, tk = self._dispatch(x, want_tokens)
-                except torch.OutOfMemoryError:
-                    if not self._shrink_batch():
+                except RuntimeError as exc:  # OOM, also as the RuntimeError of a failed graph capture
+                    if not is_out_of_memory(exc) or not self._shrink_batch():
                         raise
                     continue  # same tiles, smaller batch
                 embs.append(emb)
@@ -507,26 +540,32 @@ class BackboneRunner:
         budget = self.vram_budget_gb * 2**30
         total = torch.cuda.get_device_properties(dev).total_memory
         limit = BUDGET_HEADROOM * min(budget, total)
-        peaks = []
+        peaks, reserved = [], []
         with torch.inference_mode():
             for b in PROBE_SIZES:
                 torch.cuda.synchronize(dev)
+                torch.cuda.empty_cache()  # so that the reserved peak is this probe's, not the cache's
                 torch.cuda.reset_peak_memory_stats(dev)
                 try:
                     x = torch.zeros((b, 3, s, s), dtype=torch.float32, device=dev)
                     out = self._forward(x, tokens=True)
                     del x, out
                     torch.cuda.synchronize(dev)
-                except torch.OutOfMemoryError:
+                except RuntimeError as exc:
+                    if not is_out_of_memory(exc):
+                        raise
                     torch.cuda.empty_cache()
                     logger.warning(
                         "out of memory while probing batch size %d on %s; using batch size 1", b, dev
                     )
                     return 1
                 peaks.append(torch.cuda.max_memory_allocated(dev))
+                reserved.append(torch.cuda.max_memory_reserved(dev))
         (b1, b2), (p1, p2) = PROBE_SIZES, peaks
-        per_tile = max((p2 - p1) / (b2 - b1), 1.0)
-        fixed = p1 - per_tile * b1
+        per_tile = max((p2 - p1) / (b2 - b1), (reserved[1] - reserved[0]) / (b2 - b1), 1.0)
+        # the device pays for what the caching allocator reserves (rounded segments, fragmentation), not
+        # only for what tensors hold: fit on the larger of the two, plus what the probe cannot see
+        fixed = max(p1, reserved[0]) - per_tile * b1 + (GRAPH_OVERHEAD_BYTES if self.use_cuda_graphs else 0)
         # every captured graph keeps its static input and outputs: count the smaller graphs' too
         g = self.grid_size
         static_per_tile = 4 * (3 * s * s + self.embed_dim) + torch.finfo(self.tokens_dtype).bits // 8 * (
@@ -542,6 +581,7 @@ class BackboneRunner:
         self.probe = {
             "probe_sizes": PROBE_SIZES,
             "probe_peaks_bytes": tuple(peaks),
+            "probe_reserved_bytes": tuple(reserved),
             "fixed_bytes": fixed,
             "per_tile_bytes": per_tile,
             "limit_bytes": limit,

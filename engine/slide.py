@@ -815,7 +815,7 @@ def _make_backend(name: str, path: Path, num_workers: int) -> _Backend:
     try:
         __import__(module)
     except Exception as exc:
-        hint = {"cucim": 'pip install --no-deps "cucim-cu12==26.10.*"',
+        hint = {"cucim": 'pip install --no-deps "cucim-cu13==26.10.*"',
                 "openslide": "pip install 'cellvit-optimus[openslide]'"}.get(name, f"pip install {module}")
         raise BackendUnavailableError(f"slide backend {name!r} needs {module!r} ({hint}): {exc}") from exc
     if name == "cucim":

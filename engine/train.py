@@ -626,11 +626,10 @@ def train_nuclei(
     progress : called with each epoch's record (the CLI prints it)
     """
     import torch
-    import torch.nn.functional as F
 
     from cellvit_optimus.heads.checkpoint import save_nuclei_head
     from cellvit_optimus.heads.curriculum import CurriculumSampler, instance_density
-    from cellvit_optimus.heads.losses import LossWeights, NucleiLoss, dice_loss, focal_tversky_loss
+    from cellvit_optimus.heads.losses import LossWeights, NucleiLoss, typed_nt_loss
     from cellvit_optimus.heads.unetr import UNETRHead
     from cellvit_optimus.kernels import instances_to_hv
 
@@ -710,14 +709,10 @@ def train_nuclei(
             loss = np_hv_loss(out_, np_target, hv_target, nt_target)
             total = loss.total
             terms = {k: float(v) for k, v in loss.terms.items()}
-            typed = torch.from_numpy(tiles.has_types[idx])
-            if typed.any():  # NT only where the source has types (MoNuSeg has none)
-                lg, tg = out_.nt_logits[typed], nt_target[typed]
-                nt_terms = {"nt_ce": F.cross_entropy(lg, tg), "nt_dice": dice_loss(lg, tg),
-                            "nt_ft": focal_tversky_loss(lg, tg)}
-                total = total + lw.nt_ce * nt_terms["nt_ce"] + lw.nt_dice * nt_terms["nt_dice"] + \
-                    lw.nt_ft * nt_terms["nt_ft"]
-                terms.update({k: float(v.detach()) for k, v in nt_terms.items()})
+            nt = typed_nt_loss(out_.nt_logits, nt_target, torch.from_numpy(tiles.has_types[idx]), lw)
+            if nt is not None:
+                total = total + nt[0]
+                terms.update(nt[1])
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
@@ -772,15 +767,7 @@ def train_nuclei(
         with atomic_path(ckpt) as tmp:
             save_nuclei_head(tmp, head, profile=prof, backbone_id=runner.preset.name,
                              backbone_hash=runner.weights_id, nuclei_mpp=cfg.nuclei_mpp, extra=record)
-        _readable(ckpt)
     return NucleiTrainResult(ckpt, history, metrics, cache.path, cache_calls, seconds, n, record)
-
-
-def _readable(path: Path) -> None:
-    """Give a finished checkpoint the usual file mode (the atomic temporary is created 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 # ================================================================================ MIL

@@ -27,19 +27,22 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gzip
 import hashlib
 import io
 import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .cells import UNCLASSIFIED, CellTable
 from .errors import ConfigError
 from .extract import FeatureExtractor, TileReadPath, job_fingerprint, open_job_for
 from .features import slide_fingerprint
@@ -79,6 +82,7 @@ class TriageConfig:
     site_state: str | None = None  # shadow-mode counter file; default OUT/site_state.json
     site_id: str = "default"
     lock_timeout_s: float | None = None  # a second run on a locked output folder waits this long (None: until free)
+    gzip_cells: bool = False  # write cells.geojson.gz (deterministic gzip) instead of cells.geojson
 
     def __post_init__(self) -> None:
         unknown = set(self.outputs) - set(OUTPUTS)
@@ -115,9 +119,26 @@ class SlideResult:
     outputs: dict[str, str]
     timings: dict[str, float]
     cached: bool = False
+    #: the nuclei written to cells.geojson, in memory (None for a slide reused from an earlier run,
+    #: or passed between processes: :meth:`cell_table` then reads the file)
+    cells: CellTable | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """plain-JSON fields (everything but the in-memory cells)"""
+        d = asdict(replace(self, cells=None))
+        d.pop("cells")
+        return d
+
+    def cell_table(self) -> CellTable:
+        """the slide's nuclei as a :class:`CellTable`: in memory when this run computed them, else
+        read from the slide's cells GeoJSON"""
+        if self.cells is not None:
+            return self.cells
+        path = self.outputs.get("cells")
+        if not path:
+            raise ConfigError(f"{self.name}: no cells in memory and no cells output written (outputs="
+                              f"{sorted(self.outputs)})")
+        return CellTable.from_geojson(path)
 
 
 @dataclass
@@ -150,6 +171,8 @@ class _NucleiConsumer:
         self.grid = grid
         self.post = post
         self.scale = grid.level0_size[0] / grid.tile_size  # level-0 px per nuclei-grid px
+        # nuclei below the checkpoint's minimum area (um^2) are specks, never reported
+        self.min_px = post.min_area_px(grid.target_mpp)
         n = len(grid)
         self.n_tiles = n
         self.half = overlap / 2
@@ -210,6 +233,8 @@ class _NucleiConsumer:
                 cx, cy = table.centroids[i]
                 if not (x_lo <= cx < x_hi and y_lo <= cy < y_hi):
                     continue  # another tile's core owns it
+                if table.areas[i] < self.min_px:
+                    continue
                 self.contours.append(np.asarray(table.contours[i], np.float64) * self.scale + (x0, y0))
                 self.centroids.append((x0 + cx * self.scale, y0 + cy * self.scale))
                 self.types.append(int(table.types[i]))
@@ -382,14 +407,21 @@ class Engine:
                "backbone": self.model.runner.weights_id, "tiling": asdict(self.tiling),
                "tissue": asdict(self.config.tissue), "mpp": self.config.mpp, "post": asdict(self.post),
                "thresholds": asdict(self.thresholds), "outputs": list(self.config.outputs),
-               "mil": self.mil is not None, "ood": self._ood_hash, "conformal": self._conformal_hash}
+               "mil": self.mil is not None, "ood": self._ood_hash, "conformal": self._conformal_hash,
+               # 2: QuPath fields in measurements / metadata, UUID ids, geometry clipped to the slide
+               "geojson": 2, "gzip_cells": self.config.gzip_cells}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     # -- running -----------------------------------------------------------------------------------
     def run(self, slides: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
             progress: Callable[[Progress], None] | None = None) -> BatchResult:
-        """triage ``slides`` into ``out_dir``; returns the batch with its worklist"""
+        """triage ``slides`` into ``out_dir``; returns the batch with its worklist
+
+        Works from plain code and from inside a running event loop (a notebook): the work then runs
+        on its own loop in a worker thread while this call waits (see :mod:`.aio`)."""
         import anyio
+
+        from .aio import run_sync
 
         out = Path(out_dir)
         order = {str(Path(p)): i for i, p in enumerate(slides)}
@@ -400,7 +432,7 @@ class Engine:
                 got.sort(key=lambda r: order.get(r.path, len(order)))
                 return await anyio.to_thread.run_sync(self._worklist, out, got)
 
-        return anyio.run(main)
+        return run_sync(main)
 
     @contextlib.asynccontextmanager
     async def _own_folder(self, out: Path) -> AsyncIterator[None]:
@@ -523,15 +555,19 @@ class Engine:
         site = Path(self.config.site_state) if self.config.site_state else out / "site_state.json"
         shadow = (ShadowMode(site, self.config.site_id, n_slides=self.config.shadow_slides)
                   if self.config.shadow_slides else None)
-        tags = tag_all(signals, grid.coords, grid.stride, self.thresholds, shadow=shadow,
-                       slide_id=slide_fingerprint(job.path))
+        fingerprint = slide_fingerprint(job.path)
+        tags = tag_all(signals, grid.coords, grid.stride, self.thresholds, shadow=shadow, slide_id=fingerprint)
         tile_tags = [d.tag.value for d in tags.tiles]
 
         profile = self.model.profile
-        counts = {profile.label(c): 0 for c in range(1, profile.num_classes + 1)}
-        for t in nuc.types:
-            if 0 < t <= profile.num_classes:
-                counts[profile.label(t)] += 1
+        # ids of this slide's objects: uuid5 in a namespace of the slide's content, so reruns agree
+        namespace = uuid.uuid5(uuid.NAMESPACE_URL, f"cellvit-optimus/slide/{fingerprint}")
+        cells, parts = _cells(nuc, profile, tile_tags, set_sizes, grid.slide_dimensions, namespace,
+                              as_text="cells" in self.config.outputs)
+        # counts are of the nuclei written: they add up to the features of cells.geojson
+        per_type = np.bincount(cells.type_id.astype(np.int64), minlength=profile.num_classes + 1)
+        counts = {profile.label(c): int(per_type[c]) for c in range(1, profile.num_classes + 1)}
+        counts[UNCLASSIFIED] = int(per_type[0])
         mpp0 = (job.info.get("mpp") or [self.nuclei_mpp])[0]
         tissue_mm2 = float(np.sum(grid.tissue_fraction)) * (grid.stride[0] * grid.stride[1]) * mpp0 ** 2 / 1e6
         attention = None
@@ -551,12 +587,18 @@ class Engine:
 
         outputs: dict[str, str] = {"features": str(factory.features.path_for(job))}
         if "cells" in self.config.outputs:
-            p = sdir / "cells.geojson"
-            atomic_write_bytes(p, _cells_geojson(nuc, profile, tile_tags, set_sizes))
+            data = ('{"type":"FeatureCollection","features":[' + ",".join(parts) + "]}\n").encode()
+            del parts
+            if self.config.gzip_cells:
+                p = sdir / "cells.geojson.gz"
+                data = gzip.compress(data, compresslevel=6, mtime=0)  # no timestamp: reruns are identical
+            else:
+                p = sdir / "cells.geojson"
+            atomic_write_bytes(p, data)
             outputs["cells"] = str(p)
         if "regions" in self.config.outputs:
             p = sdir / "regions.geojson"
-            atomic_write_json(p, _regions_geojson(grid, tags), indent=None)
+            atomic_write_json(p, _regions_geojson(grid, tags, namespace), indent=None)
             outputs["regions"] = str(p)
         if "thumbnail" in self.config.outputs:
             p = sdir / "overview.png"
@@ -566,8 +608,8 @@ class Engine:
                    "finalise_s": round(time.perf_counter() - t0, 3)}
         result = SlideResult(path=str(job.path), name=name, tag=tags.slide.tag.value, reason=tags.slide.reason,
                              priority=round(priority, 6), priority_source=source, tiles=len(grid),
-                             nuclei=len(nuc.types), counts=counts, tag_fractions=fractions, outputs=outputs,
-                             timings=timings)
+                             nuclei=len(cells), counts=counts, tag_fractions=fractions, outputs=outputs,
+                             timings=timings, cells=cells)
         summary = {"run_key": key, "slide_fingerprint": job_fingerprint(job),
                    "result": {k: v for k, v in result.to_dict().items() if k != "cached"},
                    "tissue_mm2": round(tissue_mm2, 4), "nuclei_mpp": self.nuclei_mpp,
@@ -766,53 +808,103 @@ class _GilHandOff:
             self.due = time.perf_counter() + self.every_s
 
 
-def _cells_geojson(nuc: _NucleiConsumer, profile: Any, tile_tags: list[str],
-                   set_sizes: np.ndarray | None = None) -> bytes:
-    """QuPath detections (see :mod:`.geojson`) with the trust tag of each nucleus' tile (and the size
-    of its conformal type set, when a calibration state is loaded)"""
-    from .geojson import polygon_feature_json
+def _cells(nuc: _NucleiConsumer, profile: Any, tile_tags: list[str], set_sizes: np.ndarray | None,
+           slide_dimensions: tuple[int, int], namespace: uuid.UUID,
+           as_text: bool = True) -> tuple[CellTable, list[str]]:
+    """the nuclei as written: a :class:`CellTable` and (``as_text``) each one's QuPath feature text
+    (see :mod:`.geojson`): classification = type (none when unclassified), measurements = type
+    probability, area and conformal type-set size, metadata = the trust tag of the nucleus' tile.
+    Polygons are clipped to the slide; a nucleus with no area left is not written (nor counted)."""
+    from .geojson import _closed_ccw, clip_ring, coords_feature_json, feature_id, ring_area_centroid
 
     # Each feature goes straight to its text and only the text is kept. Holding every feature's dicts
     # and coordinate lists (~50 containers per nucleus) until the end made CPython's cyclic GC start
     # full collections: each walks every tracked object in the process (~0.44 M once torch and Numba
     # are loaded) with the GIL held, 250-480 ms that stalled a host's event loop. Short-lived
-    # containers are freed by reference counting and never reach the old generation. This loop is
-    # still the stream's longest stretch of GIL-holding Python, so it is kept lean and hands the GIL on.
-    parts = []
+    # containers are freed by reference counting and never reach the old generation; the table keeps
+    # numpy arrays only (not tracked by the GC). This loop is still the stream's longest stretch of
+    # GIL-holding Python, so it is kept lean and hands the GIL on.
+    W, H = (float(v) for v in slide_dimensions)
+    parts: list[str] = []
+    ids: list[str] = []
+    rings: list[np.ndarray] = []
+    tid: list[int] = []
+    tile: list[int] = []
+    prob: list[float] = []
+    sizes: list[int] = []
+    area: list[float] = []
+    cx: list[float] = []
+    cy: list[float] = []
     hand_off = _GilHandOff()
     # batches may arrive in any order: list nuclei by tile (and, within a tile, as the kernel found them)
     for i in np.argsort(np.asarray(nuc.tile_of, np.int64), kind="stable").tolist():
         hand_off()
+        ring = clip_ring(nuc.contours[i], W, H)
+        coords = _closed_ccw(ring) if ring is not None else None  # kernel contours are simple polygons
+        if coords is None:
+            continue
         t = nuc.types[i]
         known = 0 < t <= profile.num_classes
-        f = polygon_feature_json(nuc.contours[i], profile.label(t) if known else "unclassified",
-                                 profile.color(t) if known else (128, 128, 128),
-                                 {"type_prob": round(nuc.type_probs[i], 4), "area_px": round(nuc.areas[i], 2),
-                                  **({} if set_sizes is None else {"type_set_size": int(set_sizes[i])})},
-                                 {"type_prob": round(nuc.type_probs[i], 4), "trust": tile_tags[nuc.tile_of[i]]},
-                                 validate=False)  # kernel contours are simple polygons by construction
-        if f is not None:
-            parts.append(f)
-    return ('{"type":"FeatureCollection","features":[' + ",".join(parts) + "]}\n").encode()
+        tag = tile_tags[nuc.tile_of[i]]
+        p = round(nuc.type_probs[i], 4)
+        meas = {"type_prob": p, "area_px": round(nuc.areas[i], 2)}
+        if set_sizes is not None:
+            meas["type_set_size"] = int(set_sizes[i])
+        fid = feature_id(coords, namespace)
+        if as_text:
+            parts.append(coords_feature_json(coords, profile.label(t) if known else None,
+                                             profile.color(t) if known else None, meas, None, "detection",
+                                             {"trust": tag}, namespace, fid=fid))
+        ids.append(fid)
+        rings.append(np.asarray(coords, np.float64))
+        tid.append(t if known else 0)
+        tile.append(nuc.tile_of[i])
+        prob.append(p)
+        sizes.append(-1 if set_sizes is None else int(set_sizes[i]))
+        a, x, y = ring_area_centroid(rings[-1])
+        area.append(a)
+        cx.append(x)
+        cy.append(y)
+    # names and tags by index: no slide-sized conversion of Python strings while holding the GIL
+    names = np.asarray([UNCLASSIFIED] + [profile.label(c) for c in range(1, profile.num_classes + 1)])
+    type_id = np.asarray(tid, np.int16)
+    table = CellTable.from_columns(ids=ids, contours=rings, type_id=type_id, type_name=names[type_id],
+                                   type_prob=prob, trust=np.asarray(tile_tags)[np.asarray(tile, np.int64)],
+                                   type_set_size=sizes, area=area, centroid_x=cx, centroid_y=cy)
+    return table, parts
 
 
-def _regions_geojson(grid: Any, tags: Any) -> dict[str, Any]:
-    """one QuPath annotation per region (8-connected tile group): union of its tiles' footprints"""
-    from shapely.geometry import box, mapping
+def _regions_geojson(grid: Any, tags: Any, namespace: uuid.UUID) -> dict[str, Any]:
+    """one QuPath annotation per region (8-connected tile group): union of its tiles' footprints,
+    clipped to the slide, exteriors counter-clockwise (RFC 7946); tag as classification, reason as
+    metadata, tile count as a measurement; locked, as machine-made annotations"""
+    from shapely.geometry import MultiPolygon, box, mapping
+    from shapely.geometry.polygon import orient
     from shapely.ops import unary_union
 
     w0, h0 = grid.level0_size
+    W, H = grid.slide_dimensions
+    slide = box(0, 0, W, H)
     feats = []
     for r, dec in enumerate(tags.regions):
         members = np.nonzero(tags.region_of_tile == r)[0]
         if not len(members):
             continue
         shape = unary_union([box(x, y, x + w0, y + h0) for x, y in grid.coords[members].tolist()])
+        shape = shape.intersection(slide)
+        polys = [g for g in getattr(shape, "geoms", [shape]) if g.geom_type == "Polygon" and g.area > 0]
+        if not polys:
+            continue
+        polys = [orient(g, sign=1.0) for g in polys]  # exterior counter-clockwise, holes clockwise
+        shape = polys[0] if len(polys) == 1 else MultiPolygon(polys)
         tag = dec.tag.value
-        feats.append({"type": "Feature", "id": f"region-{r}", "geometry": mapping(shape),
-                      "properties": {"objectType": "annotation",
+        feats.append({"type": "Feature", "id": str(uuid.uuid5(namespace, f"region/{r}")),
+                      "geometry": mapping(shape),
+                      "properties": {"objectType": "annotation", "name": f"{tag} region {r + 1}",
                                      "classification": {"name": tag, "color": list(_TAG_COLOURS[tag])},
-                                     "reason": dec.reason, "tiles": int(len(members))}})
+                                     "isLocked": True,
+                                     "measurements": {"tiles": float(len(members))},
+                                     "metadata": {"trust": tag, "reason": dec.reason}}})
     return {"type": "FeatureCollection", "features": feats}
 
 

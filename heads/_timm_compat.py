@@ -14,8 +14,12 @@ is actually called or instantiated. Optional torchvision features that timm guar
 ``try/except ImportError`` (FX feature extraction) are reported as missing instead, so timm switches
 them off as it would without torchvision.
 
-The stand-in stays installed for the life of the process: timm imports torchvision lazily in a few
-places too, and those must meet the same clear error rather than the broken wheel.
+The stand-in is visible only while timm imports: afterwards ``sys.modules`` and ``sys.meta_path`` are
+left as they were found, so that other code in the host process sees the same torchvision as before
+(the real module, or the same import error). timm keeps its references to the stand-in's classes
+(``FrozenBatchNorm2d`` for isinstance checks, transforms it subclasses); the few places where timm
+imports torchvision lazily (dataset factories, a debug image dump) are never reached by this package
+and meet the real torchvision's error there, as they would without this module.
 """
 
 from __future__ import annotations
@@ -45,41 +49,66 @@ STUB_MESSAGE = (
 _OPTIONAL_SUBMODULES = ("torchvision.models.feature_extraction",)
 
 _lock = threading.Lock()
-_stub_cause: str | None = None  # set once the stand-in is installed
-_checked = threading.Event()  # torchvision was tried (once per process)
+_stub_cause: str | None = None  # set once timm was imported against the stand-in
+_checked = threading.Event()  # timm was imported through here (once per process)
+_installing = False  # the finder is on sys.meta_path (only while timm imports)
+_STUBS: dict[str, types.ModuleType] = {}  # stand-in modules by name, kept out of sys.modules afterwards
 
 
 def torchvision_stubbed() -> bool:
-    """Whether :func:`import_timm` had to replace torchvision with the stand-in in this process."""
+    """Whether :func:`import_timm` had to import timm against the stand-in in this process."""
     return _stub_cause is not None
 
 
 def import_timm() -> types.ModuleType:
-    """Import and return :mod:`timm`, standing in for torchvision first if the real one cannot import.
+    """Import and return :mod:`timm`, standing in for torchvision while it imports if the real one
+    cannot import. Leaves ``sys.modules`` and ``sys.meta_path`` as found (timm itself aside).
 
     Thread-safe and idempotent; cheap after the first call.
     """
     if not _checked.is_set():
         with _lock:
             if not _checked.is_set():
-                _check_torchvision()
+                _import_timm_once()
                 _checked.set()
     return importlib.import_module("timm")
 
 
-def _check_torchvision() -> None:
-    global _stub_cause
+def _is_torchvision(name: str) -> bool:
+    return name == "torchvision" or name.startswith("torchvision.")
+
+
+def _import_timm_once() -> None:
+    global _stub_cause, _installing
+    if "timm" in sys.modules:  # imported before us (by the host): nothing to stand in for
+        return
+    found = {n: m for n, m in sys.modules.items() if _is_torchvision(n)}
     try:
         import torchvision  # noqa: F401
     except Exception as exc:  # noqa: BLE001  RuntimeError from a mismatched wheel, ImportError if absent
         cause = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        # a failed import leaves half-initialised torchvision submodules behind; drop them so that the
-        # finder below is consulted for every torchvision name from now on
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[name]
+    else:
+        importlib.import_module("timm")
+        return
+    # a failed import leaves half-initialised torchvision submodules behind; drop them so that the
+    # finder below is consulted for every torchvision name while timm imports
+    _drop_torchvision()
+    sys.meta_path.insert(0, _FINDER)
+    _installing = True
+    try:
+        importlib.import_module("timm")
         _stub_cause = cause
-        sys.meta_path.insert(0, _FINDER)
-        logger.info("torchvision unusable (%s); timm will import against a stand-in", cause)
+        logger.info("torchvision unusable (%s); timm imported against a stand-in", cause)
+    finally:
+        _installing = False
+        sys.meta_path.remove(_FINDER)
+        _drop_torchvision()
+        sys.modules.update(found)  # as the host left them
+
+
+def _drop_torchvision() -> None:
+    for name in [n for n in sys.modules if _is_torchvision(n)]:
+        del sys.modules[name]
 
 
 def _fail(name: str) -> NoReturn:
@@ -143,7 +172,7 @@ class _StubModule(types.ModuleType):
         if name[:1].isupper():
             value: Any = _stub_class(self.__name__, name)
         else:
-            value = sys.modules.get(full) or _new_stub_module(full)
+            value = _STUBS.get(full) or _new_stub_module(full)
         setattr(self, name, value)
         return value
 
@@ -156,8 +185,9 @@ def _new_stub_module(fullname: str) -> _StubModule:
     module.__path__ = []  # a package: submodules resolve through the finder, never the broken wheel
     module.__spec__ = importlib.machinery.ModuleSpec(fullname, _FINDER, is_package=True)
     module.__loader__ = _FINDER
-    # registered so that `import torchvision.x` and attribute access give the same object
-    sys.modules[fullname] = module
+    _STUBS[fullname] = module
+    if _installing:  # so that `import torchvision.x` and attribute access give the same object
+        sys.modules[fullname] = module
     return module
 
 
@@ -175,8 +205,11 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
-        module = _StubModule(spec.name)
-        module.__path__ = []
+        module = _STUBS.get(spec.name)
+        if module is None:
+            module = _StubModule(spec.name)
+            module.__path__ = []
+            _STUBS[spec.name] = module
         return module
 
     def exec_module(self, module: types.ModuleType) -> None:

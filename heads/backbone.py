@@ -39,6 +39,7 @@ __all__ = (
     "Backbone",
     "BackbonePreset",
     "build_backbone",
+    "backbone_from_state",
     "check_finite",
     "evenly_spaced_blocks",
     "get_preset",
@@ -439,6 +440,8 @@ class Backbone(nn.Module):
         self.weights_path = weights_path
         self._seed = seed
         self._unseeded = uuid.uuid4().hex  # a random init without seed matches nothing else
+        #: identity of weights that came from no file and no seed (a backbone trained with its head)
+        self.weights_id_override: str | None = None
         self._take = [b - 1 for b in self.blocks]  # timm counts blocks from 0
 
     @property
@@ -448,6 +451,8 @@ class Backbone(nn.Module):
     @property
     def weights_id(self) -> str:
         """Identity of the weights for cache keys: ``sha256:<hex>`` of the file, or the random-init seed."""
+        if self.weights_id_override is not None:
+            return self.weights_id_override
         if self.weights_path is not None:
             return "sha256:" + weights_sha256(self.weights_path)
         if self._seed is None:
@@ -510,3 +515,28 @@ def build_backbone(
     if device.type != "meta":
         model.to(device)
     return Backbone(model, p, blocks=blocks, weights_path=weights_path, seed=seed).eval()
+
+
+def backbone_from_state(
+    preset: str | BackbonePreset,
+    state: Mapping[str, torch.Tensor],
+    weights_id: str,
+    *,
+    blocks: Sequence[int] | None = None,
+    source: str = "state dict",
+) -> Backbone:
+    """A frozen :class:`Backbone` with weights from an in-memory state dict (e.g. the backbone a nuclei
+    checkpoint carries, trained with its head); ``weights_id`` becomes its cache identity."""
+    p = get_preset(preset)
+    timm = import_timm()
+    with torch.device("meta"):
+        model = timm.create_model(p.timm_name, pretrained=False, **p.timm_kwargs)
+    _check_state_dict(model, state, Path(source), p)
+    model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise WeightsError(f"{source}: weights leave {_brief(left)} uninitialised (preset {p.name!r})")
+    model.eval().requires_grad_(False)
+    bb = Backbone(model, p, blocks=blocks, seed=None)
+    bb.weights_id_override = weights_id
+    return bb.eval()

@@ -36,6 +36,8 @@ __all__ = (
     "save_mil",
     "load_mil",
     "read_metadata",
+    "state_hash",
+    "EMBEDDED_BACKBONE_PREFIX",
 )
 
 NUCLEI_FORMAT = "cellvit-optimus/nuclei-head"
@@ -57,12 +59,36 @@ def _state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
-def _write(path: str | PathLike[str], module: nn.Module, meta: dict[str, str]) -> Path:
+def _write(path: str | PathLike[str], module: nn.Module, meta: dict[str, str],
+           extra_tensors: Mapping[str, torch.Tensor] | None = None) -> Path:
     from safetensors.torch import save_file
 
     p = Path(path)
-    save_file(_state_tensors(module), str(p), metadata=meta)
+    tensors = _state_tensors(module)
+    for k, v in (extra_tensors or {}).items():
+        tensors[k] = v.detach().to("cpu").contiguous().clone()
+    save_file(tensors, str(p), metadata=meta)
     return p
+
+
+#: key prefix of the backbone tensors a nuclei checkpoint may carry (a backbone trained with its head)
+EMBEDDED_BACKBONE_PREFIX = "backbone."
+
+
+def state_hash(state: Mapping[str, torch.Tensor]) -> str:
+    """``sha256:<hex>`` over a state dict's names, dtypes, shapes and bytes (order-independent).
+
+    The identity of an embedded backbone: the same weights give the same hash whichever file holds
+    them, so embedding caches and safety states bound to it stay valid.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
 
 
 def read_metadata(path: str | PathLike[str]) -> dict[str, str]:
@@ -175,6 +201,8 @@ class LoadedNucleiHead:
     backbone_hash: str
     nuclei_mpp: float
     metadata: dict[str, str]
+    #: the backbone's own weights when it was trained with the head and shipped inside the checkpoint
+    backbone_state: dict[str, torch.Tensor] | None = None
 
 
 def save_nuclei_head(
@@ -187,11 +215,14 @@ def save_nuclei_head(
     nuclei_mpp: float,
     tissue_profile: ClassProfile | None = None,
     extra: Mapping[str, Any] | None = None,
+    backbone_state: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``head`` with its class profile(s) and provenance to ``path`` (``.safetensors``).
 
     ``nuclei_mpp`` is the microns-per-pixel the head was trained at (tiles are resampled to it).
     ``extra`` is any JSON-serialisable training record (data sets, epochs, metrics).
+    ``backbone_state``: the backbone's weights when they were trained with the head; they are stored
+    under :data:`EMBEDDED_BACKBONE_PREFIX` and ``backbone_hash`` must then be their :func:`state_hash`.
     """
     if profile.num_classes != head.num_nuclei_types:
         raise ConfigError(
@@ -211,7 +242,13 @@ def save_nuclei_head(
         meta["tissue_profile"] = tissue_profile.to_json()
     meta["nuclei_mpp"] = repr(float(nuclei_mpp))
     meta.update(_extra(extra))
-    return _write(path, head, meta)
+    prefixed = None
+    if backbone_state is not None:
+        if state_hash(backbone_state) != backbone_hash:
+            raise ConfigError("backbone_hash must be state_hash(backbone_state) for an embedded backbone")
+        meta["embedded_backbone"] = "1"
+        prefixed = {EMBEDDED_BACKBONE_PREFIX + k: v for k, v in backbone_state.items()}
+    return _write(path, head, meta, prefixed)
 
 
 def load_nuclei_head(
@@ -265,10 +302,20 @@ def load_nuclei_head(
         mpp = float(_require(p, meta, "nuclei_mpp"))
     except ValueError as exc:
         raise WeightsError(f"{p}: nuclei_mpp {meta['nuclei_mpp']!r} is not a number") from exc
-    _load_into(p, head, _read_tensors(p, "cpu"))
+    tensors = _read_tensors(p, "cpu")
+    n = len(EMBEDDED_BACKBONE_PREFIX)
+    bb_state = {k[n:]: v for k, v in tensors.items() if k.startswith(EMBEDDED_BACKBONE_PREFIX)} or None
+    if (bb_state is not None) != (meta.get("embedded_backbone") == "1"):
+        raise WeightsError(f"{p}: embedded backbone tensors and the 'embedded_backbone' metadata disagree")
+    if bb_state is not None:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(EMBEDDED_BACKBONE_PREFIX)}
+        if state_hash(bb_state) != meta["backbone_hash"]:
+            raise WeightsError(f"{p}: embedded backbone weights do not match their recorded hash "
+                               f"{meta['backbone_hash']!r} (file altered or corrupt)")
+    _load_into(p, head, tensors)
     head.to(device).eval()
     return LoadedNucleiHead(
-        head, profile, tissue_profile, meta["backbone_id"], meta["backbone_hash"], mpp, meta
+        head, profile, tissue_profile, meta["backbone_id"], meta["backbone_hash"], mpp, meta, bb_state
     )
 
 

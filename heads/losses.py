@@ -35,6 +35,7 @@ __all__ = (
     "LossWeights",
     "NucleiLoss",
     "NucleiLossOutput",
+    "typed_nt_loss",
 )
 
 DICE_SMOOTH = 1e-3  # HoVer-Net's
@@ -256,3 +257,25 @@ class NucleiLoss(nn.Module):
                 raise ValueError("the output has a tissue map but no tissue_target was given")
             self._seg_terms("tissue", output.tissue_logits, tissue_target, terms, total)
         return NucleiLossOutput(torch.stack(total).sum(), terms)
+
+
+def typed_nt_loss(
+    nt_logits: Tensor,
+    nt_target: Tensor,
+    typed: Tensor,
+    weights: LossWeights,
+    class_weight: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]] | None:
+    """The nucleus-type loss on the batch items whose source has types (``typed``: (B,) bool).
+
+    Sources without types (MoNuSeg) label every nucleus 0, which must not teach "background"; their items
+    are left out. Returns the weighted sum (``nt_ce`` optionally class-weighted, ``nt_dice``, ``nt_ft``)
+    and the detached terms, or None when no item of the batch is typed.
+    """
+    if not bool(typed.any()):
+        return None
+    lg, tg = nt_logits[typed], nt_target[typed]
+    terms = {"nt_ce": F.cross_entropy(lg, tg, weight=class_weight), "nt_dice": dice_loss(lg, tg),
+             "nt_ft": focal_tversky_loss(lg, tg)}
+    total = weights.nt_ce * terms["nt_ce"] + weights.nt_dice * terms["nt_dice"] + weights.nt_ft * terms["nt_ft"]
+    return total, {k: float(v.detach()) for k, v in terms.items()}

@@ -6,8 +6,11 @@ import importlib
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 PACKAGES = ("cellvit_optimus.engine", "cellvit_optimus.kernels", "cellvit_optimus.heads",
             "cellvit_optimus.safety")
@@ -53,3 +56,34 @@ def test_public_modules_declare_all(module):
     assert isinstance(names, tuple), f"{module}.__all__ must be a tuple"
     for n in names:
         assert hasattr(mod, n), f"{module}.__all__ names {n!r}, which does not exist"
+
+
+def test_dependencies_install_beside_what_users_run() -> None:
+    """torch is a range holding the versions tested (2.11 on the GPU image, 2.13.0 CPU, 2.14.1), the gpu
+    extra is on one CUDA major (13), and no unused hard dependency is declared"""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    with open(REPO / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    reqs = {Requirement(r).name: Requirement(r) for r in project["dependencies"]}
+    torch_spec = reqs["torch"].specifier
+    assert not any(s.operator == "==" for s in torch_spec), torch_spec
+    for v in ("2.11.0", "2.13.0", "2.14.1"):
+        assert torch_spec.contains(v), (v, torch_spec)
+    assert "wsidicom" not in reqs and "pydicom" in reqs  # the DICOM reader uses pydicom directly
+    gpu = [Requirement(r).name for r in project["optional-dependencies"]["gpu"]]
+    assert sorted(gpu) == ["cucim-cu13", "cupy-cuda13x", "nvidia-dali-cuda130"]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+    [test_cmd] = [b for b in blocks if "pytest tests bench" in b]
+    steps = [s.strip() for s in test_cmd.split("&&")][2:]  # after venv creation and activation
+    ci = re.sub(r"\s*\\\n\s*", " ", (REPO / ".ci" / "run").read_text())
+    ci_steps = [s.strip().replace(" -q", "") for s in re.search(r"\n(pip install -q .*?) \|\| status", ci).group(1).split("&&")]
+    assert ci_steps == steps, (ci_steps, steps)

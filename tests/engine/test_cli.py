@@ -54,3 +54,32 @@ def test_inspect_mpp_override_and_directory(slides_dir):
 def test_bad_option_is_a_usage_error():
     res = CliRunner().invoke(cli, ["inspect", "--overlap", "0.95"])
     assert res.exit_code == 2 and "overlap=0.95" in res.output
+
+
+def test_triage_gzip_writes_compressed_cells(tmp_path, slides_dir):
+    import gzip
+
+    from cellvit_optimus.engine.cells import CellTable
+
+    r = CliRunner().invoke(cli, ["triage", str(slides_dir / "cmu-1-small-region.svs"), "--out", str(tmp_path),
+                                 "--nuclei-mpp", "4", "--overlap", "32", "--device", "cpu", "--gzip", "-q"])
+    assert r.exit_code == EXIT_OK, r.output
+    sdir = tmp_path / "cmu-1-small-region"
+    assert sorted(p.name for p in sdir.iterdir()) == ["cells.geojson.gz", "overview.png", "regions.geojson",
+                                                     "summary.json"]
+    doc = json.loads(gzip.decompress((sdir / "cells.geojson.gz").read_bytes()))
+    summary = json.loads((sdir / "summary.json").read_text())
+    assert len(doc["features"]) == summary["result"]["nuclei"] == sum(summary["result"]["counts"].values())
+    assert len(CellTable.from_geojson(sdir / "cells.geojson.gz")) == len(doc["features"])
+
+
+def test_extract_clam_layout(tmp_path, slides_dir):
+    import torch
+
+    r = CliRunner().invoke(cli, ["extract", str(slides_dir / "cmu-1-small-region.svs"), "--out", str(tmp_path),
+                                 "--backbone", "tiny", "--target-mpp", "2.0", "--device", "cpu", "--clam-layout",
+                                 "-q"])
+    assert r.exit_code == EXIT_OK, r.output
+    assert (tmp_path / "h5_files").is_symlink() and (tmp_path / "h5_files" / "cmu-1-small-region.h5").is_file()
+    x = torch.load(tmp_path / "pt_files" / "cmu-1-small-region.pt")
+    assert x.shape[1] == 192 and x.dtype == torch.float32

@@ -191,7 +191,7 @@ def test_gpu_decoders_missing_give_a_clear_error(slide, monkeypatch):
 def test_missing_package_is_named(slide, monkeypatch):
     monkeypatch.setattr(gd, "_cuda_ok", lambda: True)
     monkeypatch.setattr(gd, "gpu_decoders_available", lambda: ())
-    with pytest.raises(BackendUnavailableError, match=r"nvidia-dali-cuda120.*cellvit-optimus\[gpu\]"):
+    with pytest.raises(BackendUnavailableError, match=r"nvidia-dali-cuda130.*cellvit-optimus\[gpu\]"):
         gd.GpuTileReader(slide, decoder="dali")
 
 
@@ -200,6 +200,124 @@ def test_import_needs_no_gpu_packages():
             "bad = [n for n in ('nvidia.dali', 'cupy', 'cucim', 'torch') if n in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- the GPU array hand-off (cuCIM's CuImage exposes only __cuda_array_interface__) ----------------------
+
+
+class _CaiOnly:
+    """stands for cuCIM's GPU CuImage: ``__cuda_array_interface__`` and nothing else (no ``__dlpack__``,
+    no ``__array_interface__``); on the CPU its pointer is host memory, so the logic can run here"""
+
+    def __init__(self, buf: np.ndarray) -> None:
+        self._buf = buf
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        return {"shape": self._buf.shape, "typestr": "|u1", "data": (self._buf.ctypes.data, False),
+                "strides": None, "version": 3}
+
+
+def _zero_copy_as_tensor(calls):
+    """torch.as_tensor's behaviour on a CUDA array (a view of the producer's memory, no copy), on the host"""
+
+    class _View:
+        def __init__(self, cai):
+            self.__array_interface__ = {k: cai[k] for k in ("shape", "typestr", "data", "strides", "version")}
+
+    def as_tensor(obj, device=None):
+        calls.append(device)
+        return torch.from_numpy(np.asarray(_View(obj.__cuda_array_interface__)))
+
+    return as_tensor
+
+
+def test_cuda_array_interface_only_objects_are_taken_and_copied_at_once(slide):
+    buf = slide.read_regions([(0, 0), (224, 224)], 0, (64, 48))  # (2, 48, 64, 3) real pixels
+    expect = buf.copy()
+    obj = _CaiOnly(buf)
+    assert not hasattr(obj, "__dlpack__")
+    with pytest.raises((TypeError, RuntimeError, AttributeError)):
+        torch.from_dlpack(obj)  # what the hand-off used before, and why it failed on cuCIM's objects
+    calls: list = []
+    got = gd.gpu_array_to_tensor(obj, "cpu", as_tensor=_zero_copy_as_tensor(calls))
+    assert calls == ["cpu"]
+    assert got.dtype == torch.uint8 and tuple(got.shape) == (2, 48, 64, 3)
+    buf[:] = 7  # cuCIM reuses its buffer for the next batch: what was handed over must not change
+    assert np.array_equal(got.numpy(), expect)
+
+
+def test_gpu_array_hand_off_takes_dlpack_and_host_arrays_and_names_anything_else():
+    a = np.arange(24, dtype=np.uint8).reshape(2, 4, 3)
+    for obj in (a, torch.from_numpy(a)):  # host array; a tensor stands for a __dlpack__ producer (cupy)
+        got = gd.gpu_array_to_tensor(obj, "cpu")
+        a_before = a.copy()
+        a[0, 0, 0] = 99
+        assert np.array_equal(got.numpy(), a_before)
+        a[0, 0, 0] = 0
+    with pytest.raises(TypeError, match=r"builtins.list.*__cuda_array_interface__"):
+        gd.gpu_array_to_tensor([[1, 2, 3]], "cpu")
+
+
+class _FakeCuImage:
+    """cuCIM's batch ``read_region`` API over the host reader: yields ``(b, h, w, 3)`` arrays per batch"""
+
+    def __init__(self, slide, fail: Exception | None = None) -> None:
+        self.slide, self.fail, self.calls = slide, fail, []
+
+    def read_region(self, locations, size, level, device, num_workers, batch_size):
+        self.calls.append((list(locations), size, level, device, batch_size))
+        if self.fail is not None:
+            raise self.fail
+        for s in range(0, len(locations), batch_size):
+            yield self.slide.read_regions(locations[s : s + batch_size], level, size)
+
+    def close(self) -> None:
+        pass
+
+
+def _cucim_reader(slide, fake):
+    r = gd.GpuTileReader(slide, decoder="cpu", device="cpu", max_batch=8)
+    r.decoder, r._cucim = "cucim", fake  # the cuCIM branch of the reader, without CUDA
+    return r
+
+
+def test_cucim_branch_assembles_batches_and_edges_like_the_host_reader(slide, locations):
+    fake = _FakeCuImage(slide)
+    with _cucim_reader(slide, fake) as r:
+        got = r.read_regions(locations, 0, (224, 224))
+        assert np.array_equal(got.numpy(), slide.read_regions(locations, 0, (224, 224)))
+        assert r.fallbacks == 0 and r.fallback_reason is None
+    (locs, size, level, device, batch), = fake.calls
+    assert device == "cuda" and size == (224, 224) and batch == 8
+    W, H = slide.dimensions
+    inside = [(x, y) for x, y in locations if x >= 0 and y >= 0 and x + 224 <= W and y + 224 <= H]
+    assert locs == inside and len(inside) < len(locations)  # regions crossing an edge: host reader
+
+
+@pytest.mark.parametrize("fail", [TypeError("from_dlpack received an invalid capsule"),
+                                  RuntimeError("nvImageCodec: decode failed")], ids=["hand-off", "decode"])
+def test_a_failing_gpu_decoder_falls_back_to_the_host_reader_and_says_why(slide, locations, fail, caplog):
+    with _cucim_reader(slide, _FakeCuImage(slide, fail)) as r:
+        got = r.read_regions(locations, 0, (224, 224))
+        assert np.array_equal(got.numpy(), slide.read_regions(locations, 0, (224, 224)))
+        assert r.fallbacks == 1 and type(fail).__name__ in r.fallback_reason and str(fail) in r.fallback_reason
+        r.read_regions(locations[:4], 0, (224, 224))
+        assert r.fallbacks == 2
+    assert sum("GPU decode failed" in m for m in caplog.messages) == 1  # warned once, counted every time
+
+
+def test_a_failing_dali_decode_falls_back_too(slide, locations):
+    with gd.GpuTileReader(slide, decoder="cpu", device="cpu") as r:
+        r.decoder = "dali"
+
+        def broken(streams):
+            raise RuntimeError("nvjpeg: NVJPEG_STATUS_BAD_JPEG")
+
+        r._decode = broken
+        got = r.read_regions(locations[:10], 0, (224, 224))
+        assert np.array_equal(got.numpy(), slide.read_regions(locations[:10], 0, (224, 224)))
+        assert "NVJPEG_STATUS_BAD_JPEG" in r.fallback_reason
 
 
 # -- choosing a decoder (fakes with a fake clock) --------------------------------------------------------
@@ -251,6 +369,57 @@ def test_choose_decoder_few_tiles_and_errors():
         gd.choose_decoder(cpu, [(0, 0)], batch_size=0, gpu_reader=gpu)  # type: ignore[arg-type]
 
 
+class _BrokenGpuPath(_FakePath):
+    def __init__(self, clock, fail_on_call: int) -> None:
+        super().__init__(clock, 1e-4)
+        self.fail_on_call = fail_on_call
+
+    def read_tiles(self, locs, tile_size, target_mpp):
+        if self.calls + 1 == self.fail_on_call:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return super().read_tiles(locs, tile_size, target_mpp)
+
+
+@pytest.mark.parametrize("fail_on_call", [1, 3], ids=["warm-up", "timed-batch"])
+def test_choose_decoder_keeps_the_host_reader_when_the_gpu_path_fails(fail_on_call):
+    clock = _Clock()
+    cpu, gpu = _FakePath(clock, 1e-3), _BrokenGpuPath(clock, fail_on_call)
+    c = gd.choose_decoder(cpu, [(i, i) for i in range(300)], batch_size=64, gpu_reader=gpu, clock=clock)  # type: ignore[arg-type]
+    assert c.decoder == "cpu" and c.gpu_tiles_per_s is None and c.cpu_tiles_per_s == pytest.approx(1e3)
+    assert c.reason == "GPU path failed while timing: RuntimeError: CUDA error: an illegal memory access was encountered"
+
+
+class _WrongColours(_FakePath):
+    """a fast GPU path whose pixels are off, as YCbCr components taken for RGB would be"""
+
+    def read_tiles(self, locs, tile_size, target_mpp):
+        return super().read_tiles(locs, tile_size, target_mpp) + 40
+
+
+def test_choose_decoder_refuses_a_fast_gpu_path_with_wrong_colours():
+    clock = _Clock()
+    cpu, gpu = _FakePath(clock, 1e-3), _WrongColours(clock, 1e-4)
+    c = gd.choose_decoder(cpu, [(i, i) for i in range(300)], batch_size=64, gpu_reader=gpu, clock=clock)  # type: ignore[arg-type]
+    assert c.decoder == "cpu" and c.gpu_tiles_per_s == pytest.approx(1e4)
+    assert c.reason == "GPU pixels differ from the host reader's by 40.0 grey levels on average (> 2): wrong colours"
+
+
+def test_choose_decoder_does_not_time_a_reader_that_fell_back(slide, locations):
+    with _cucim_reader(slide, _FakeCuImage(slide, RuntimeError("cuCIM: out of device memory"))) as r:
+        c = gd.choose_decoder(slide, locations, batch_size=16, n_batches=1, gpu_reader=r)
+    assert c.decoder == "cpu" and c.gpu_tiles_per_s is None
+    assert "cucim failed" in c.reason and "out of device memory" in c.reason
+
+
+def test_choose_decoder_reports_a_decoder_that_fails_to_start(slide, locations, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("DALI pipeline build failed: no nvJPEG")
+
+    monkeypatch.setattr(gd, "GpuTileReader", boom)
+    c = gd.choose_decoder(slide, locations)
+    assert c.decoder == "cpu" and c.reason == "GPU decoder failed to start: RuntimeError: DALI pipeline build failed: no nvJPEG"
+
+
 def test_choose_decoder_without_a_gpu_says_why(slide, locations, monkeypatch):
     monkeypatch.setattr(gd, "_cuda_ok", lambda: False)
     c = gd.choose_decoder(slide, locations)
@@ -278,6 +447,32 @@ def test_gpu_regions_agree_with_the_cpu_path(slide, locations, decoder):
         tiles = r.read_tiles(locations, 224, 0.7)
         d = np.abs(tiles.cpu().numpy().astype(int) - slide.read_tiles(locations, 224, 0.7))
         assert d.mean() <= 1.0, f"{decoder} at 0.7 um/px: mean abs diff {d.mean():.3f}"
+        assert r.fallbacks == 0, f"{decoder} fell back to the host reader: {r.fallback_reason}"
+
+
+@pytest.mark.gpu
+def test_cuda_array_interface_hand_off_on_a_gpu():
+    src = torch.arange(2 * 8 * 8 * 3, device="cuda").to(torch.uint8).reshape(2, 8, 8, 3)
+    expect = src.clone()
+
+    class CaiOnly:  # what cuCIM's GPU CuImage exposes
+        __cuda_array_interface__ = src.__cuda_array_interface__
+
+    got = gd.gpu_array_to_tensor(CaiOnly(), "cuda")
+    src.fill_(7)  # the producer reuses its buffer
+    assert got.is_cuda and torch.equal(got, expect)
+
+
+@pytest.mark.gpu
+def test_nvjpeg_honours_the_adobe_rgb_marker(slides_dir):
+    """nvJPEG must read Aperio's RGB components as RGB (APP14 transform 0), as libjpeg-turbo does"""
+    if "dali" not in gd.gpu_decoders_available():
+        pytest.skip("dali not installed")
+    raws, tables, *_ = _raw_tiles(slides_dir / SVS, [0, 17, 40, 89])
+    streams = [gd.splice_jpeg_tables(r, tables, rgb=True) for r in raws]
+    got = gd._DaliDecoder(torch.cuda.current_device(), 4)(streams).cpu().numpy().astype(int)
+    d = np.abs(got - gd.decode_jpeg_cpu(streams))
+    assert d.mean() <= 1.0, f"nvJPEG vs libjpeg-turbo: mean abs diff {d.mean():.2f} (YCbCr read as RGB?)"
 
 
 @pytest.mark.gpu

@@ -19,6 +19,7 @@ from cellvit_optimus.engine.runner import (
     BackboneOutput,
     BackboneRunner,
     apply_precision,
+    is_out_of_memory,
     next_capture_size,
 )
 from cellvit_optimus.heads import PRESETS, build_backbone
@@ -370,6 +371,10 @@ def fake_graph_runner(monkeypatch: pytest.MonkeyPatch) -> BackboneRunner:
         _FakeGraph.capturing = graph
         try:
             yield
+        except torch.OutOfMemoryError:
+            # torch.cuda.graph's exit calls capture_end(), which fails after an error during capture:
+            # the caller sees this RuntimeError, with the OOM only as its __context__
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
         finally:
             _FakeGraph.capturing = None
 
@@ -424,3 +429,113 @@ def test_dispatcher_pads_replays_and_slices(fake_graph_runner: BackboneRunner) -
     torch.testing.assert_close(lean.embedding, ref.embedding, rtol=1e-4, atol=1e-5)
     r.release_graphs()
     assert r.captured_graphs == ()
+
+
+def test_oom_inside_graph_capture_drops_to_a_smaller_batch(fake_graph_runner: BackboneRunner) -> None:
+    r = fake_graph_runner
+    eager = BackboneRunner("tiny", batch_size=8, backbone=r.backbone)
+    recording = r._forward
+
+    def oom_when_capturing_big(x: torch.Tensor, tokens: bool):  # type: ignore[no-untyped-def]
+        if _FakeGraph.capturing is not None and x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return recording(x, tokens)
+
+    r._forward = oom_when_capturing_big  # type: ignore[method-assign]
+    x = make_tiles(5, seed=23)
+    out = r(x)
+    assert r.batch_size == 2 and r.stats.oom_fallbacks == 2  # 8 -> 4 -> 2
+    assert r.captured_graphs == ((1, True), (2, True))
+    assert (r.stats.graph_replays, r.stats.tiles) == (3, 5)  # 2 + 2 + 1
+    torch.testing.assert_close(out.embedding, eager(x).embedding, rtol=1e-4, atol=1e-5)
+
+
+def test_a_capture_that_fails_for_another_reason_runs_eagerly(fake_graph_runner: BackboneRunner) -> None:
+    r = fake_graph_runner
+    eager = BackboneRunner("tiny", batch_size=8, backbone=r.backbone)
+    recording = r._forward
+
+    def refuse_capture(x: torch.Tensor, tokens: bool):  # type: ignore[no-untyped-def]
+        if _FakeGraph.capturing is not None:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return recording(x, tokens)
+
+    r._forward = refuse_capture  # type: ignore[method-assign]
+    x = make_tiles(5, seed=24)
+    out = r(x)
+    assert not r.use_cuda_graphs and r.captured_graphs == ()
+    assert (r.stats.capture_failures, r.stats.eager_calls, r.stats.oom_fallbacks, r.batch_size) == (1, 1, 0, 8)
+    torch.testing.assert_close(out.embedding, eager(x).embedding, rtol=1e-4, atol=1e-5)
+
+
+def test_is_out_of_memory_follows_the_exception_chain() -> None:
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError:
+            raise RuntimeError("operation failed due to a previous error during capture")  # noqa: B904
+    except RuntimeError as exc:
+        assert is_out_of_memory(exc)
+    assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    loop = RuntimeError("a")
+    loop.__context__ = RuntimeError("b")
+    loop.__context__.__context__ = loop
+    assert not is_out_of_memory(loop)
+
+
+# -- GPU: the risks of a first run on real hardware --------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_real_oom_during_graph_capture_falls_back() -> None:
+    """a memory cap too small for the 64-tile graph (its warm-up or its capture, whichever fails first)
+    but not for the smaller ones: the runner must shrink, not fail"""
+    tiles = make_tiles(64, seed=25)
+    ref = BackboneRunner("tiny", device="cuda", batch_size=64, use_cuda_graphs=False, backbone=_scaled())
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    expected = ref(tiles)
+    eager_64 = torch.cuda.max_memory_allocated() - base
+    del ref
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    r = BackboneRunner("tiny", device="cuda", batch_size=64, backbone=_scaled())
+    try:
+        # room for the weights and about a third of a 64-tile forward: 64 cannot be captured, 16 can
+        torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + eager_64 / 3) / total)
+        out = r(tiles)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert r.stats.oom_fallbacks >= 1 and r.batch_size < 64, r.stats
+    torch.testing.assert_close(out.embedding, expected.embedding, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_batch_fit_counts_reserved_memory() -> None:
+    """the device pays for what the caching allocator reserves, graphs and workspaces included"""
+    budget = 1.5 * 2**30
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_reserved()
+    r = BackboneRunner("small", device="cuda", vram_budget_gb=1.5)
+    assert r.probe is not None and len(r.probe["probe_reserved_bytes"]) == 2
+    assert r.probe["fixed_bytes"] >= r.probe["probe_reserved_bytes"][0] - 4 * r.probe["per_tile_bytes"]
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):  # captures every graph, then replays
+        r(make_tiles(r.batch_size))
+    r(make_tiles(3))
+    assert torch.cuda.max_memory_reserved() - base <= budget, (torch.cuda.max_memory_reserved(), r.probe)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["small", "tiny"])
+def test_fp16_token_maps_are_finite(preset: str) -> None:
+    """raw block outputs are stored in fp16: any value past 65504 would become inf"""
+    r = BackboneRunner(preset, device="cuda", dtype="fp16", batch_size=8)
+    out = r(make_tiles(8, seed=26))
+    assert torch.isfinite(out.embedding).all()
+    for t in out.tokens:
+        assert t.dtype == torch.float16 and torch.isfinite(t).all(), float(t.float().abs().max())

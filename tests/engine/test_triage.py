@@ -87,29 +87,168 @@ def test_batch_with_bad_files_finishes_and_names_each_failure(tmp_path, batch_di
                                                                  "regions.geojson", "summary.json"]
 
 
-def test_outputs_follow_qupath_layout_and_are_valid(tmp_path, slides_dir, engine):
+#: the properties QuPath (>= 0.4) reads from a GeoJSON feature; it drops every other key
+QUPATH_PROPERTIES = {"objectType", "name", "color", "classification", "measurements", "metadata", "isLocked"}
+TAGS = ("reliable", "review", "out_of_domain")
+
+
+def qupath_import(doc: dict) -> list[dict]:
+    """what QuPath's GeoJSON import keeps of each feature (and, under ``dropped``, what it loses):
+    the id when it is a UUID (else it draws a random one), the object type, name, classification,
+    numeric measurements, string metadata, the lock flag and the geometry"""
+    import uuid
+
     from shapely.geometry import shape
 
-    batch = engine.run([slides_dir / "cmu-1-small-region.svs"], tmp_path)
+    objects = []
+    for f in doc["features"]:
+        props = f["properties"]
+        dropped = sorted(set(props) - QUPATH_PROPERTIES)
+        try:
+            fid = uuid.UUID(f["id"])
+        except (KeyError, ValueError, TypeError):
+            fid, dropped = None, dropped + ["id"]
+        meas = props.get("measurements", {})
+        numbers = {k: v for k, v in meas.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        meta = props.get("metadata", {})
+        strings = {k: v for k, v in meta.items() if isinstance(v, str)}
+        dropped += [f"measurements.{k}" for k in set(meas) - set(numbers)]
+        dropped += [f"metadata.{k}" for k in set(meta) - set(strings)]
+        cls = props.get("classification")
+        objects.append({"id": fid, "type": props.get("objectType"), "name": props.get("name"),
+                        "class": None if cls is None else cls["name"],
+                        "color": None if cls is None else cls["color"], "measurements": numbers,
+                        "metadata": strings, "locked": bool(props.get("isLocked", False)),
+                        "geometry": shape(f["geometry"]), "dropped": dropped})
+    return objects
+
+
+def _rings(geom):
+    polys = getattr(geom, "geoms", [geom])
+    for p in polys:
+        yield p.exterior, True
+        for hole in p.interiors:
+            yield hole, False
+
+
+def _check_qupath_fields(objects: list[dict], width: int, height: int) -> None:
+    """every field QuPath shows, on every object, plus RFC 7946 ring order and the slide bounds"""
+    for o in objects:
+        assert o["dropped"] == [], f"QuPath would drop {o['dropped']}"
+        assert o["id"] is not None and o["id"].version == 5
+        assert o["class"] is None or (isinstance(o["class"], str) and o["class"] != "unclassified")
+        if o["color"] is not None:
+            assert len(o["color"]) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in o["color"])
+        g = o["geometry"]
+        assert g.is_valid and g.area > 0
+        for ring, exterior in _rings(g):
+            assert ring.is_ccw == exterior  # RFC 7946: exteriors counter-clockwise, holes clockwise
+            xy = np.asarray(ring.coords)
+            assert xy.min() >= 0 and xy[:, 0].max() <= width and xy[:, 1].max() <= height
+    ids = [o["id"] for o in objects]
+    assert len(set(ids)) == len(ids)
+
+
+def test_geojson_round_trip_keeps_every_qupath_field(tmp_path, slides_dir, engine):
+    import collections
+    import gzip
+
+    import h5py
+
+    from cellvit_optimus.engine.cells import CellTable
+
+    batch = engine.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "plain")
     [r] = batch.results
-    cells = json.loads(Path(r.outputs["cells"]).read_text())
-    assert cells["type"] == "FeatureCollection"
-    for f in cells["features"]:
-        assert f["geometry"]["type"] == "Polygon"
-        assert f["properties"]["objectType"] == "detection"
-        assert set(f["properties"]["classification"]) == {"name", "color"}
-        assert f["properties"]["trust"] in ("reliable", "review", "out_of_domain")
-        assert shape(f["geometry"]).is_valid
-    assert len(cells["features"]) == r.nuclei and sum(r.counts.values()) <= r.nuclei
-    regions = json.loads(Path(r.outputs["regions"]).read_text())
-    assert regions["features"] and all(shape(f["geometry"]).is_valid for f in regions["features"])
+    with h5py.File(r.outputs["features"], "r") as f:
+        a = f["coords"].attrs
+        W, H = int(a["level0_width"]), int(a["level0_height"])
+        corners = f["coords"][:] + np.asarray(a["patch_size_level0_xy"])
+    assert (W, H) == (2220, 2967)
+    # the tiles at the slide's edge reach past it (so clipping is exercised here)
+    assert (corners[:, 0] > W).any() or (corners[:, 1] > H).any()
+
+    cells = qupath_import(json.loads(Path(r.outputs["cells"]).read_text()))
+    regions = qupath_import(json.loads(Path(r.outputs["regions"]).read_text()))
+    _check_qupath_fields(cells + regions, W, H)
+    names = set(engine.model.profile.classes)
+    for o in cells:
+        assert o["type"] == "detection" and (o["class"] is None or o["class"] in names)
+        m = o["measurements"]
+        assert set(m) == {"type_prob", "area_px", "type_set_size"}  # the bundled conformal state is loaded
+        assert 0 <= m["type_prob"] <= 1 and m["area_px"] > 0 and m["type_set_size"] >= 1
+        assert set(o["metadata"]) == {"trust"} and o["metadata"]["trust"] in TAGS
     summary = json.loads(Path(r.outputs["summary"]).read_text())
-    assert summary["result"]["tag"] == r.tag == "review"  # shadow mode: a new site's first slide
-    assert summary["result"]["reason"].startswith("shadow mode (1/30)")
+    for o, reg in zip(regions, summary["regions"], strict=True):
+        assert o["type"] == "annotation" and o["locked"] and o["class"] in TAGS
+        assert o["metadata"] == {"trust": reg["tag"], "reason": reg["reason"]} and o["class"] == reg["tag"]
+    assert sum(o["measurements"]["tiles"] for o in regions) == r.tiles
+
+    # counts in summary.json are the features of cells.geojson, unclassified nuclei included
+    seen = collections.Counter(o["class"] or "unclassified" for o in cells)
+    counts = summary["result"]["counts"]
+    assert {k: v for k, v in counts.items() if v} == dict(seen)
+    assert sum(counts.values()) == len(cells) == r.nuclei == summary["result"]["nuclei"]
+    assert counts["unclassified"] > 0  # real nuclei without a type on this slide (6 at 4 um/px)
+
+    # the in-memory table is the file, row for row
+    back = CellTable.from_geojson(r.outputs["cells"])
+    assert r.cells is not None and len(r.cells) == len(back) == len(cells)
+    for col in ("id", "centroid_x", "centroid_y", "area_px", "type_name", "type_prob", "trust", "type_set_size"):
+        np.testing.assert_array_equal(getattr(r.cells, col), getattr(back, col), err_msg=col)
+    assert [str(o["id"]) for o in cells] == r.cells.id.tolist()
+
+    # --gzip: the same text, compressed without a timestamp (reruns stay byte-identical)
+    gz_engine = Engine(TriageConfig(**COARSE, gzip_cells=True))
+    [rz] = gz_engine.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "gz").results
+    assert rz.outputs["cells"].endswith("cells.geojson.gz")
+    raw = Path(rz.outputs["cells"]).read_bytes()
+    assert raw[4:8] == b"\0\0\0\0"  # gzip MTIME field
+    assert gzip.decompress(raw) == Path(r.outputs["cells"]).read_bytes()
+    assert len(raw) < Path(r.outputs["cells"]).stat().st_size / 3
+    np.testing.assert_array_equal(CellTable.from_geojson(rz.outputs["cells"]).id, r.cells.id)
+    # a result reused from summary.json has no cells in memory: cell_table() reads the file
+    [again] = gz_engine.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "gz").results
+    assert again.cached and again.cells is None
+    np.testing.assert_array_equal(again.cell_table().type_name, r.cells.type_name)
+
     from PIL import Image
 
     img = Image.open(r.outputs["thumbnail"])
     assert img.size[0] > 3 * 100
+
+
+def test_cells_as_a_table_and_a_geodataframe(tmp_path, slides_dir, engine, monkeypatch):
+    [r] = engine.run([slides_dir / "cmu-1-small-region.svs"], tmp_path).results
+    t = r.cells
+    assert t.centroid_x.dtype == np.float64 and t.type_id.dtype == np.int16 and t.type_prob.dtype == np.float32
+    profile = engine.model.profile
+    named = t.type_id > 0
+    assert [profile.label(int(i)) for i in t.type_id[named]] == t.type_name[named].tolist()
+    assert (t.type_name[~named] == "unclassified").all()
+    assert ((t.centroid_x >= 0) & (t.centroid_x <= 2220) & (t.centroid_y >= 0) & (t.centroid_y <= 2967)).all()
+    assert t.counts() == {k: v for k, v in r.counts.items() if v}
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "geopandas", None)  # as if not installed
+        with pytest.raises(ImportError, match="needs geopandas.*pip install geopandas"):
+            t.to_geodataframe()
+    gpd = pytest.importorskip("geopandas")
+    gdf = t.to_geodataframe()
+    assert isinstance(gdf, gpd.GeoDataFrame) and len(gdf) == len(t) and gdf.index[0] == t.id[0]
+    np.testing.assert_allclose(gdf.geometry.area.to_numpy(), t.area_px)
+    np.testing.assert_allclose(gdf.geometry.centroid.x.to_numpy(), t.centroid_x, atol=1e-6)
+
+
+def test_run_works_inside_a_running_event_loop(tmp_path, slides_dir, engine):
+    # a notebook cell runs inside the kernel's asyncio loop: anyio.run alone refuses to start there
+    from cellvit_optimus.engine.aio import loop_running
+
+    async def cell():
+        assert loop_running()
+        return engine.run([slides_dir / "cmu-1-small-region.svs"], tmp_path)
+
+    batch = asyncio.run(cell())
+    assert batch.status == "complete" and batch.results[0].tiles == 2 and batch.results[0].nuclei > 100
+    assert not loop_running()
 
 
 KILL = textwrap.dedent("""

@@ -1,6 +1,6 @@
 """import_timm: stands in for a broken torchvision, and only then.
 
-Each case runs in a fresh interpreter, since the stand-in is process-wide. A broken or a working
+Each case runs in a fresh interpreter, since timm is imported once per process. A broken or a working
 torchvision is simulated with a meta-path finder / a module planted before import_timm runs, so both
 branches are tested whatever torchvision this machine has.
 """
@@ -24,13 +24,13 @@ sys.meta_path.insert(0, _Broken())
 """
 
 
-def _run(code: str) -> subprocess.CompletedProcess[str]:
+def _run(code: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         check=False,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -42,9 +42,12 @@ def test_broken_torchvision_is_stubbed_and_timm_builds_a_vit() -> None:
         + """
 import torch
 from cellvit_optimus.heads._timm_compat import import_timm, torchvision_stubbed
+before = set(sys.modules), list(sys.meta_path)
 timm = import_timm()
 assert torchvision_stubbed()
-assert sys.modules["torchvision"].__torchvision_stub__
+# the stand-in is gone once timm is in: nothing torchvision-named is left behind for other code
+assert not [n for n in sys.modules if n.split(".")[0] == "torchvision"]
+assert list(sys.meta_path) == before[1]
 assert import_timm() is timm  # idempotent
 m = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56, depth=1, num_classes=0)
 with torch.no_grad():
@@ -60,8 +63,10 @@ def test_stub_raises_clear_import_error_when_used() -> None:
 import pytest
 from cellvit_optimus.heads._timm_compat import import_timm
 timm = import_timm()
-from torchvision.ops.misc import FrozenBatchNorm2d
-import torchvision.transforms as T
+# what timm holds of the stand-in (it is no longer importable: see the next test)
+from timm.layers.norm_act import FrozenBatchNorm2d
+import timm.data.transforms
+T = timm.data.transforms.transforms
 assert not isinstance(object(), FrozenBatchNorm2d)   # isinstance checks in timm keep working
 for use in (lambda: FrozenBatchNorm2d(3), lambda: T.Resize(224), lambda: T.functional.to_tensor(None),
             lambda: T.InterpolationMode.BILINEAR(), lambda: timm.data.create_transform(224)):
@@ -72,6 +77,44 @@ from timm.layers import _fx
 assert not _fx.has_fx_feature_extraction
 """
     )
+
+
+def test_torchvision_imports_as_before_once_timm_is_in() -> None:
+    """a host that imports torchvision after us gets what it got before: here the same error"""
+    _run(
+        BREAK_TORCHVISION
+        + """
+import pytest
+def outcome():
+    try:
+        import torchvision
+    except Exception as exc:
+        return type(exc).__name__, str(exc)
+    return "module", torchvision.__name__
+first = outcome()
+assert first == ("RuntimeError", "operator torchvision::nms does not exist"), first
+from cellvit_optimus.heads._timm_compat import import_timm, torchvision_stubbed
+import_timm()
+assert torchvision_stubbed() and outcome() == first
+"""
+    )
+
+
+def test_after_engine_torchvision_behaves_as_in_a_fresh_process() -> None:
+    """whatever torchvision this environment has (absent, broken or real), the package leaves it so"""
+    probe = """
+def outcome():
+    try:
+        import torchvision
+    except Exception as exc:
+        return [type(exc).__name__, str(exc).splitlines()[0]]
+    return ["module", torchvision.__version__, type(torchvision.ops.nms).__name__]
+"""
+    fresh = _run(probe + "print(outcome())").stdout.strip().splitlines()[-1]
+    # Engine() builds the bundled model's backbone through timm
+    make = "from cellvit_optimus.engine import Engine, TriageConfig\nEngine(TriageConfig(), device='cpu')\n"
+    after = _run(probe + make + "print(outcome())", timeout=900).stdout.strip().splitlines()[-1]
+    assert after == fresh, (fresh, after)
 
 
 def test_working_torchvision_is_left_alone() -> None:

@@ -174,8 +174,8 @@ def test_engine_tags_the_ihc_region_out_of_domain(tmp_path, slides_dir):
     left, right = sorted(regions, key=lambda f: min(x for x, _ in f["geometry"]["coordinates"][0]))
     assert right["properties"]["classification"]["name"] == "out_of_domain"
     assert left["properties"]["classification"]["name"] != "out_of_domain"
-    assert "ood score" not in left["properties"]["reason"]
-    assert r.tag_fractions["out_of_domain"] == pytest.approx(right["properties"]["tiles"] / r.tiles, abs=1e-3)
+    assert "ood score" not in left["properties"]["metadata"]["reason"]
+    assert r.tag_fractions["out_of_domain"] == pytest.approx(right["properties"]["measurements"]["tiles"] / r.tiles, abs=1e-3)
     # the bundled nucleus-type calibration is loaded too: every nucleus carries its conformal set size
     assert engine.conformal is not None
     cells = json.loads(Path(r.outputs["cells"]).read_text())["features"]
