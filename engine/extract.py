@@ -131,6 +131,8 @@ class TileReadPath:
         assert job.slide is not None and grid is not None
         locs = [tuple(c) for c in grid.coords[idx].tolist()]
         source = job.reader if job.reader is not None else job.slide
+        if job.reader is not None:  # GPU decoders return damaged pixels silently too: same strict check
+            job.slide.check_tiles(locs, grid.tile_size, grid.target_mpp)
         tiles = source.read_tiles(locs, grid.tile_size, grid.target_mpp)
         fallback = getattr(job.reader, "fallback_reason", None)
         if fallback is not None:  # the GPU decoder failed on some batches: the host reader read them

@@ -613,7 +613,10 @@ class Engine:
         summary = {"run_key": key, "slide_fingerprint": job_fingerprint(job),
                    "result": {k: v for k, v in result.to_dict().items() if k != "cached"},
                    "tissue_mm2": round(tissue_mm2, 4), "nuclei_mpp": self.nuclei_mpp,
-                   "regions": [{"tag": d.tag.value, "reason": d.reason} for d in tags.regions]}
+                   "regions": [{"tag": d.tag.value, "reason": d.reason} for d in tags.regions],
+                   # JPEG tiles strictly re-decoded and the corrupt ones (level, col, row); a slide with any
+                   # corrupt tile in what it read fails instead ("corrupt tiles"), so done slides list none
+                   "tile_check": job.slide.tile_check() if job.slide is not None else None}
         outputs["summary"] = str(sdir / "summary.json")
         summary["result"]["outputs"] = outputs
         atomic_write_json(sdir / "summary.json", summary)  # last: marks the slide finished

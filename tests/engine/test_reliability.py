@@ -419,6 +419,60 @@ def test_huge_single_level_tiff_in_a_batch_stays_under_2_gb(tmp_path, slides_dir
 
 
 # --------------------------------------------------------------------------------------------------
+# 5b. corrupt tile data, truncated directories
+# --------------------------------------------------------------------------------------------------
+
+
+def _cmu_layout(slides_dir: Path):
+    import tifffile
+
+    with tifffile.TiffFile(slides_dir / CMU) as tf:
+        page = tf.pages[0]
+        desc = page.tags["ImageDescription"]
+        return list(page.dataoffsets), list(page.databytecounts), int(page.offset), desc
+
+
+def test_flipped_bytes_in_a_jpeg_tile_fail_the_slide_as_corrupt_tiles(tmp_path, slides_dir, engine):
+    from cellvit_optimus.engine.errors import CorruptTilesError
+    from cellvit_optimus.engine.slide import open_slide
+
+    offs, counts, _, _ = _cmu_layout(slides_dir)
+    data = bytearray((slides_dir / CMU).read_bytes())
+    # tile 40 (column 0, row 4 of the 10-column level): 16 bytes in its entropy-coded data replaced
+    o = offs[40] + counts[40] // 2
+    data[o:o + 16] = bytes(range(16))
+    bad = tmp_path / "flipped.svs"
+    bad.write_bytes(bytes(data))
+    with open_slide(slides_dir / CMU) as s:
+        s.thumbnail(1024)
+        assert s.tile_check() == {"checked": 130, "corrupt": 0, "positions": []}
+    want = r"flipped\.svs: corrupt tiles \(1 corrupt JPEG tile\(s\) of \d+ checked: level 0 col 0 row 4"
+    with open_slide(bad) as s, pytest.raises(CorruptTilesError, match=want):
+        s.thumbnail(1024)
+    batch = engine.run([bad, slides_dir / CMU], tmp_path / "out")
+    assert [(Path(f.path).name, f.reason) for f in batch.failures] == [("flipped.svs", "corrupt tiles")]
+    assert [r.name for r in batch.results] == ["cmu-1-small-region"]
+    summary = json.loads(Path(batch.results[0].outputs["summary"]).read_text())
+    assert summary["tile_check"] == {"checked": 130, "corrupt": 0, "positions": []}
+
+
+def test_truncation_inside_the_first_directory_is_reported_as_truncated_not_no_mpp(tmp_path, slides_dir):
+    from cellvit_optimus.engine.errors import CorruptSlideError
+    from cellvit_optimus.engine.slide import open_slide
+
+    _, _, ifd, desc = _cmu_layout(slides_dir)
+    data = (slides_dir / CMU).read_bytes()
+    # inside the directory's entries, then inside the ImageDescription that carries the MPP
+    for cut in (ifd + 40, desc.valueoffset + desc.count // 2):
+        p = tmp_path / f"cut{cut}.svs"
+        p.write_bytes(data[:cut])
+        want = rf"cut{cut}\.svs: truncated or corrupt \(truncated"
+        with pytest.raises(CorruptSlideError, match=want) as err:
+            open_slide(p)
+        assert err.value.reason == "truncated or corrupt"
+
+
+# --------------------------------------------------------------------------------------------------
 # 7. disk full, safety state files, messages
 # --------------------------------------------------------------------------------------------------
 
