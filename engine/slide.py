@@ -649,9 +649,11 @@ class _TileCheck:
                 log.debug("%s: level %d tile %d: %s", self.path, level, i, exc)
                 bad.append((level, i % cols, i // cols))
         with self._lock:
-            self._done.update((level, i) for i in todo)
-            self.checked += len(todo)
-            self.corrupt.extend(bad)
+            # two reader threads may have checked the same tile: count each tile once
+            fresh = [i for i in todo if (level, i) not in self._done]
+            self._done.update((level, i) for i in fresh)
+            self.checked += len(fresh)
+            self.corrupt.extend(t for t in bad if t not in self.corrupt)
             corrupt = sorted(self.corrupt)
         if bad:
             where = ", ".join(f"level {lv} col {c} row {r}" for lv, c, r in corrupt[:5])

@@ -410,11 +410,15 @@ def test_huge_single_level_tiff_in_a_batch_stays_under_2_gb(tmp_path, slides_dir
                           "failed": [[f.path, f.reason, f.message] for f in batch.failures],
                           "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=2400)
+    # the huge level's thumbnail comes from its tiles' 1/8-scale DC terms (about 20 s on the loaded
+    # 2-core machine; a full decode of its 2.5e9 pixels ran past 15 min). The whole batch took 756 s at
+    # load 9-10 (mostly the nuclei model on the two good slides at a tenth of a core); the limit leaves room
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sorted(doc["done"]) == ["cmu-1-small-region", "prostate-small"]
     assert [f[:2] for f in doc["failed"]] == [[str(huge), "no tissue"]]  # blank glass, judged on a thumbnail
+    print(f"peak RSS {doc['maxrss_kb'] / 1024:.0f} MiB")  # shown with -s
     assert doc["maxrss_kb"] < 2 * 1024 * 1024, doc
 
 
