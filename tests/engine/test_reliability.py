@@ -418,6 +418,8 @@ def test_huge_single_level_tiff_in_a_batch_stays_under_2_gb(tmp_path, slides_dir
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sorted(doc["done"]) == ["cmu-1-small-region", "prostate-small"]
     assert [f[:2] for f in doc["failed"]] == [[str(huge), "no tissue"]]  # blank glass, judged on a thumbnail
+    # measured 2026-12-04: 1939 MiB for this batch; the two good slides alone peak at 1744 MiB and the
+    # huge slide alone at 900 MiB, so the margin is the engine's own footprint, not the huge slide's
     print(f"peak RSS {doc['maxrss_kb'] / 1024:.0f} MiB")  # shown with -s
     assert doc["maxrss_kb"] < 2 * 1024 * 1024, doc
 
