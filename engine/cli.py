@@ -347,6 +347,8 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
     bars = _Bars(quiet, len(paths))
     try:
         results = extract_features(paths, out_dir, runner, config, progress=bars)
+    except OptimusError as exc:  # the output folder is locked or unwritable: the whole batch stops, named
+        _batch_failed(exc)
     finally:
         bars.close()
     ok = [r for r in results if not isinstance(r, Failure)]
@@ -411,9 +413,11 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
               help="Ray actors (default: one per GPU, or per CPU group)")
 @click.option("--ray-cpus-per-actor", type=_POSITIVE, default=1, show_default=True,
               help="CPUs per CPU-only actor")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
+              help="seconds to wait when another run is writing to OUT (default: wait until it ends; 0: fail at once)")
 def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, recursive, nuclei_weights,
            backbone_weights, mil_weights, thresholds, ood_state, shadow_slides, site_id, outputs, device, batch_size,
-           workers, decoder, quiet, gzip_cells, ray_address, ray_actors, ray_cpus_per_actor):
+           workers, decoder, quiet, gzip_cells, ray_address, ray_actors, ray_cpus_per_actor, lock_timeout):
     """Triage SLIDES (files or folders; default: the bundled real slide) into a ranked worklist.
 
     Writes per slide OUT/<slide>/{cells.geojson[.gz], regions.geojson, overview.png, summary.json} and
@@ -432,7 +436,7 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
                               backend=backend, decoder=decoder, nuclei_mpp=nuclei_mpp, overlap_px=overlap_px,
                               min_tissue_fraction=min_tissue, outputs=outputs, thresholds=thresholds,
                               ood_state=ood_state, shadow_slides=shadow_slides, site_id=site_id,
-                              gzip_cells=gzip_cells)
+                              gzip_cells=gzip_cells, lock_timeout_s=lock_timeout)
         weights = dict(nuclei_weights=nuclei_weights, backbone_weights=backbone_weights, mil_weights=mil_weights,
                        device=device, batch_size=batch_size)
         if ray_address is None:
@@ -451,6 +455,8 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
         else:
             with engine:
                 batch = engine.run(paths, out_dir, progress=bars, skipped=skipped)
+    except OptimusError as exc:  # the output folder is locked or unwritable (disk full): named, clean exit
+        _batch_failed(exc)
     finally:
         bars.close()
     for r in batch.results:
@@ -461,6 +467,14 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
     _print_skipped(skipped)
     click.echo(f"worklist: {batch.worklist_csv} ({batch.status})")
     sys.exit(_exit_code(len(batch.results), len(batch.failures)))
+
+
+def _batch_failed(exc: OptimusError) -> None:
+    """a whole batch stopped by a named error (output folder locked, disk full): say so, exit 2"""
+    click.echo(f"FAILED {exc}", err=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.exit(EXIT_FAILED)
 
 
 def _register_model_commands() -> None:

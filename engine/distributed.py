@@ -155,7 +155,7 @@ class _SlideWorker:
     def progress(self) -> tuple[str, int, int] | None:
         return self._progress
 
-    def triage(self, path: str, out_dir: str) -> dict[str, Any]:
+    def triage(self, path: str, out_dir: str, output_name: str | None = None) -> dict[str, Any]:
         import anyio
 
         name = Path(path).name
@@ -167,7 +167,9 @@ class _SlideWorker:
         async def one() -> list[Any]:
             # the driver cleans stale temporaries once before dispatching; actors never do, or they
             # would delete the temporaries of slides in flight on other actors
-            return [r async for r in self.engine.stream([path], out_dir, on_progress, clean_temporaries=False)]
+            names = {path: output_name} if output_name else None  # the driver names slides for the whole batch
+            return [r async for r in self.engine.stream([path], out_dir, on_progress, clean_temporaries=False,
+                                                        names=names)]
 
         before = self.engine.model.runner.tiles_processed
         t0 = time.perf_counter()
@@ -331,18 +333,26 @@ class RayTriage:
             progress: Callable[[ClusterProgress], None] | None = None,
             skipped: Sequence[tuple[str, str]] = ()) -> BatchResult:
         """triage ``slides`` into ``out_dir`` on the cluster; returns the batch with its worklist
-        (``skipped``: inputs not run, as ``(path, why)``, listed in the worklist too)"""
-        from .extract import _check_unique_stems
-        from .io import clean_stale_temporaries
+        (``skipped``: inputs not run, as ``(path, why)``, listed in the worklist too)
+
+        The driver holds the output folder's lock for the whole batch (actors write under it)."""
+        from .io import folder_lock
+
+        out = Path(os.path.abspath(out_dir))
+        with folder_lock(out, self.config.lock_timeout_s):
+            return self._run_locked(slides, out, progress, skipped)
+
+    def _run_locked(self, slides: Sequence[str | os.PathLike[str]], out: Path,
+                    progress: Callable[[ClusterProgress], None] | None,
+                    skipped: Sequence[tuple[str, str]]) -> BatchResult:
+        from .io import clean_stale_temporaries, output_names
 
         ray = _import_ray()
         self.start()
-        out = Path(os.path.abspath(out_dir))
-        out.mkdir(parents=True, exist_ok=True)
         clean_stale_temporaries(out)  # once, before any actor writes (they never clean: see _SlideWorker)
         # absolute paths: an actor's working directory is not the driver's
-        paths = [Path(os.path.abspath(p)) for p in slides]
-        _check_unique_stems(paths)
+        paths = list(dict.fromkeys(Path(os.path.abspath(p)) for p in slides))
+        self._names = output_names(paths)
         assert self.run_key is not None
         self._reserve_shadow(paths, out)
 
@@ -358,7 +368,8 @@ class RayTriage:
                 if s.alive and s.starting is None and s.busy is None and queue:
                     i = queue.popleft()
                     st.attempts[i] = st.attempts.get(i, 0) + 1
-                    s.busy, s.slide, s.order, s.started = (s.handle.triage.remote(str(paths[i]), str(out)), i,
+                    s.busy, s.slide, s.order, s.started = (s.handle.triage.remote(str(paths[i]), str(out),
+                                                                                   self._names[str(paths[i])]), i,
                                                            handed, time.perf_counter())
                     s.seen = (paths[i].name, 0, 0)
                     handed += 1
@@ -400,7 +411,7 @@ class RayTriage:
                                               done_tiles, wall))
             log.warning("ray actor %d (pid %d on %s) died on %s: %s", slot.index, slot.pid, slot.host,
                         paths[i], exc)
-            _remove_temporaries(out, paths[i])
+            _remove_temporaries(out, self._names[str(paths[i])])
             self._replace(slot)
             if st.attempts[i] < self.cluster.max_attempts:
                 queue.appendleft(i)  # it was the largest left when it was handed out
@@ -488,7 +499,7 @@ class RayTriage:
         for p in paths:
             if not shadow.active:
                 break
-            if not p.is_file() or _finished(out, p, self.run_key):
+            if not p.is_file() or _finished(out, p, self.run_key, self._names[str(p)]):
                 continue  # a missing file fails before tagging; a finished slide is not tagged again
             try:
                 # a slide that cannot even be opened (not a slide, no MPP, ...) fails before it is
@@ -525,23 +536,22 @@ def _size(p: Path) -> int:
         return 0
 
 
-def _finished(out: Path, path: Path, key: str | None) -> bool:
-    """the resume rule of the single-process engine: a summary with this run key and this path"""
-    import json
+def _finished(out: Path, path: Path, key: str | None, name: str) -> bool:
+    """the resume rule of the single-process engine (:func:`~.triage.finished_result`)"""
+    from .features import slide_fingerprint
+    from .triage import finished_result
 
-    summary = out / path.stem / "summary.json"
     try:
-        doc = json.loads(summary.read_text())
-        return doc.get("run_key") == key and Path(doc["result"]["path"]) == path
-    except (OSError, ValueError, KeyError, TypeError):
+        return finished_result(out / name / "summary.json", path, key, slide_fingerprint(path, mtime=True)) is not None
+    except OSError:
         return False
 
 
-def _remove_temporaries(out: Path, path: Path) -> None:
-    """what a dead actor left half-written for ``path`` (finished files are complete and stay)"""
+def _remove_temporaries(out: Path, name: str) -> None:
+    """what a dead actor left half-written for the slide named ``name`` (finished files are complete and stay)"""
     from .io import TMP_PREFIX
 
-    stem = path.stem
+    stem = name
     for p in [*(out / stem).glob(TMP_PREFIX + "*"), *(out / "features").glob(f"{TMP_PREFIX}{stem}.h5*")]:
         try:
             p.unlink()

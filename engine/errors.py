@@ -21,6 +21,10 @@ __all__ = (
     "UnsupportedFormatError",
     "NoMPPError",
     "NoTissueError",
+    "CorruptTilesError",
+    "SlideTooLargeError",
+    "OutputWriteError",
+    "OutputLockedError",
     "WeightsError",
     "StateMismatchError",
     "OutOfDomainError",
@@ -97,6 +101,57 @@ class NoTissueError(SlideError):
     """Tissue detection found no tile passing the tissue threshold."""
 
     reason = "no tissue"
+
+
+class CorruptTilesError(CorruptSlideError):
+    """Too many of the slide's tiles fail to decode cleanly (the detail gives the count and positions)."""
+
+    reason = "corrupt tiles"
+
+
+class SlideTooLargeError(SlideError):
+    """Reading the slide (a thumbnail of a huge single-level image) would exceed the memory budget."""
+
+    reason = "too large for the memory budget"
+
+
+class OutputWriteError(OptimusError, OSError):
+    """Writing an output failed at the operating system (disk full, quota, read-only, I/O error)."""
+
+    reason = "write failed"
+
+    def __init__(self, path: str | PathLike[str], detail: str, reason: str | None = None) -> None:
+        self.path = str(path)
+        self.detail = detail
+        if reason is not None:
+            self.reason = reason
+        super().__init__(f"{self.path}: {self.reason} ({detail})")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.detail, self.reason))
+
+    @classmethod
+    def from_os_error(cls, path: str | PathLike[str], exc: OSError) -> OutputWriteError:
+        import errno
+
+        # HDF5 reports a full disk inside its message ("errno = 28, ... No space left on device")
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc) or "errno = 28" in str(exc)
+        where = f" writing {exc.filename}" if exc.filename and str(exc.filename) != str(path) else ""
+        return cls(path, f"{exc.strerror or exc}{where}", "disk full" if full else None)
+
+
+class OutputLockedError(OptimusError):
+    """Another run holds the output folder's lock (names the folder and the holder)."""
+
+    reason = "output folder locked"
+
+    def __init__(self, path: str | PathLike[str], detail: str) -> None:
+        self.path = str(path)
+        self.detail = detail
+        super().__init__(f"{self.path}: {self.reason} ({detail})")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.detail))
 
 
 class WeightsError(OptimusError):

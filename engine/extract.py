@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ConfigError
-from .features import (FeatureWriter, cache_key, cached, coords_attributes, preprocessing_hash,
-                       slide_fingerprint)
+from .features import (FeatureWriter, cache_key, coords_attributes, preprocessing_hash,
+                       slide_fingerprint, verify_features)
 from .scheduler import Progress, SchedulerConfig, SlideDone, SlideJob, TileBatch, run_pipeline
 from .tissue import TilingConfig, TissueConfig, tile_grid
 
@@ -131,6 +131,8 @@ class TileReadPath:
         assert job.slide is not None and grid is not None
         locs = [tuple(c) for c in grid.coords[idx].tolist()]
         source = job.reader if job.reader is not None else job.slide
+        if job.reader is not None:  # GPU decoders return damaged pixels silently too: same strict check
+            job.slide.check_tiles(locs, grid.tile_size, grid.target_mpp)
         tiles = source.read_tiles(locs, grid.tile_size, grid.target_mpp)
         fallback = getattr(job.reader, "fallback_reason", None)
         if fallback is not None:  # the GPU decoder failed on some batches: the host reader read them
@@ -138,8 +140,19 @@ class TileReadPath:
         return tiles, tile_quality(tiles)
 
 
-def feature_path(out_dir: str | os.PathLike[str], slide: str | os.PathLike[str]) -> Path:
-    return Path(out_dir) / "features" / f"{Path(slide).stem}.h5"
+def feature_path(out_dir: str | os.PathLike[str], slide: str | os.PathLike[str], name: str | None = None) -> Path:
+    """``out_dir/features/<name>.h5``; ``name`` defaults to the slide's :func:`~.io.output_name`"""
+    from .io import output_name
+
+    return Path(out_dir) / "features" / f"{name or output_name(slide)}.h5"
+
+
+def job_fingerprint(job: SlideJob) -> str:
+    """the slide's fingerprint with its mtime (cache and finished-slide keys), computed once per job"""
+    fp = job.info.get("slide_fingerprint")
+    if fp is None:
+        fp = job.info["slide_fingerprint"] = slide_fingerprint(job.path, mtime=True)
+    return fp
 
 
 def open_job_for(config: ExtractConfig, keep_mask: bool = False,
@@ -195,19 +208,38 @@ class FeatureExtractor:
         self.preprocessing = {"tiling": asdict(config.tiling), "tissue": asdict(config.tissue),
                               "mpp_override": config.mpp, "normalisation": normalisation}
         self.version = version
+        self.names: dict[str, str] = {}  # str(slide path) -> output name, set per batch (io.output_names)
+
+    def path_for(self, job: SlideJob) -> Path:
+        return feature_path(self.out_dir, job.path, self.names.get(str(job.path)))
 
     def key_for(self, job: SlideJob) -> str:
         return cache_key(backbone=self.backbone_id, weights_hash=self.weights_hash,
-                         preprocessing=self.preprocessing, slide=slide_fingerprint(job.path),
+                         preprocessing=self.preprocessing, slide=job_fingerprint(job),
                          version=self.version)
 
     def prepare(self, job: SlideJob) -> dict[str, Any] | None:
+        import h5py
+
+        from .io import move_aside
+
         key = self.key_for(job)
         job.info["cache_key"] = key
-        dest = feature_path(self.out_dir, job.path)
-        if cached(dest, key):
+        dest = self.path_for(job)
+        if not dest.exists():
+            return None
+        problem = verify_features(dest)
+        if problem is not None:
+            move_aside(dest, problem)  # a damaged cache file is never served, and never silently lost
+            return None
+        try:
+            with h5py.File(dest, "r") as f:
+                hit = f.attrs.get("cache_key") == key
+        except OSError:  # vanished or replaced meanwhile: recompute
+            return None
+        if hit:
             return {"features": str(dest)}
-        return None
+        return None  # another key (model, preprocessing, slide changed): rewritten by this run
 
     def consumers(self, job: SlideJob) -> list[Any]:
         grid, slide = job.grid, job.slide
@@ -225,28 +257,21 @@ class FeatureExtractor:
             "weights_hash": self.weights_hash,
             "preprocessing_hash": preprocessing_hash(self.preprocessing),
             "cache_key": job.info["cache_key"],
-            "slide_fingerprint": slide_fingerprint(job.path),
+            "slide_fingerprint": job_fingerprint(job),
             "slide_name": job.path.name,
             "package_version": self.version,
             "decoder": job.info.get("decoder", "slide"),
         }
         arrays = {"coords": grid.coords.astype(np.int64), "grid_index": grid.grid_index.astype(np.int64),
                   "tissue_fraction": grid.tissue_fraction, "artefact_fraction": grid.artefact_fraction}
-        # Trident and CLAM read the patch geometry from the coords dataset, not the file root
-        on_coords = coords_attributes(name=job.path.stem, tile_size=grid.tile_size, target_mpp=grid.target_mpp,
+        # Trident and CLAM read the patch geometry from the coords dataset, not the file root; the name
+        # is the file's own (the sanitised output name), which is what a reader pairs it with
+        dest = self.path_for(job)
+        on_coords = coords_attributes(name=dest.stem, tile_size=grid.tile_size, target_mpp=grid.target_mpp,
                                       level0_size=grid.level0_size, stride=grid.stride,
                                       slide_dimensions=slide.dimensions, mpp=slide.mpp)
-        writer = FeatureWriter(feature_path(self.out_dir, job.path), len(grid), self.embed_dim, attrs, arrays,
-                               {"coords": on_coords})
+        writer = FeatureWriter(dest, len(grid), self.embed_dim, attrs, arrays, {"coords": on_coords})
         return [_FeatureConsumer(writer)]
-
-
-def _check_unique_stems(paths: Sequence[Path]) -> None:
-    seen: dict[str, Path] = {}
-    for p in paths:
-        other = seen.setdefault(p.stem, p)
-        if other != p:
-            raise ConfigError(f"two slides share the output name {p.stem!r}: {other} and {p}")
 
 
 def _extractor(runner: BackboneRunner, out_dir: Path, config: ExtractConfig) -> FeatureExtractor:
@@ -260,27 +285,42 @@ def _extractor(runner: BackboneRunner, out_dir: Path, config: ExtractConfig) -> 
 
 async def aextract_features(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
                             runner: BackboneRunner, config: ExtractConfig | None = None,
-                            progress: Callable[[Progress], None] | None = None
-                            ) -> AsyncIterator[SlideDone | Failure]:
-    """async stream of per-slide results (as slides finish); safe inside a host asyncio/anyio loop"""
-    from .io import clean_stale_temporaries
+                            progress: Callable[[Progress], None] | None = None, *,
+                            lock_timeout_s: float | None = None) -> AsyncIterator[SlideDone | Failure]:
+    """async stream of per-slide results (as slides finish); safe inside a host asyncio/anyio loop
+
+    The run holds the output folder's lock (:func:`~.io.folder_lock`; a second run waits up to
+    ``lock_timeout_s``, default as long as it takes). Slides are written as :func:`~.io.output_names`.
+    """
+    import anyio
+
+    from .io import clean_stale_temporaries, folder_lock, output_names
 
     config = config or ExtractConfig()
-    slides = [Path(p) for p in paths]
-    _check_unique_stems(slides)
+    # the same file twice would write one feature file twice at once: once is enough
+    firsts: dict[str, Path] = {}
+    for p in paths:
+        firsts.setdefault(os.path.abspath(p), Path(p))
+    slides = list(firsts.values())
     out = Path(out_dir)
-    clean_stale_temporaries(out / "features")
     extractor = _extractor(runner, out, config)
+    extractor.names = output_names(slides)
     read_path = TileReadPath(config.decoder, str(runner.device))
 
     def compute(tiles: np.ndarray):
         return runner(tiles, tokens=False)
 
-    async with run_pipeline(slides, open_job=open_job_for(config, read_path=read_path), factory=extractor,
-                            compute=compute, config=config.scheduler, read_tiles=read_path.read,
-                            progress=progress) as results:
-        async for r in results:
-            yield r
+    lock = folder_lock(out, lock_timeout_s)
+    await anyio.to_thread.run_sync(lock.__enter__)  # waiting for another run never blocks the host's loop
+    try:
+        await anyio.to_thread.run_sync(clean_stale_temporaries, out / "features")
+        async with run_pipeline(slides, open_job=open_job_for(config, read_path=read_path), factory=extractor,
+                                compute=compute, config=config.scheduler, read_tiles=read_path.read,
+                                progress=progress) as results:
+            async for r in results:
+                yield r
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def extract_features(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],

@@ -8,7 +8,8 @@ Layout (what CLAM / Trident users already read):
 - ``tissue_fraction``, ``artefact_fraction``, ``quality/blur``, ``quality/background``, ``quality/dark``: (N,)
 - root attributes: ``patch_size`` (pixels at the target MPP), ``patch_size_level0``, ``target_mpp``, ``mpp``
   (level 0), ``backbone``, ``weights_hash``, ``preprocessing_hash``, ``cache_key``, ``slide_fingerprint``,
-  ``package_version``, ``stride_level0``, ``slide_dimensions``, ``complete``
+  ``package_version``, ``stride_level0``, ``slide_dimensions``, ``complete``, ``data_sha256`` (of
+  ``features`` and ``coords``, checked before a file is reused)
 - attributes of the ``coords`` dataset, where Trident and CLAM look for them (:func:`coords_attributes`):
   Trident's ``patch_size``, ``patch_size_level0``, ``level0_magnification``, ``target_magnification``,
   ``overlap``, ``name``, ``level0_width``, ``level0_height``; CLAM's ``patch_level``, ``downsample``,
@@ -36,24 +37,43 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ("FeatureWriter", "read_features", "cache_key", "slide_fingerprint", "cached", "coords_attributes",
-           "write_clam_layout", "FEATURE_SCHEMA")
+__all__ = ("FeatureWriter", "read_features", "cache_key", "slide_fingerprint", "cached", "verify_features",
+           "coords_attributes", "write_clam_layout", "FEATURE_SCHEMA")
 
 #: bump when the file layout or the meaning of a field changes: old files then miss the cache
-#: (2: Trident / CLAM attributes on the ``coords`` dataset)
-FEATURE_SCHEMA = 2
+#: (2 on both lines of work: Trident / CLAM attributes on ``coords``, and separately the data checksum
+#: with the content-sampled, mtime-bound slide fingerprint; 3: both together)
+FEATURE_SCHEMA = 3
 
 
-def slide_fingerprint(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """cheap identity of a slide file: size + SHA-256 of its first and last MiB"""
+#: content samples of a slide fingerprint beside its first and last MiB (spread over the file, so a
+#: slide replaced by another image of the same size and header is still told apart)
+_FINGERPRINT_SAMPLES = 16
+_SAMPLE_BYTES = 64 << 10
+
+
+def slide_fingerprint(path: str | os.PathLike[str], chunk: int = 1 << 20, *, mtime: bool = False) -> str:
+    """cheap identity of a slide file: size + SHA-256 of its first and last MiB (header and directories
+    of TIFF-like files) and of 16 evenly spread 64 KiB samples (tile data); with ``mtime`` also the
+    modification time, so that a slide rewritten in place under the same name is never taken for the
+    old one (cache and finished-slide keys use that form; shadow mode counts copies as one slide and
+    uses the content alone)"""
     p = Path(path)
-    size = p.stat().st_size
+    st = p.stat()
+    size = st.st_size
     h = hashlib.sha256(str(size).encode())
+    if mtime:
+        h.update(f"|{st.st_mtime_ns}".encode())
     with p.open("rb") as f:
         h.update(f.read(chunk))
         if size > chunk:
             f.seek(max(size - chunk, chunk))
             h.update(f.read(chunk))
+        if size > 2 * chunk:
+            span = size - 2 * chunk
+            for k in range(_FINGERPRINT_SAMPLES):
+                f.seek(chunk + span * k // _FINGERPRINT_SAMPLES)
+                h.update(f.read(min(_SAMPLE_BYTES, span)))
     return h.hexdigest()[:32]
 
 
@@ -131,7 +151,7 @@ def coords_attributes(*, name: str, tile_size: int, target_mpp: float, level0_si
 
 
 def cached(path: str | os.PathLike[str], key: str) -> bool:
-    """True when ``path`` is a complete feature file written under ``key``"""
+    """True when ``path`` is a complete, intact feature file written under ``key``"""
     import h5py
 
     p = Path(path)
@@ -139,9 +159,45 @@ def cached(path: str | os.PathLike[str], key: str) -> bool:
         return False
     try:
         with h5py.File(p, "r") as f:
-            return bool(f.attrs.get("complete", False)) and f.attrs.get("cache_key") == key
+            if not (bool(f.attrs.get("complete", False)) and f.attrs.get("cache_key") == key):
+                return False
     except OSError:  # unreadable leftovers are not a cache hit
         return False
+    return verify_features(p) is None
+
+
+def _data_sha256(f: Any, rows: int = 4096) -> str:
+    """checksum of an open file's ``features`` (shape, then rows in blocks: bounded memory) and ``coords``"""
+    feat, coords = f["features"], f["coords"]
+    h = hashlib.sha256(f"{feat.shape}|{feat.dtype}|{coords.shape}|{coords.dtype}".encode())
+    for start in range(0, feat.shape[0], rows):
+        h.update(np.ascontiguousarray(feat[start:start + rows]).tobytes())
+    h.update(np.ascontiguousarray(coords[()]).tobytes())
+    return h.hexdigest()
+
+
+def verify_features(path: str | os.PathLike[str]) -> str | None:
+    """what is wrong with a feature file (unreadable, incomplete, shapes that disagree, data that no
+    longer matches its checksum), or None when it is intact"""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if not bool(f.attrs.get("complete", False)):
+                return "incomplete feature file"
+            if "features" not in f or "coords" not in f:
+                return "feature file without features/coords"
+            feat, coords = f["features"], f["coords"]
+            if feat.ndim != 2 or coords.shape != (feat.shape[0], 2):
+                return f"features {feat.shape} do not match coords {coords.shape}"
+            want = f.attrs.get("data_sha256")
+            if want is None:
+                return "feature file without a data checksum"
+            if _data_sha256(f) != want:
+                return "feature data do not match their checksum"
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        return f"unreadable feature file ({exc})"
+    return None
 
 
 class FeatureWriter:
@@ -159,7 +215,9 @@ class FeatureWriter:
             raise ConfigError(f"n_tiles={n_tiles}, dim={dim} must be >= 0 and > 0")
         self.dest = Path(dest)
         self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.dest.with_name(f".tmp-{self.dest.name}.{os.getpid()}")
+        from .io import RUN_ID, TMP_PREFIX
+
+        self.tmp = self.dest.with_name(f"{TMP_PREFIX}{self.dest.name}.{RUN_ID}")
         self.n = n_tiles
         self._written = np.zeros(n_tiles, bool)
         # no timestamps in object headers: the same inputs give byte-identical files
@@ -177,6 +235,12 @@ class FeatureWriter:
         self._f.attrs["complete"] = False
 
     def write(self, indices: np.ndarray, features: np.ndarray, quality: dict[str, np.ndarray] | None = None):
+        from .io import write_guard
+
+        with write_guard(self.dest):
+            self._write(indices, features, quality)
+
+    def _write(self, indices: np.ndarray, features: np.ndarray, quality: dict[str, np.ndarray] | None) -> None:
         idx = np.asarray(indices, dtype=np.int64)
         if features.shape[0] != idx.shape[0]:
             raise ConfigError(f"features rows {features.shape[0]} != indices {idx.shape[0]}")
@@ -197,11 +261,23 @@ class FeatureWriter:
         return bool(self._written.all())
 
     def commit(self) -> Path:
+        from .io import write_guard
+
         if not self.complete:
             missing = int((~self._written).sum())
             self.abort()
             raise RuntimeError(f"{self.dest}: {missing} of {self.n} tiles were never written")
+        try:
+            with write_guard(self.dest):
+                return self._commit()
+        except BaseException:
+            self.abort()  # a full disk must not leave a half-written temporary behind
+            raise
+
+    def _commit(self) -> Path:
         self._f.attrs["complete"] = True
+        self._f.flush()
+        self._f.attrs["data_sha256"] = _data_sha256(self._f)  # what a later reuse checks the file against
         self._f.flush()
         self._f.close()
         with open(self.tmp, "rb+") as fh:

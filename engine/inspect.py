@@ -37,7 +37,10 @@ class Failure:
 
 def failure_from(path: str | os.PathLike[str], exc: BaseException) -> Failure:
     reason = getattr(exc, "reason", None) or "unexpected error"
-    return Failure(path=str(path), error=type(exc).__name__, reason=reason, message=str(exc))
+    message = str(exc) or type(exc).__name__
+    if str(path) not in message:  # a backend's own error rarely names the file; a worklist row must
+        message = f"{path}: {message}"
+    return Failure(path=str(path), error=type(exc).__name__, reason=reason, message=message)
 
 
 @dataclass

@@ -2,25 +2,49 @@
 
 Writers go to a temporary file in the destination folder, fsync it and ``os.replace`` it into
 place, so an interrupted run (even kill -9) leaves either the previous complete file or nothing,
-plus at most a ``.tmp-*`` file that the next run removes.
+plus at most a ``.tmp-*`` file that the next run removes. Temporaries carry this process's run id
+(:data:`RUN_ID`), and the clean-up runs only under the output folder's lock (:func:`folder_lock`),
+so one run never deletes another live run's files.
+
+Also here: the output name of a slide (:func:`output_names`), which must never leave the output
+folder or land on one of its reserved names, and :func:`write_guard`, which turns a full disk or
+another OS error while writing into a named :class:`~.errors.OutputWriteError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
+import logging
 import os
+import re
+import secrets
+import socket
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .errors import OutputLockedError, OutputWriteError
+
 __all__ = ("atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "atomic_write_png", "clean_stale_temporaries", "TMP_PREFIX")
+           "atomic_write_png", "clean_stale_temporaries", "TMP_PREFIX", "RUN_ID", "RESERVED_NAMES",
+           "LOCK_NAME", "output_name", "output_names", "folder_lock", "move_aside", "write_guard")
+
+log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
+#: this process's run id: in every temporary it writes, and in the lock file while it holds it
+RUN_ID = f"{os.getpid()}-{secrets.token_hex(4)}"
+#: the lock file of an output folder (see folder_lock)
+LOCK_NAME = ".optimus.lock"
+#: names an output folder uses for itself: a slide may never be written under one of them
+RESERVED_NAMES = frozenset({"features", "worklist.csv", "worklist.json", "site_state.json", LOCK_NAME})
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -29,11 +53,13 @@ os.umask(_UMASK)
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """yield a temporary path beside ``dest``; on success it replaces ``dest`` atomically"""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + dest.name + ".", dir=dest.parent)
-    os.close(fd)
+    with write_guard(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{dest.name}.{RUN_ID}.", dir=dest.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
+    with contextlib.suppress(OSError):
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
     try:
         yield tmp_path
         # again: some writers (safetensors) replace the file, which brings back mkstemp's 0600
@@ -42,9 +68,12 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, dest)
         _fsync_dir(dest.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
+            # disk full, quota, read-only: one named error instead of a bare OSError (and no temporary left)
+            raise OutputWriteError.from_os_error(dest, exc) from exc
         raise
 
 
@@ -89,14 +118,161 @@ def atomic_write_png(dest: str | os.PathLike[str], image: np.ndarray) -> None:
 
 
 def clean_stale_temporaries(folder: str | os.PathLike[str]) -> int:
-    """remove temporaries left by an interrupted run; returns how many were removed"""
+    """remove temporaries left by an interrupted run; returns how many were removed
+
+    Call it only while holding the folder's lock (:func:`folder_lock`): then no other run writes
+    there. This process's own live temporaries (its :data:`RUN_ID`) are kept either way.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     n = 0
     for p in folder.rglob(TMP_PREFIX + "*"):
+        if f".{RUN_ID}" in p.name:
+            continue
         with contextlib.suppress(OSError):
             p.unlink()
             n += 1
     return n
+
+
+# --------------------------------------------------------------------------------------------------
+# output names
+# --------------------------------------------------------------------------------------------------
+
+#: characters kept as they are in an output name; everything else (separators, control characters,
+#: spaces, shell and Windows-reserved characters) becomes "_"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
+_MAX_NAME = 120  # well under NAME_MAX (255 bytes) with ".h5", the temporary prefix and suffixes
+
+
+def _path_tag(path: Path) -> str:
+    return hashlib.sha256(os.fsencode(os.path.abspath(path))).hexdigest()[:8]
+
+
+def output_name(path: str | os.PathLike[str], *, clash: bool = False) -> str:
+    """the folder / file name of a slide's outputs: its stem when that is a safe, ordinary name,
+    else the cleaned stem plus a tag of the slide's absolute path
+
+    Safe means: only ``[A-Za-z0-9._+-]``, not starting with ``.`` (so never ``.``/``..``, a hidden
+    file or a temporary), not a reserved name of the output folder (case-insensitively: some file
+    systems fold case). ``clash=True`` (another input of the batch has the same name) also adds the tag,
+    so two slides never share outputs; the tag depends only on the path, so the name is stable.
+    """
+    p = Path(path)
+    stem = p.stem
+    clean = _UNSAFE.sub("_", stem)[:_MAX_NAME]
+    ok = (clean == stem and not clean.startswith(".") and clean.lower() not in RESERVED_NAMES
+          and not clean.lower().startswith(TMP_PREFIX))
+    if ok and not clash:
+        return stem
+    base = clean.lstrip(".") or "slide"
+    return f"{base}-{_path_tag(p)}"
+
+
+def output_names(paths: Sequence[str | os.PathLike[str]]) -> dict[str, str]:
+    """``{str(path): output name}`` for a batch (see :func:`output_name`): names that two different
+    inputs would share (case-insensitively) get every such input's path tag, whatever their order"""
+    first = {str(p): output_name(p) for p in paths}
+    seen: dict[str, set[str]] = {}
+    for p, n in first.items():
+        seen.setdefault(n.lower(), set()).add(os.path.abspath(p))
+    names = {p: (output_name(p, clash=True) if len(seen[n.lower()]) > 1 else n) for p, n in first.items()}
+    if len(set(n.lower() for n in names.values())) < len({os.path.abspath(p) for p in names}):
+        raise AssertionError("output names are not unique")  # path tags collide: 2**-32 per pair
+    return names
+
+
+# --------------------------------------------------------------------------------------------------
+# one run per output folder
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], timeout_s: float | None = None,
+                poll_s: float = 0.5) -> Iterator[Path]:
+    """hold the exclusive lock of an output folder for the block
+
+    A second run on the same folder waits (``timeout_s=None``: as long as it takes; ``0``: not at all)
+    and then raises :class:`OutputLockedError` naming the folder and the holder. The lock is an
+    ``flock`` on ``folder/.optimus.lock``: the kernel drops it when its holder dies (even kill -9),
+    so a crashed run never leaves the folder locked. (On network file systems without ``flock``
+    semantics two hosts are not kept apart; Ray runs lock on the head.)
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        t0 = time.monotonic()
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise OutputWriteError(path, f"cannot lock the output folder: {exc.strerror}") from exc
+            holder = _lock_holder(path)
+            waited = time.monotonic() - t0
+            if timeout_s is not None and waited >= timeout_s:
+                raise OutputLockedError(folder, f"another run ({holder}) is writing to it; "
+                                        f"gave up after {waited:.0f} s")
+            if not announced:
+                log.warning("%s: another run (%s) is writing here; waiting for it to finish", folder, holder)
+                announced = True
+            time.sleep(poll_s)
+        # who holds it, for the message a waiting run prints (advisory text; the flock is the lock)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"run {RUN_ID} pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "unknown run"
+    except OSError:
+        return "unknown run"
+
+
+# --------------------------------------------------------------------------------------------------
+# bad files and failed writes
+# --------------------------------------------------------------------------------------------------
+
+
+def move_aside(path: str | os.PathLike[str], why: str) -> Path | None:
+    """rename an unusable output or cache file to ``<name>.bad-<time>`` (kept for inspection, never
+    read again) and log a warning naming it; returns the new path (None if it vanished meanwhile)"""
+    path = Path(path)
+    dest = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}")
+    try:
+        os.replace(path, dest)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("%s: %s; could not move it aside (%s): recomputing over it", path, why, exc)
+        return None
+    log.warning("%s: %s; moved aside to %s and recomputing", path, why, dest.name)
+    return dest
+
+
+@contextlib.contextmanager
+def write_guard(path: str | os.PathLike[str]) -> Iterator[None]:
+    """turn an OS error while writing ``path`` (disk full, quota, read-only, I/O error) into a named
+    :class:`OutputWriteError` (reason ``"disk full"`` for ENOSPC/EDQUOT)"""
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as exc:
+        raise OutputWriteError.from_os_error(path, exc) from exc
 

@@ -13,7 +13,10 @@ When a slide's last batch is in: OOD scores (the backbone embedding next to per-
 sharpness statistics, the recipe of the OOD state), conformal nucleus-type set sizes, trust tags per
 tile / region / slide (shadow mode for a new site), MIL score or the fallback priority, and the outputs (cells and regions GeoJSON for
 QuPath, an overview PNG, ``summary.json`` last). Every file is written atomically; ``summary.json``
-marks a finished slide, so a rerun skips it (its features are reused through the cache either way).
+marks a finished slide, so a rerun skips it when its run key, path and slide fingerprint (size, mtime,
+content samples) all match; an unreadable or malformed summary is moved aside and the slide recomputed.
+A run holds the output folder's lock for its whole length (:func:`~.io.folder_lock`), and each slide
+writes under its :func:`~.io.output_name`, which cannot leave the folder or hit its reserved names.
 
 Fallback priority (no MIL checkpoint): from ``d``, the density of nuclei typed as epithelial or
 inflammatory per mm^2 of analysed tissue (a crude proxy for cellular, inflamed or neoplastic tissue),
@@ -25,6 +28,7 @@ bundled slide, 8,160 / mm^2, level with every denser one). ``summary.json`` keep
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -34,7 +38,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,10 +47,11 @@ import numpy as np
 
 from .cells import UNCLASSIFIED, CellTable
 from .errors import ConfigError
-from .extract import FeatureExtractor, TileReadPath, feature_path, open_job_for
+from .extract import FeatureExtractor, TileReadPath, job_fingerprint, open_job_for
 from .features import slide_fingerprint
 from .inspect import Failure
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_png, clean_stale_temporaries
+from .io import (atomic_write_bytes, atomic_write_json, atomic_write_png, clean_stale_temporaries, folder_lock,
+                 move_aside, output_names)
 from .scheduler import Progress, SchedulerConfig, SlideDone, SlideJob, TileBatch, run_pipeline
 from .tissue import TilingConfig, TissueConfig, draw_overlay
 
@@ -89,6 +94,7 @@ class TriageConfig:
     shadow_slides: int = 30  # cold start: the first N slides of a site are never cleared
     site_state: str | None = None  # shadow-mode counter file; default OUT/site_state.json
     site_id: str = "default"
+    lock_timeout_s: float | None = None  # a second run on a locked output folder waits this long (None: until free)
     gzip_cells: bool = False  # write cells.geojson.gz (deterministic gzip) instead of cells.geojson
 
     def __post_init__(self) -> None:
@@ -101,6 +107,8 @@ class TriageConfig:
             raise ConfigError(f"overlap_px={self.overlap_px} must be >= 0")
         if self.shadow_slides < 0:
             raise ConfigError(f"shadow_slides={self.shadow_slides} must be >= 0")
+        if self.lock_timeout_s is not None and not self.lock_timeout_s >= 0:
+            raise ConfigError(f"lock_timeout_s={self.lock_timeout_s} must be >= 0 (or None: wait until free)")
         from .extract import DECODERS
 
         if self.decoder not in DECODERS:
@@ -295,6 +303,11 @@ class Engine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = NucleiModel(nuclei_weights, backbone_weights=backbone_weights, device=device,
                                  batch_size=batch_size)
+        from cellvit_optimus.heads.backbone import check_finite
+
+        # NaN/inf weights would give all-NaN outputs that still look like a finished slide
+        # (backbone weights files are checked as they load, in load_state_dict_file)
+        check_finite(self.model.head, self.model.path or nuclei_weights, " (nuclei head)")
         self.nuclei_mpp = float(self.config.nuclei_mpp or self.model.nuclei_mpp)
         # the checkpoint's tuned post-processing; its sizes are HoVer-Net's at 0.25 um/px (40x)
         self.post = (getattr(self.model, "post", None) or PostProcessConfig()).scaled(0.25 / self.nuclei_mpp)
@@ -304,6 +317,7 @@ class Engine:
 
             self.mil = load_mil(mil_weights, backbone_id=self.model.runner.preset.name,
                                 backbone_hash=self.model.runner.weights_id).model
+            check_finite(self.mil, mil_weights, " (MIL head)")
         self.thresholds = self._load_thresholds()
         self.ood = self._load_ood()
         self.tiling = TilingConfig(tile_size=self.model.tile_size, target_mpp=self.nuclei_mpp,
@@ -422,45 +436,90 @@ class Engine:
 
         Works from plain code and from inside a running event loop (a notebook): the work then runs
         on its own loop in a worker thread while this call waits (see :mod:`.aio`)."""
+        import anyio
+
         from .aio import run_sync
 
-        async def main() -> list[Any]:
-            return [r async for r in self.stream(slides, out_dir, progress)]
-
-        got = run_sync(main)
+        out = Path(os.path.abspath(out_dir))
         order = {os.path.abspath(p): i for i, p in enumerate(slides)}
-        got.sort(key=lambda r: order.get(r.path, len(order)))
-        return self._worklist(Path(os.path.abspath(out_dir)), got, skipped)
+
+        async def main() -> BatchResult:
+            async with self._own_folder(out):  # the worklist too is written under the folder's lock
+                got = [r async for r in self._stream_locked(slides, out, progress, None)]
+                got.sort(key=lambda r: order.get(r.path, len(order)))
+                return await anyio.to_thread.run_sync(self._worklist, out, got, skipped)
+
+        return run_sync(main)
+
+    @contextlib.asynccontextmanager
+    async def _own_folder(self, out: Path) -> AsyncIterator[None]:
+        """hold ``out``'s lock (waiting in a thread: the host's loop runs on) and clean what dead runs left"""
+        import anyio
+
+        lock = folder_lock(out, self.config.lock_timeout_s)
+
+        def enter() -> None:
+            out.mkdir(parents=True, exist_ok=True)
+            lock.__enter__()
+            try:
+                # walks the whole output tree: file-system work, kept off the host's loop; safe under the
+                # lock, since no other run writes here now
+                clean_stale_temporaries(out)
+            except BaseException:
+                lock.__exit__(None, None, None)
+                raise
+
+        await anyio.to_thread.run_sync(enter)
+        try:
+            yield
+        finally:
+            lock.__exit__(None, None, None)
 
     async def stream(self, slides: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
-                     progress: Callable[[Progress], None] | None = None, *, clean_temporaries: bool = True
-                     ) -> AsyncIterator[SlideResult | Failure]:
+                     progress: Callable[[Progress], None] | None = None, *, clean_temporaries: bool = True,
+                     names: Mapping[str, str] | None = None) -> AsyncIterator[SlideResult | Failure]:
         """per-slide results (features, nuclei, tags and outputs written)
 
         Slides are finalised, and so counted by shadow mode, in input order: a slide that finishes
-        early waits for the ones before it, so tags never depend on timing. ``clean_temporaries=False``
-        leaves other writers' temporaries alone (several engines sharing one output folder).
+        early waits for the ones before it, so tags never depend on timing. The run holds the output
+        folder's lock throughout (another run waits ``config.lock_timeout_s``, then gets
+        :class:`~.errors.OutputLockedError`). ``clean_temporaries=False`` is for workers of a run that
+        already holds the lock elsewhere (Ray actors): no lock, no clean-up. ``names`` maps
+        ``str(path)`` to output names (default: :func:`~.io.output_names` of this batch).
         """
         import anyio
 
-        from .extract import _check_unique_stems
+        out = Path(os.path.abspath(out_dir))
+        if clean_temporaries:
+            async with self._own_folder(out):
+                async for r in self._stream_locked(slides, out, progress, names):
+                    yield r
+        else:
+            await anyio.to_thread.run_sync(lambda: out.mkdir(parents=True, exist_ok=True))
+            async for r in self._stream_locked(slides, out, progress, names):
+                yield r
+
+    async def _stream_locked(self, slides: Sequence[str | os.PathLike[str]], out: Path,
+                             progress: Callable[[Progress], None] | None,
+                             names: Mapping[str, str] | None) -> AsyncIterator[SlideResult | Failure]:
+        import anyio
+
         from .inspect import failure_from
 
         # one path convention, as under Ray: every path in results, the worklist and summary.json is
         # absolute, so that the files still point at their slides and outputs from any working folder
-        out = Path(os.path.abspath(out_dir))
-
-        def prepare_folder() -> None:
-            out.mkdir(parents=True, exist_ok=True)
-            if clean_temporaries:  # walks the whole output tree: file-system work, kept off the host's loop
-                clean_stale_temporaries(out)
-
-        await anyio.to_thread.run_sync(prepare_folder)
-        paths = [Path(os.path.abspath(p)) for p in slides]
-        _check_unique_stems(paths)
+        paths: list[Path] = []
+        seen: set[str] = set()
+        for p in slides:
+            ap = os.path.abspath(p)
+            if ap in seen:  # the same file twice would write its outputs twice at once
+                log.warning("%s: given twice; triaged once", p)
+                continue
+            seen.add(ap)
+            paths.append(Path(ap))
         position = {str(p): i for i, p in enumerate(paths)}
         key = self.run_key()
-        factory = _TriageFactory(self, out, key)
+        factory = _TriageFactory(self, out, key, dict(names) if names is not None else output_names(paths))
         pending: dict[int, Any] = {}
         next_index = 0
 
@@ -496,7 +555,7 @@ class Engine:
         nuc: _NucleiConsumer = done.info.pop("_nuclei")
         grid, mask = job.grid, done.info.pop("_mask")
         assert grid is not None
-        name = job.path.stem
+        name = factory.name_of(job)
         sdir = out / name
         t0 = time.perf_counter()
         emb = nuc.embeddings if nuc.embeddings is not None else np.zeros((len(grid), 1), np.float32)
@@ -548,7 +607,7 @@ class Engine:
             source = "fallback"
         fractions = {t: round(tile_tags.count(t) / max(len(tile_tags), 1), 4) for t in _TAG_COLOURS}
 
-        outputs: dict[str, str] = {"features": str(feature_path(out, job.path))}
+        outputs: dict[str, str] = {"features": str(factory.features.path_for(job))}
         if "cells" in self.config.outputs:
             data = ('{"type":"FeatureCollection","features":[' + ",".join(parts) + "]}\n").encode()
             del parts
@@ -573,10 +632,14 @@ class Engine:
                              priority=round(priority, 6), priority_source=source, tiles=len(grid),
                              nuclei=len(cells), counts=counts, tag_fractions=fractions, outputs=outputs,
                              timings=timings, cells=cells)
-        summary = {"run_key": key, "result": {k: v for k, v in result.to_dict().items() if k != "cached"},
+        summary = {"run_key": key, "slide_fingerprint": job_fingerprint(job),
+                   "result": {k: v for k, v in result.to_dict().items() if k != "cached"},
                    "tissue_mm2": round(tissue_mm2, 4), "nuclei_mpp": self.nuclei_mpp,
                    "focus_density_per_mm2": None if density is None else round(density, 2),
-                   "regions": [{"tag": d.tag.value, "reason": d.reason} for d in tags.regions]}
+                   "regions": [{"tag": d.tag.value, "reason": d.reason} for d in tags.regions],
+                   # JPEG tiles strictly re-decoded and the corrupt ones (level, col, row); a slide with any
+                   # corrupt tile in what it read fails instead ("corrupt tiles"), so done slides list none
+                   "tile_check": job.slide.tile_check() if job.slide is not None else None}
         outputs["summary"] = str(sdir / "summary.json")
         summary["result"]["outputs"] = outputs
         atomic_write_json(sdir / "summary.json", summary)  # last: marks the slide finished
@@ -587,6 +650,7 @@ class Engine:
     def _worklist(out: Path, results: list[Any], skipped: Sequence[tuple[str, str]] = ()) -> BatchResult:
         ok = [r for r in results if isinstance(r, SlideResult)]
         bad = [r for r in results if isinstance(r, Failure)]
+        names = output_names([r.path for r in results])  # the names the batch wrote under (symmetric in order)
         ranked = sorted(ok, key=lambda r: (-r.priority, r.name))
         rows = []
         for rank, r in enumerate(ranked, 1):
@@ -595,7 +659,7 @@ class Engine:
                          "tiles": r.tiles, "nuclei": r.nuclei, "review_fraction": r.tag_fractions["review"],
                          "out_of_domain_fraction": r.tag_fractions["out_of_domain"]})
         for f in bad:
-            rows.append({"rank": "", "slide": Path(f.path).stem, "path": f.path, "status": "failed",
+            rows.append({"rank": "", "slide": names.get(f.path, Path(f.path).stem), "path": f.path, "status": "failed",
                          "priority": "", "priority_source": "", "tag": "", "reason": f"{f.reason}: {f.message}",
                          "tiles": "", "nuclei": "", "review_fraction": "", "out_of_domain_fraction": ""})
         for path, why in skipped:
@@ -616,10 +680,11 @@ class Engine:
 class _TriageFactory:
     """the scheduler's per-slide hooks for triage: open + grid, resume check, consumers"""
 
-    def __init__(self, engine: Engine, out: Path, key: str) -> None:
+    def __init__(self, engine: Engine, out: Path, key: str, names: dict[str, str] | None = None) -> None:
         self.engine = engine
         self.out = out
         self.key = key
+        self.names = names or {}
         self.blur: dict[int, np.ndarray] = {}
         runner = engine.model.runner
         from . import __version__
@@ -630,20 +695,22 @@ class _TriageFactory:
         norm = {"mean": list(runner.preset.mean), "std": list(runner.preset.std), "dtype": runner.dtype}
         self.features = FeatureExtractor(out, cfg, runner.preset.name, runner.weights_id, runner.embed_dim,
                                          norm, __version__)
+        self.features.names = self.names
         self.read_path = TileReadPath(cfg.decoder, str(runner.device))
         self.open_job = open_job_for(cfg, keep_mask=True, read_path=self.read_path)
 
+    def name_of(self, job: SlideJob) -> str:
+        from .io import output_name
+
+        return self.names.get(str(job.path)) or output_name(job.path)
+
     def prepare(self, job: SlideJob) -> dict[str, Any] | None:
-        summary = self.out / job.path.stem / "summary.json"
-        if summary.is_file():
-            try:
-                doc = json.loads(summary.read_text())
-            except (OSError, ValueError):
-                return None
-            if doc.get("run_key") == self.key and Path(doc["result"]["path"]) == job.path:
-                job.info.pop("_mask", None)
-                return {"result": doc["result"]}
-        self.features.prepare(job)  # sets the feature cache key
+        result = finished_result(self.out / self.name_of(job) / "summary.json", job.path, self.key,
+                                 job_fingerprint(job))
+        if result is not None:
+            job.info.pop("_mask", None)
+            return {"result": result}
+        self.features.prepare(job)  # sets the feature cache key (and moves a damaged feature file aside)
         return None
 
     def consumers(self, job: SlideJob) -> list[Any]:
@@ -676,6 +743,58 @@ class _TriageFactory:
 # --------------------------------------------------------------------------------------------------
 # outputs
 # --------------------------------------------------------------------------------------------------
+
+
+_RESULT_FIELDS = {"path": str, "name": str, "tag": str, "reason": str, "priority": (int, float),
+                  "priority_source": str, "tiles": int, "nuclei": int, "counts": dict, "tag_fractions": dict,
+                  "outputs": dict, "timings": dict}
+
+
+def _summary_problem(doc: Any) -> str | None:
+    """what makes a parsed summary.json unusable, or None"""
+    if not isinstance(doc, dict):
+        return f"summary is a JSON {type(doc).__name__}, not an object"
+    if not isinstance(doc.get("run_key"), str):
+        return "summary has no run key"
+    result = doc.get("result")
+    if not isinstance(result, dict):
+        return "summary has no result"
+    for k, t in _RESULT_FIELDS.items():
+        if not isinstance(result.get(k), t):
+            return f"summary result field {k!r} missing or of the wrong type"
+    if set(result) - set(_RESULT_FIELDS):
+        return f"summary result has unknown fields {sorted(set(result) - set(_RESULT_FIELDS))}"
+    return None
+
+
+def finished_result(summary: Path, slide: Path, key: str | None, fingerprint: str) -> dict[str, Any] | None:
+    """the resume rule: the recorded result when ``summary`` says this slide file (path and fingerprint)
+    was finished under run ``key``, else None. A summary that cannot be read or is malformed is moved
+    aside (warning naming it) so the slide is recomputed; one for another key, path or slide content
+    is simply overwritten by the recomputation."""
+    try:
+        text = summary.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        move_aside(summary, f"unreadable summary ({exc.strerror or exc})")
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        move_aside(summary, f"summary is not valid JSON ({exc})")
+        return None
+    problem = _summary_problem(doc)
+    if problem is not None:
+        move_aside(summary, problem)
+        return None
+    if doc["run_key"] != key or Path(doc["result"]["path"]) != slide:
+        return None
+    if doc.get("slide_fingerprint") != fingerprint:
+        log.warning("%s: %s changed since this summary was written (size, mtime or content); recomputing",
+                    summary, slide)
+        return None
+    return doc["result"]
 
 
 def _file_hash(path: Path | None) -> str:

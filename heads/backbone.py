@@ -40,6 +40,7 @@ __all__ = (
     "BackbonePreset",
     "build_backbone",
     "backbone_from_state",
+    "check_finite",
     "evenly_spaced_blocks",
     "get_preset",
     "load_state_dict_file",
@@ -354,7 +355,28 @@ def load_state_dict_file(
         raise WeightsError(f"{path}: non-tensor entries in state dict{where}: {_brief(bad)}")
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
+    check_finite(sd, path, where)
     return dict(sd)
+
+
+def check_finite(
+    tensors: Mapping[str, torch.Tensor] | nn.Module, path: str | os.PathLike[str] | None, where: str = ""
+) -> None:
+    """Refuse weights holding NaN or infinity (raises :class:`WeightsError` naming the file, the first
+    tensors and how many values): a model loaded from them computes NaN everywhere and, unchecked,
+    would still write a plausible-looking result. ``tensors`` is a state dict or a module (its
+    parameters and buffers)."""
+    if isinstance(tensors, nn.Module):
+        tensors = dict(tensors.state_dict())
+    bad: list[str] = []
+    for k, v in tensors.items():
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()):
+            n = int((~torch.isfinite(v)).sum())
+            if n:
+                bad.append(f"{k} ({n} of {v.numel()} values)")
+    if bad:
+        raise WeightsError(f"{path or 'in-memory weights'}: NaN or infinite values in {len(bad)} "
+                           f"tensor(s){where}: {_brief(bad)}")
 
 
 def _brief(items: Sequence[str], n: int = 3) -> str:

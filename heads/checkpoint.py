@@ -108,10 +108,16 @@ def read_metadata(path: str | PathLike[str]) -> dict[str, str]:
 def _read_tensors(p: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    from .backbone import check_finite  # imported here: backbone is the heavier module
+
     try:
-        return load_file(str(p), device=str(device))
+        tensors = load_file(str(p), device=str(device))
     except Exception as exc:
         raise WeightsError(f"{p}: cannot read tensors ({exc})") from exc
+    # NaN/Inf weights compute NaN everywhere yet still yield plausible-looking outputs: refuse them here,
+    # once for every checkpoint kind (nuclei heads, MIL) read through this function
+    check_finite(tensors, p)
+    return tensors
 
 
 def _require(p: Path, meta: Mapping[str, str], key: str) -> str:

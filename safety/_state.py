@@ -18,14 +18,21 @@ from cellvit_optimus.engine.errors import ConfigError, StateMismatchError
 
 #: bumped whenever the layout of a state file changes incompatibly
 STATE_VERSION = 1
+#: the engine's temporary-file prefix (cellvit_optimus.engine.io.TMP_PREFIX; leaf packages import only
+#: error types from the engine, so it is repeated here and a test keeps the two equal)
+_TMP_PREFIX = ".tmp-"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """write ``data`` to ``path`` so readers see either the old or the new file, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the engine's temporary prefix, so an interrupted write is removed by its start-up clean-up
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a state file is an ordinary shared file
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

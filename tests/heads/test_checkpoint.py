@@ -123,3 +123,24 @@ def test_mil_round_trip_and_errors(tmp_path) -> None:
     head = save_nuclei_head(tmp_path / "h.safetensors", _head(), profile=CONSEP, nuclei_mpp=0.25, **BB)
     with pytest.raises(WeightsError, match="expected 'cellvit-optimus/mil-head'"):
         load_mil(head)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_by_every_loader(tmp_path, bad_value) -> None:
+    # the checkpoint is written by the ordinary saver, then one value of one tensor is poisoned in the
+    # file itself (metadata kept), so only the loader's finiteness check can catch it
+    from safetensors.torch import load_file, save_file
+
+    head_path = save_nuclei_head(tmp_path / "h.safetensors", _head(), profile=CONSEP, nuclei_mpp=0.25, **BB)
+    mil_path = save_mil(tmp_path / "m.safetensors", GatedAttentionMIL(8), **BB)
+    for path, load in ((head_path, lambda p: load_nuclei_head(p, embed_dim=192, **BB)),
+                       (mil_path, lambda p: load_mil(p, **BB))):
+        load(path)  # intact: loads
+        meta = read_metadata(path)
+        tensors = load_file(str(path))
+        name = sorted(k for k, v in tensors.items() if v.is_floating_point())[0]
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] = bad_value
+        save_file(tensors, str(path), metadata=meta)
+        with pytest.raises(WeightsError, match=rf"{path.name}: NaN or infinite values in 1 tensor.*{name} \(1 of"):
+            load(path)
