@@ -487,8 +487,30 @@ def _register_model_commands() -> None:
 _register_model_commands()
 
 
+def _keep_stdout_for_results() -> None:
+    """Send what native libraries print to file descriptor 1 to stderr instead; Python's stdout keeps the
+    real standard output.
+
+    With CUDA 13 libraries installed but no GPU, cuCIM's cuFile start-up prints "dlopen error libcuda.so.1
+    ... cuFile initialization failed" with printf, into the JSON / progress lines that scripts read from
+    our stdout (seen on the CPU CI with torch 2.14.1+cu130). Only for a real process stdout: under a
+    test runner's captured stdout (no file descriptor) nothing changes.
+    """
+    try:
+        fd = sys.stdout.fileno()
+        sys.stdout.flush()
+    except (AttributeError, OSError, ValueError):
+        return
+    if fd != 1:
+        return
+    real = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(real, "w", buffering=1, encoding=sys.stdout.encoding, errors=sys.stdout.errors)
+
+
 def main(argv: list[str] | None = None) -> None:
     """console-script entry point"""
+    _keep_stdout_for_results()
     cli.main(args=argv, prog_name="cellvit-optimus")
 
 

@@ -185,8 +185,10 @@ class _NucleiConsumer:
         self.grid = grid
         self.post = post
         self.scale = grid.level0_size[0] / grid.tile_size  # level-0 px per nuclei-grid px
-        # nuclei below the checkpoint's minimum area (um^2) are specks, never reported
-        self.min_px = post.min_area_px(grid.target_mpp)
+        # nuclei below the checkpoint's minimum area (um^2) are specks, never reported; the grid's pixel is
+        # scale level-0 pixels, whose true size is the slide's MPP (target_mpp is met only to a tolerance)
+        mpp0 = getattr(job.slide, "mpp", None)
+        self.min_px = post.min_area_px(float(np.mean(mpp0)) * self.scale if mpp0 else grid.target_mpp)
         n = len(grid)
         self.n_tiles = n
         self.half = overlap / 2

@@ -195,7 +195,7 @@ def test_embedded_backbone_checkpoint_round_trip_and_tamper(tmp_path):
 
 
 def test_warm_start_loads_the_checkpoint_and_is_part_of_the_identity(tmp_path):
-    """init_from: the net starts from the shipped e2e checkpoint's exact weights; its content is in the key."""
+    """init_from: the net starts from the bundled checkpoint's exact weights; its content is in the key."""
     import shutil
 
     import torch
@@ -206,7 +206,9 @@ def test_warm_start_loads_the_checkpoint_and_is_part_of_the_identity(tmp_path):
     from cellvit_optimus.heads.profiles import CONSEP
     from cellvit_optimus.heads.unetr import UNETRHead
 
-    src = Path(__file__).resolve().parents[2] / "bench" / "checkpoints" / "e2e-tiny-0.5um-1400steps.safetensors"
+    from cellvit_optimus.engine.nuclei import default_model_path
+
+    src = default_model_path()  # the bundled model: trained end to end, backbone embedded
     net = NucleiNet(build_backbone("tiny", seed=0),
                     UNETRHead(192, CONSEP.num_classes, decoder_channels=(16, 32, 64, 128)))
     _load_init(net, str(src))

