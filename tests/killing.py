@@ -18,7 +18,10 @@ def kill_during_second_slide(cmd: list[str], fraction: float = 0.25) -> None:
     first = None
     try:
         for line in proc.stdout:
-            slides_done, tiles_done, tiles_total = map(int, line.split())
+            words = line.split()
+            if len(words) != 3 or not all(w.isdigit() for w in words):
+                continue  # a native library's own printf (cuFile's "dlopen error ..." with CUDA-13 wheels)
+            slides_done, tiles_done, tiles_total = map(int, words)
             if slides_done == 1 and first is None:
                 first = tiles_done
             if first is not None and tiles_total > first and \
