@@ -656,10 +656,13 @@ class _TileCheck:
             self.corrupt.extend(t for t in bad if t not in self.corrupt)
             corrupt = sorted(self.corrupt)
         if bad:
-            where = ", ".join(f"level {lv} col {c} row {r}" for lv, c, r in corrupt[:5])
-            more = f", +{len(corrupt) - 5} more" if len(corrupt) > 5 else ""
-            raise CorruptTilesError(self.path, f"{len(corrupt)} corrupt JPEG tile(s) of {self.checked} "
-                                    f"checked: {where}{more}")
+            self._fail(corrupt)
+
+    def _fail(self, corrupt: list[tuple[int, int, int]]) -> None:
+        where = ", ".join(f"level {lv} col {c} row {r}" for lv, c, r in corrupt[:5])
+        more = f", +{len(corrupt) - 5} more" if len(corrupt) > 5 else ""
+        raise CorruptTilesError(self.path, f"{len(corrupt)} corrupt JPEG tile(s) of {self.checked} "
+                                f"checked: {where}{more}")
 
     def eighths(self, level: int) -> np.ndarray:
         """the whole ``level`` at 1/8 scale from the tiles' DC terms (each pixel the mean of an 8 x 8
@@ -694,10 +697,7 @@ class _TileCheck:
             self.corrupt.extend(bad)
             corrupt = sorted(self.corrupt)
         if bad:
-            where = ", ".join(f"level {lv} col {c} row {r}" for lv, c, r in corrupt[:5])
-            more = f", +{len(corrupt) - 5} more" if len(corrupt) > 5 else ""
-            raise CorruptTilesError(self.path, f"{len(corrupt)} corrupt JPEG tile(s) of {self.checked} "
-                                    f"checked: {where}{more}")
+            self._fail(corrupt)
         return out[:-(-H // 8), :-(-W // 8)]
 
     def report(self) -> dict[str, Any]:
