@@ -484,7 +484,14 @@ def _tile(
     _local.contours = buf
     if not with_table or n == 0:
         return InstanceTable.empty(None if type_prob is None else type_prob.shape[0])
-    _check_ids(area, n)
+    if np.any(area == 0):
+        # a label that ended with no pixel (seen with mode="hovernet": a marker whose pixels all went to
+        # its neighbours' floods): number the instances 1..n again and build the table from the map
+        keep = np.flatnonzero(area > 0) + 1
+        lut = np.zeros(n + 1, np.int32)
+        lut[keep] = np.arange(1, keep.size + 1, dtype=np.int32)
+        inst[:] = lut[inst]
+        return instance_table(inst, int(keep.size), type_prob, contour_eps)
     return _table(inst, n, area, sx, sy, bbox, coords, offsets, type_prob)
 
 

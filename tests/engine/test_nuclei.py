@@ -184,3 +184,17 @@ def test_default_triage_reports_no_nucleus_under_the_minimum_area(tmp_path):
     print(f"{len(cells)} nuclei, smallest {areas_um2.min():.1f} um^2, minimum {min_um2} um^2")
     assert len(cells) > 1000 and r.nuclei == len(cells)
     assert areas_um2.min() >= min_um2 * (1 - 1e-4)  # area_px is rounded to 0.01 level-0 px^2
+
+
+def test_hovernet_rule_keeps_ids_contiguous_when_a_label_empties(model, nuclei_dir):
+    """A real case (the bundled model on MoNuSeg TCGA-21-5786, HoVer-Net's marker rule): one flood label
+    ends with no pixel; the kernel used to raise "instance ids must be contiguous", now renumbers."""
+    from cellvit_optimus.engine.nuclei import PostProcessConfig
+
+    [s] = [x for x in load_monuseg(nuclei_dir) if x.group == "monuseg/TCGA-21-5786-01Z-00-DX1"]
+    post = PostProcessConfig(mode="hovernet", np_threshold=0.6, marker_threshold=0.5, keep_unmarked=True)
+    r = segment_image(s.image, s.mpp, model, post=post)
+    n = len(r.table)
+    assert n > 300 and r.inst_map.max() == n
+    assert np.array_equal(np.unique(r.inst_map), np.arange(n + 1))
+    assert (r.table.areas > 0).all()
