@@ -50,9 +50,6 @@ _TARGET_MPP = click.FloatRange(0.01, 50)
 _FRACTION = click.FloatRange(0.0, 1.0)
 #: extract.DECODERS, repeated so that parsing the command line imports no numpy (a test keeps them equal)
 _DECODERS = ("auto", "slide", "dali", "cucim", "reference")
-_POSITIVE = POSITIVE
-_NON_NEGATIVE = NON_NEGATIVE
-_existing_file = existing_file
 
 
 def _outputs(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
@@ -260,17 +257,17 @@ _DECODER_HELP = ("tile read path: auto (GPU JPEG decode when the backbone is on 
 def _backbone_options(f):
     f = click.option("--backbone", default="hoptimus0", show_default=True,
                      help="backbone preset: hoptimus0, small, tiny")(f)
-    f = click.option("--weights", default=None, callback=_existing_file,
+    f = click.option("--weights", default=None, callback=existing_file,
                      help="weights file (.safetensors / .pt), or hf-hub[:repo] for the local Hugging Face "
                           "cache (never downloads); default: hf-hub for hoptimus0, random init for test presets")(f)
     f = click.option("--device", **DEVICE)(f)
     f = click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
                      help="compute precision (default: fp16 on CUDA, fp32 on CPU)")(f)
-    f = click.option("--batch-size", type=_POSITIVE, default=None,
+    f = click.option("--batch-size", type=POSITIVE, default=None,
                      help="tiles per backbone call (default: fitted)")(f)
     f = click.option("--vram-gb", type=click.FloatRange(min=0, min_open=True), default=12.0, show_default=True,
                      help="GPU memory budget the batch size is fitted to")(f)
-    f = click.option("--workers", type=_POSITIVE, default=2, show_default=True, help="slide reader threads")(f)
+    f = click.option("--workers", type=POSITIVE, default=2, show_default=True, help="slide reader threads")(f)
     f = click.option("--decoder", type=click.Choice(_DECODERS), default="auto", show_default=True,
                      help=_DECODER_HELP)(f)
     f = click.option("-q", "--quiet", is_flag=True, help="no progress bars")(f)
@@ -377,7 +374,7 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
               help="level-0 microns per pixel, overriding or replacing the slide's metadata")
 @click.option("--nuclei-mpp", type=_TARGET_MPP, default=None,
               help="resolution of the nuclei path in um/px (default: the nuclei model's)")
-@click.option("--overlap", "overlap_px", type=_NON_NEGATIVE, default=64, show_default=True,
+@click.option("--overlap", "overlap_px", type=NON_NEGATIVE, default=64, show_default=True,
               help="pixels two neighbouring tiles share, at the nuclei resolution")
 @click.option("--min-tissue", type=_FRACTION, default=0.25, show_default=True,
               help="minimum tissue fraction of a kept tile (0..1)")
@@ -385,7 +382,7 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 @click.option("-r", "--recursive", is_flag=True, help="search folders given as SLIDES recursively")
 @click.option("--nuclei-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="nuclei checkpoint (default: the bundled model)")
-@click.option("--backbone-weights", default=None, callback=_existing_file,
+@click.option("--backbone-weights", default=None, callback=existing_file,
               help="weights of the backbone the nuclei head was trained on (file or hf-hub[:repo])")
 @click.option("--mil-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="attention-MIL checkpoint for the slide score")
@@ -393,15 +390,15 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
               help="trust-tag thresholds JSON")
 @click.option("--ood-state", default=None, type=click.Path(exists=True, dir_okay=False),
               help="OOD reference state (.npz)")
-@click.option("--shadow-slides", type=_NON_NEGATIVE, default=30, show_default=True,
+@click.option("--shadow-slides", type=NON_NEGATIVE, default=30, show_default=True,
               help="cold start: a site's first N slides are never cleared from review (0: off)")
 @click.option("--site-id", default="default", show_default=True,
               help="site name for the shadow-mode counter (kept in OUT/site_state.json)")
 @click.option("--outputs", default=",".join(("features", "cells", "regions", "thumbnail", "summary")),
               show_default=True, callback=_outputs, help="what to write (comma-separated; summary is required)")
 @click.option("--device", **DEVICE)
-@click.option("--batch-size", type=_POSITIVE, default=16, show_default=True, help="tiles per backbone call")
-@click.option("--workers", type=_POSITIVE, default=2, show_default=True, help="slide reader threads")
+@click.option("--batch-size", type=POSITIVE, default=16, show_default=True, help="tiles per backbone call")
+@click.option("--workers", type=POSITIVE, default=2, show_default=True, help="slide reader threads")
 @click.option("--decoder", type=click.Choice(_DECODERS), default="auto", show_default=True, help=_DECODER_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars (services, logs)")
 @click.option("--gzip", "gzip_cells", is_flag=True,
@@ -409,9 +406,9 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="distribute slides over a Ray cluster (no value: start/attach locally; 'auto'; "
                    "'ray://head:10001')")
-@click.option("--ray-actors", type=_POSITIVE, default=None,
+@click.option("--ray-actors", type=POSITIVE, default=None,
               help="Ray actors (default: one per GPU, or per CPU group)")
-@click.option("--ray-cpus-per-actor", type=_POSITIVE, default=1, show_default=True,
+@click.option("--ray-cpus-per-actor", type=POSITIVE, default=1, show_default=True,
               help="CPUs per CPU-only actor")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
               help="seconds to wait when another run is writing to OUT (default: wait until it ends; 0: fail at once)")
