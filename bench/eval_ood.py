@@ -71,7 +71,7 @@ def score_protocol(x_ref, g_ref, x_in, shifted: dict[str, np.ndarray]) -> dict:
 
 
 def evaluate(shared: Path, model=None, max_shifted: int = 150) -> dict:
-    from cellvit_optimus.engine.nuclei import NucleiModel
+    from cellvit_optimus.engine.pipeline.nuclei import NucleiModel
 
     model = model or NucleiModel()
     ind = ood_tiles.in_domain(shared)
@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from cellvit_optimus.engine.nuclei import NucleiModel
+    from cellvit_optimus.engine.pipeline.nuclei import NucleiModel
 
     t0 = time.perf_counter()
     model = NucleiModel()

@@ -39,7 +39,7 @@ def reference_fit(x: np.ndarray, groups: np.ndarray) -> MahalanobisOOD:
 
 def fit(shared: Path, model=None) -> tuple[MahalanobisOOD, dict]:
     """the fitted detector and its provenance record"""
-    from cellvit_optimus.engine.nuclei import NucleiModel
+    from cellvit_optimus.engine.pipeline.nuclei import NucleiModel
 
     model = model or NucleiModel()
     ind = ood_tiles.in_domain(shared)
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from cellvit_optimus.engine.nuclei import NucleiModel
+    from cellvit_optimus.engine.pipeline.nuclei import NucleiModel
 
     model = NucleiModel()
     ood, prov = fit(Path(a.shared), model)

@@ -46,7 +46,7 @@ def model_id(path: Path) -> str:
 def pairs(model, sample) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities ``(M, K)``, true types ``(M,)`` 0-based) of the predicted nuclei of ``sample``
     that match an annotated nucleus (IoU >= 0.5)"""
-    from cellvit_optimus.engine.nuclei import segment_image
+    from cellvit_optimus.engine.pipeline.nuclei import segment_image
 
     r = segment_image(sample.image, sample.mpp, model)
     gt, pr = sample.inst_map, r.inst_map
@@ -81,8 +81,8 @@ def calibrate(probs: np.ndarray, labels: np.ndarray) -> SplitConformal:
 
 def main() -> None:
     import torch
-    from cellvit_optimus.engine.datasets import load_consep
-    from cellvit_optimus.engine.nuclei import NucleiModel
+    from cellvit_optimus.engine.training.datasets import load_consep
+    from cellvit_optimus.engine.pipeline.nuclei import NucleiModel
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(DATA_DIR / "default_nuclei_conformal.json"))

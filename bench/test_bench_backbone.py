@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
-from cellvit_optimus.engine.runner import BackboneRunner
+from cellvit_optimus.engine.pipeline.runner import BackboneRunner
 from cellvit_optimus.heads import PRESETS, Backbone, build_backbone
 
 from benchutil import gpu_batches  # type: ignore[import-not-found]

@@ -28,7 +28,7 @@ def hopt_bf16(hoptimus0_cpu):
 def test_gpu_hoptimus0_runner_bf16(benchmark, hopt_bf16, batch, graphs):
     import torch
 
-    from cellvit_optimus.engine.runner import BackboneRunner
+    from cellvit_optimus.engine.pipeline.runner import BackboneRunner
     from cellvit_optimus.heads import PRESETS
 
     benchmark.group = f"backbone-gpu-hoptimus0-bf16-b{batch}"

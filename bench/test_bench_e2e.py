@@ -27,17 +27,17 @@ import pytest
 from benchutil import record
 from cellvit_optimus.engine.data import bundled_slide, default_nuclei_model
 from cellvit_optimus.engine.errors import WeightsError
-from cellvit_optimus.engine.extract import ExtractConfig, extract_features
-from cellvit_optimus.engine.scheduler import SchedulerConfig
-from cellvit_optimus.engine.slide import open_slide
-from cellvit_optimus.engine.tissue import TilingConfig, tile_grid
+from cellvit_optimus.engine.pipeline.extract import ExtractConfig, extract_features
+from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig
+from cellvit_optimus.engine.wsi.slide import open_slide
+from cellvit_optimus.engine.wsi.tissue import TilingConfig, tile_grid
 
 BATCH = 32
 
 
 @pytest.fixture(scope="module")
 def runner():
-    from cellvit_optimus.engine.runner import BackboneRunner
+    from cellvit_optimus.engine.pipeline.runner import BackboneRunner
 
     return BackboneRunner("tiny", batch_size=BATCH)
 
@@ -98,7 +98,7 @@ def test_extract_end_to_end(benchmark, runner, tiles, tmp_path):
 def test_triage_end_to_end(benchmark, tmp_path):
     if not default_nuclei_model().is_file():
         pytest.skip(f"bundled nuclei model {default_nuclei_model()} absent (trained separately)")
-    from cellvit_optimus.engine.triage import Engine, TriageConfig
+    from cellvit_optimus.engine.triage.engine import Engine, TriageConfig
 
     try:
         engine = Engine(TriageConfig(nuclei_mpp=2.0, overlap_px=32))

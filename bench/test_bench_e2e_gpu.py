@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 
 from benchutil import record
-from cellvit_optimus.engine.extract import ExtractConfig, extract_features
-from cellvit_optimus.engine.scheduler import SchedulerConfig
-from cellvit_optimus.engine.slide import open_slide
-from cellvit_optimus.engine.tissue import tile_grid
+from cellvit_optimus.engine.pipeline.extract import ExtractConfig, extract_features
+from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig
+from cellvit_optimus.engine.wsi.slide import open_slide
+from cellvit_optimus.engine.wsi.tissue import tile_grid
 
 pytestmark = pytest.mark.gpu
 
@@ -44,7 +44,7 @@ def big_slide(tmp_path_factory, slides_dir):
 def runner(hoptimus0_cpu):
     import copy
 
-    from cellvit_optimus.engine.runner import BackboneRunner
+    from cellvit_optimus.engine.pipeline.runner import BackboneRunner
 
     # a copy of the session's one CPU init: the runner casts and moves it in place
     r = BackboneRunner("hoptimus0", device="cuda", dtype="fp16", tokens=False,

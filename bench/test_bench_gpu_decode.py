@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from benchutil import record
-from cellvit_optimus.engine import gpu_decode as gd
-from cellvit_optimus.engine.slide import open_slide
-from cellvit_optimus.engine.tissue import tile_grid
+from cellvit_optimus.engine.wsi import gpu_decode as gd
+from cellvit_optimus.engine.wsi.slide import open_slide
+from cellvit_optimus.engine.wsi.tissue import tile_grid
 
 N_TILES = 1024
 

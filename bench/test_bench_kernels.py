@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 from reference_hovernet import noisy_maps, reference_hv_to_instances, reference_instance_map
 
-from cellvit_optimus.engine.datasets import load_monuseg
+from cellvit_optimus.engine.training.datasets import load_monuseg
 from cellvit_optimus.kernels import hv_to_instances, hv_to_instances_batch, instances_to_hv
 
 BATCH = {256: 32, 1024: 8}

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellvit_optimus.engine.slide import available_backends, open_slide
-from cellvit_optimus.engine.tissue import tile_grid
+from cellvit_optimus.engine.wsi.slide import available_backends, open_slide
+from cellvit_optimus.engine.wsi.tissue import tile_grid
 
 N_TILES = 64
 BACKENDS = [b for b in ("cucim", "tiffslide", "openslide") if b in available_backends()]

@@ -150,7 +150,7 @@ def test_tags(benchmark, ood, impl):
 @pytest.fixture(scope="module")
 def real_tiles():
     from cellvit_optimus.engine.data import bundled_slide
-    from cellvit_optimus.engine.slide import open_slide
+    from cellvit_optimus.engine.wsi.slide import open_slide
 
     with open_slide(bundled_slide()) as sl:
         img = sl.read_region((0, 0), 0, sl.dimensions)

@@ -23,10 +23,10 @@ import time
 
 import pytest
 
-from cellvit_optimus.engine.extract import ExtractConfig, extract_features
-from cellvit_optimus.engine.scheduler import SchedulerConfig
-from cellvit_optimus.engine.slide import open_slide
-from cellvit_optimus.engine.tissue import tile_grid
+from cellvit_optimus.engine.pipeline.extract import ExtractConfig, extract_features
+from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig
+from cellvit_optimus.engine.wsi.slide import open_slide
+from cellvit_optimus.engine.wsi.tissue import tile_grid
 from standin import StandInRunner
 
 SLIDE = "prostate-small.dcm"

@@ -32,7 +32,7 @@ import pytest
 REPEATS = int(os.environ.get("OPTIMUS_STARTUP_REPEATS", "2"))  # fresh processes per path
 COARSE = ["--nuclei-mpp", "4", "--overlap", "32"]
 ENGINE = ("import time; t = time.perf_counter(); "
-          "from cellvit_optimus.engine.triage import Engine, TriageConfig; "
+          "from cellvit_optimus.engine.triage.engine import Engine, TriageConfig; "
           "Engine(TriageConfig(nuclei_mpp=4.0, overlap_px=32)); print(time.perf_counter() - t)")
 
 

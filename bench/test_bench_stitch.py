@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from benchutil import record
-from cellvit_optimus.engine.datasets import load_monuseg
+from cellvit_optimus.engine.training.datasets import load_monuseg
 from cellvit_optimus.kernels import TileInstances, instance_table, stitch_tiles
 
 TILE, OVERLAP = 256, 64

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from benchutil import record
-from cellvit_optimus.engine.slide import open_slide
-from cellvit_optimus.engine.tissue import TilingConfig, TissueConfig, detect_tissue, tile_grid
+from cellvit_optimus.engine.wsi.slide import open_slide
+from cellvit_optimus.engine.wsi.tissue import TilingConfig, TissueConfig, detect_tissue, tile_grid
 
 SLIDES = {"cmu": ("cmu-1-small-region.svs", None), "prostate": ("prostate-small.dcm", None)}
 

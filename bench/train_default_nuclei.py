@@ -31,8 +31,8 @@ VAL = ("consep/test_5", "monuseg/TCGA-21-5786-01Z-00-DX1")
 
 
 def splits():
-    from cellvit_optimus.engine.datasets import load_consep, load_monuseg
-    from cellvit_optimus.engine.train import split_by_group
+    from cellvit_optimus.engine.training.datasets import load_consep, load_monuseg
+    from cellvit_optimus.engine.training.train import split_by_group
 
     rest, test = split_by_group(load_consep() + load_monuseg(), HELD_OUT)
     train, val = split_by_group(rest, VAL)
@@ -41,7 +41,7 @@ def splits():
 
 if __name__ == "__main__":
     from cellvit_optimus.engine.data import DATA_DIR
-    from cellvit_optimus.engine.train_e2e import E2ETrainConfig, background_crops, train_nuclei_e2e
+    from cellvit_optimus.engine.training.train_e2e import E2ETrainConfig, background_crops, train_nuclei_e2e
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--mpp", type=float, default=0.5)

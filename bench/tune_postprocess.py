@@ -9,7 +9,7 @@ over the marker rule (``optimus`` with ``marker_slope`` / ``hovernet`` with ``ma
 count alike), ties broken by detection F1. The minimum nucleus area (um^2) is chosen after that, on the best rule, by the
 same score (ties to the larger area).
 ``--stamp DST`` writes the checkpoint again with the choice in its training record (``postprocess``),
-keeping its embedded backbone; :class:`cellvit_optimus.engine.nuclei.NucleiModel` applies it.
+keeping its embedded backbone; :class:`cellvit_optimus.engine.pipeline.nuclei.NucleiModel` applies it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ MIN_AREAS_UM2 = (0.0, 4.0, 8.0, 12.0, 16.0)
 
 
 def score(model, val, post) -> dict:
-    from cellvit_optimus.engine.nuclei import score_predictions, segment_image
+    from cellvit_optimus.engine.pipeline.nuclei import score_predictions, segment_image
 
     preds = [segment_image(s.image, s.mpp, model, post=post) for s in val]
     out = {}
@@ -73,7 +73,7 @@ def stamp(src: str, dst: str, post: dict, note: str) -> None:
 def main() -> None:
     import torch
 
-    from cellvit_optimus.engine.nuclei import NucleiModel, PostProcessConfig
+    from cellvit_optimus.engine.pipeline.nuclei import NucleiModel, PostProcessConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from .cli_params import (
+from cellvit_optimus.engine.cli_params import (
     DEVICE,
     MPP,
     NON_NEGATIVE,
@@ -27,7 +27,7 @@ from .cli_params import (
     validate_device,
     writable_dir,
 )
-from .errors import OptimusError
+from cellvit_optimus.engine.errors import OptimusError
 
 __all__ = ("main", "cli", "EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "MPP", "DEVICE", "validate_device",
            "collect_inputs")
@@ -147,7 +147,7 @@ def _inputs(slides: tuple[str, ...], recursive: bool = False) -> tuple[list[Path
     """the slides to run (default: the bundled one) and the skipped folder entries; fails as a usage
     error, before any model is loaded, when nothing given exists or no folder holds a slide"""
     if not slides:
-        from .data import bundled_slide
+        from cellvit_optimus.engine.data import bundled_slide
 
         return [bundled_slide()], []
     paths, skipped, missing = collect_inputs(slides, recursive)
@@ -203,8 +203,8 @@ def inspect(slides, mpp, target_mpp, tile_size, overlap, min_tissue, backend, re
     """
     overlap = _overlap_fraction(overlap, tile_size)
     paths, skipped = _inputs(slides, recursive)
-    from .inspect import Failure, inspect_many
-    from .tissue import TilingConfig
+    from cellvit_optimus.engine.wsi.inspect import Failure, inspect_many
+    from cellvit_optimus.engine.wsi.tissue import TilingConfig
 
     try:
         tiling = TilingConfig(tile_size=tile_size, target_mpp=target_mpp, overlap=overlap,
@@ -278,7 +278,7 @@ _device = resolve_device
 
 
 def _make_runner(backbone, weights, device, dtype, batch_size, vram_gb, tokens=False):
-    from .runner import BackboneRunner
+    from cellvit_optimus.engine.pipeline.runner import BackboneRunner
 
     if weights is None and backbone == "hoptimus0":
         weights = "hf-hub"
@@ -328,10 +328,10 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
     """Tile embeddings of SLIDES into OUT/features/<slide>.h5 (CLAM/Trident layout; a versioned cache)."""
     overlap = _overlap_fraction(overlap, tile_size)
     paths, skipped = _inputs(slides, recursive)
-    from .extract import ExtractConfig, extract_features
-    from .inspect import Failure
-    from .scheduler import SchedulerConfig
-    from .tissue import TilingConfig
+    from cellvit_optimus.engine.pipeline.extract import ExtractConfig, extract_features
+    from cellvit_optimus.engine.wsi.inspect import Failure
+    from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig
+    from cellvit_optimus.engine.wsi.tissue import TilingConfig
 
     try:
         config = ExtractConfig(
@@ -355,7 +355,7 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
     for f in bad:
         click.echo(f"FAILED {f.message}", err=True)
     if clam_layout and ok:
-        from .features import write_clam_layout
+        from cellvit_optimus.engine.pipeline.features import write_clam_layout
 
         try:
             write_clam_layout(out_dir)
@@ -425,8 +425,8 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
     if not site_id.strip():
         raise click.BadParameter("must not be empty", param_hint="'--site-id'")
     paths, skipped = _inputs(slides, recursive)  # before any model is loaded: a bad path fails at once
-    from .scheduler import SchedulerConfig
-    from .triage import Engine, TriageConfig
+    from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig
+    from cellvit_optimus.engine.triage.engine import Engine, TriageConfig
 
     try:
         config = TriageConfig(scheduler=SchedulerConfig(batch_tiles=batch_size, reader_threads=workers), mpp=mpp,
@@ -439,7 +439,7 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
         if ray_address is None:
             engine = Engine(config, **weights)
         else:
-            from .distributed import ClusterConfig, RayTriage
+            from cellvit_optimus.engine.triage.distributed import ClusterConfig, RayTriage
 
             engine = RayTriage(config, cluster=ClusterConfig(address=ray_address or None, num_actors=ray_actors,
                                                              cpus_per_actor=ray_cpus_per_actor), **weights)
@@ -475,7 +475,7 @@ def _batch_failed(exc: OptimusError) -> None:
 
 
 def _register_model_commands() -> None:
-    from .cli_models import segment, train
+    from cellvit_optimus.engine.training.cli import segment, train
 
     cli.add_command(train)
     cli.add_command(segment)

@@ -258,6 +258,6 @@ def cells_to_geojson(
 
 def write_geojson(path: str | os.PathLike[str], collection: Mapping[str, Any]) -> None:
     """Write a FeatureCollection atomically (compact JSON)."""
-    from .io import atomic_write_json
+    from cellvit_optimus.engine.io import atomic_write_json
 
     atomic_write_json(path, collection, indent=None)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import OutputLockedError, OutputWriteError
+from cellvit_optimus.engine.errors import OutputLockedError, OutputWriteError
 
 __all__ = ("atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "atomic_write_png", "clean_stale_temporaries", "TMP_PREFIX", "RUN_ID", "RESERVED_NAMES",

@@ -6,7 +6,7 @@ LayerScale, four registers, patch 14, 224-pixel tiles at 0.5 µm/px) stand in fo
 runs. :func:`build_backbone` returns a :class:`Backbone`, a plain ``nn.Module`` that takes normalised
 ``(B, 3, 224, 224)`` tiles and returns the tile embedding plus the intermediate token maps the UNETR
 nuclei head consumes. Device placement, precision, normalisation and CUDA graphs belong to
-``cellvit_optimus.engine.runner``.
+``cellvit_optimus.engine.pipeline.runner``.
 
 Weights come from a local file (safetensors, or a torch checkpoint read with ``weights_only=True``) or
 from the local Hugging Face cache (``"hf-hub:bioptimus/H-optimus-0"``); the network is never used. No

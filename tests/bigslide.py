@@ -17,8 +17,8 @@ TILE = 256
 
 def real_patches(source: Path, n: int = 48, size: int = TILE, seed: int = 0) -> np.ndarray:
     """``n`` real tissue patches (size x size RGB) from the tissue grid of ``source``"""
-    from cellvit_optimus.engine.slide import open_slide
-    from cellvit_optimus.engine.tissue import TilingConfig, tile_grid
+    from cellvit_optimus.engine.wsi.slide import open_slide
+    from cellvit_optimus.engine.wsi.tissue import TilingConfig, tile_grid
 
     with open_slide(source) as s:
         grid = tile_grid(s, TilingConfig(tile_size=size, target_mpp=s.mpp[0], min_tissue_fraction=0.9))

@@ -167,8 +167,8 @@ def test_cli_decoder_choices_and_slide_suffixes_are_the_engines():
 
     from cellvit_optimus.engine import cli as cli_module
     from cellvit_optimus.engine.cli_params import SLIDE_SUFFIXES
-    from cellvit_optimus.engine.extract import DECODERS
-    from cellvit_optimus.engine.slide import iter_slide_paths
+    from cellvit_optimus.engine.pipeline.extract import DECODERS
+    from cellvit_optimus.engine.wsi.slide import iter_slide_paths
 
     assert cli_module._DECODERS == DECODERS
     assert SLIDE_SUFFIXES == inspect.signature(iter_slide_paths).parameters["suffixes"].default
@@ -177,7 +177,7 @@ def test_cli_decoder_choices_and_slide_suffixes_are_the_engines():
 def test_triage_gzip_writes_compressed_cells(tmp_path, slides_dir):
     import gzip
 
-    from cellvit_optimus.engine.cells import CellTable
+    from cellvit_optimus.engine.triage.cells import CellTable
 
     r = CliRunner().invoke(cli, ["triage", str(slides_dir / "cmu-1-small-region.svs"), "--out", str(tmp_path),
                                  "--nuclei-mpp", "4", "--overlap", "32", "--device", "cpu", "--gzip", "-q"])

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cellvit_optimus.engine.datasets import load_consep
+from cellvit_optimus.engine.training.datasets import load_consep
 from cellvit_optimus.engine.geojson import polygon_feature, polygon_feature_json
 from cellvit_optimus.kernels import instance_table
 

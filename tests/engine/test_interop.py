@@ -22,11 +22,11 @@ import h5py
 import numpy as np
 import pytest
 
-from cellvit_optimus.engine.extract import ExtractConfig, extract_features, feature_path
-from cellvit_optimus.engine.features import coords_attributes, read_features, write_clam_layout
-from cellvit_optimus.engine.scheduler import SchedulerConfig, SlideDone
-from cellvit_optimus.engine.slide import open_slide
-from cellvit_optimus.engine.tissue import TilingConfig, tile_grid
+from cellvit_optimus.engine.pipeline.extract import ExtractConfig, extract_features, feature_path
+from cellvit_optimus.engine.pipeline.features import coords_attributes, read_features, write_clam_layout
+from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig, SlideDone
+from cellvit_optimus.engine.wsi.slide import open_slide
+from cellvit_optimus.engine.wsi.tissue import TilingConfig, tile_grid
 
 COARSE = ExtractConfig(tiling=TilingConfig(target_mpp=2.0), scheduler=SchedulerConfig(batch_tiles=16))
 TRIDENT_COORDS_ATTRS = ("patch_size", "patch_size_level0", "level0_magnification", "target_magnification",
@@ -74,7 +74,7 @@ def clam_read(data_dir: Path, slide_id: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runner():
-    from cellvit_optimus.engine.runner import BackboneRunner
+    from cellvit_optimus.engine.pipeline.runner import BackboneRunner
 
     return BackboneRunner("tiny", device="cpu")
 

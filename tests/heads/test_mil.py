@@ -71,7 +71,7 @@ def crop_features(rgb: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def crop_pools(nuclei_dir: Path) -> dict[str, dict[int, np.ndarray]]:
     """Per source image: features of negative (0) and signal (1) crops."""
-    from cellvit_optimus.engine.datasets import load_consep
+    from cellvit_optimus.engine.training.datasets import load_consep
 
     rng = np.random.default_rng(0)
     crops: dict[str, dict[int, list[np.ndarray]]] = {}

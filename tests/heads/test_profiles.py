@@ -31,7 +31,7 @@ def test_builtins() -> None:
 
 
 def test_datasets_agree_with_consep_profile() -> None:
-    from cellvit_optimus.engine.datasets import CONSEP_CLASSES
+    from cellvit_optimus.engine.training.datasets import CONSEP_CLASSES
 
     assert CONSEP_CLASSES == tuple(CONSEP.label(i) for i in range(CONSEP.num_channels))
 

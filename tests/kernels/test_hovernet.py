@@ -13,7 +13,7 @@ from reference_hovernet import (  # type: ignore[import-not-found]
     reference_instance_map,
 )
 
-from cellvit_optimus.engine.datasets import load_consep, load_monuseg
+from cellvit_optimus.engine.training.datasets import load_consep, load_monuseg
 from cellvit_optimus.kernels import hv_to_instances, instance_table, instances_to_hv, pq
 
 

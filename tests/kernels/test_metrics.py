@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from cellvit_optimus.engine.datasets import load_consep, load_monuseg
+from cellvit_optimus.engine.training.datasets import load_consep, load_monuseg
 from cellvit_optimus.kernels import (
     aji,
     aji_plus,

@@ -8,7 +8,7 @@ import pytest
 import shapely
 
 
-from cellvit_optimus.engine.datasets import load_monuseg
+from cellvit_optimus.engine.training.datasets import load_monuseg
 from cellvit_optimus.kernels import (
     TileInstances,
     hv_to_instances,

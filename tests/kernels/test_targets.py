@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from reference_hovernet import reference_instances_to_hv  # type: ignore[import-not-found]
 
-from cellvit_optimus.engine.datasets import load_consep, load_monuseg
+from cellvit_optimus.engine.training.datasets import load_consep, load_monuseg
 from cellvit_optimus.kernels import instances_to_hv
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cellvit_optimus.engine.datasets import load_consep
+from cellvit_optimus.engine.training.datasets import load_consep
 
 # the real-tile helpers of the OOD tests (ood_tiles.py) live beside them; bench/ scripts import them too
 sys.path.insert(0, str(Path(__file__).resolve().parent))

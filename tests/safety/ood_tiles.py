@@ -70,8 +70,8 @@ def _grid_tiles(path: Path, *, tissue: bool = True, max_tiles: int | None = None
     """tiles of the engine's tissue grid, or its pen tiles (pen/artefact fraction >= 0.6), or the
     background tiles of the same lattice (tissue and pen fractions below 0.02); returns tiles,
     level-0 coordinates and the slide's dimensions"""
-    from cellvit_optimus.engine.slide import open_slide
-    from cellvit_optimus.engine.tissue import TilingConfig, _box_means, detect_tissue, tile_grid
+    from cellvit_optimus.engine.wsi.slide import open_slide
+    from cellvit_optimus.engine.wsi.tissue import TilingConfig, _box_means, detect_tissue, tile_grid
 
     tiling = TilingConfig(tile_size=TILE, target_mpp=MPP, overlap=OVERLAP_PX / TILE)
     with open_slide(path, mpp=SLIDE_MPP.get(path.name)) as s:
@@ -143,7 +143,7 @@ def monuseg_tiles(nuclei_dir: Path) -> TileSet:
 def slide_tissue_tiles(slides_dir: Path, name: str, source: str, max_tiles: int | None = None) -> TileSet:
     path = slides_dir / name
     tiles, coords, dims = _grid_tiles(path, max_tiles=max_tiles)
-    from cellvit_optimus.engine.slide import open_slide
+    from cellvit_optimus.engine.wsi.slide import open_slide
 
     with open_slide(path, mpp=SLIDE_MPP.get(name)) as s:
         w0 = s.level0_tile_size(TILE, MPP)[0]
@@ -188,8 +188,8 @@ def ihc_tiles() -> np.ndarray:
 @functools.lru_cache(maxsize=2)
 def _pen_source(slides_dir: Path) -> tuple[np.ndarray, np.ndarray, float]:
     """(optical density ``(H, W, 3)``, core-ink mask ``(H, W)``, mpp) of prostate-small.dcm at level 0."""
-    from cellvit_optimus.engine.slide import open_slide
-    from cellvit_optimus.engine.tissue import detect_tissue
+    from cellvit_optimus.engine.wsi.slide import open_slide
+    from cellvit_optimus.engine.wsi.tissue import detect_tissue
     from PIL import Image
 
     with open_slide(slides_dir / "prostate-small.dcm") as s:

@@ -49,8 +49,8 @@ def test_shipped_calibration_is_bound_to_model_and_backbone():
 @pytest.mark.slow
 def test_calibration_reproduces_and_covers_held_out_nuclei(nuclei_dir, report):
     pytest.importorskip("torch")
-    from cellvit_optimus.engine.datasets import load_consep
-    from cellvit_optimus.engine.nuclei import NucleiModel
+    from cellvit_optimus.engine.training.datasets import load_consep
+    from cellvit_optimus.engine.pipeline.nuclei import NucleiModel
 
     mod = _script()
     model = NucleiModel()

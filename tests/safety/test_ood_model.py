@@ -49,7 +49,7 @@ def _auroc(s_in: np.ndarray, s_out: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def model():
     torch = pytest.importorskip("torch")
-    from cellvit_optimus.engine.nuclei import NucleiModel
+    from cellvit_optimus.engine.pipeline.nuclei import NucleiModel
 
     torch.manual_seed(0)
     return NucleiModel()
@@ -153,7 +153,7 @@ def _mosaic(path: Path, slides_dir: Path) -> Path:
     """a real two-part slide at 0.5 um/px: CMU-1 H&E on the left, scikit-image's IHC on the right"""
     tifffile = pytest.importorskip("tifffile")
     skdata = pytest.importorskip("skimage.data")
-    from cellvit_optimus.engine.slide import open_slide
+    from cellvit_optimus.engine.wsi.slide import open_slide
 
     with open_slide(slides_dir / "cmu-1-small-region.svs") as s:
         he = s.read_region((700, 1300), 0, (544, 544))
@@ -167,7 +167,7 @@ def _mosaic(path: Path, slides_dir: Path) -> Path:
 
 
 def test_engine_tags_the_ihc_region_out_of_domain(tmp_path, slides_dir):
-    from cellvit_optimus.engine.triage import Engine, TriageConfig
+    from cellvit_optimus.engine.triage.engine import Engine, TriageConfig
 
     engine = Engine(TriageConfig(shadow_slides=0))
     assert engine.ood is not None and engine.ood.features == EMBEDDING_TILE_STATS  # the bundled state
@@ -212,7 +212,7 @@ def test_old_states_without_a_recipe_load_as_embedding(tmp_path):
 
 def test_tile_statistics_and_recipes_contract(slides_dir):
     from cellvit_optimus.engine.errors import ConfigError
-    from cellvit_optimus.engine.slide import open_slide
+    from cellvit_optimus.engine.wsi.slide import open_slide
     from cellvit_optimus.safety import SafetyConfig, ood_features, tile_statistics
     from scipy import ndimage
 

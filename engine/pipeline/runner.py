@@ -1,0 +1,599 @@
+"""The backbone runner: uint8 tiles in, tile embeddings and token maps out, as fast as the device allows.
+
+Sits between the tile scheduler (which hands over ``(B, 224, 224, 3)`` uint8 batches) and the heads
+and embedding cache. :class:`BackboneRunner` moves tiles to the device (pinned memory, non-blocking
+copies on CUDA), normalises them there, and runs the frozen backbone from
+:mod:`cellvit_optimus.heads.backbone` under ``torch.inference_mode``.
+
+Precision: in ``fp16``/``bf16`` mode the matmul weights (every ``Linear`` and the patch ``Conv2d``) are
+stored in the half type and the rest (norms, LayerScale, tokens, position embedding) in fp32, and the
+forward runs under autocast. Matmuls are half precision at half the weight memory (2.3 GB instead of
+4.5 GB for H-optimus-0), while the residual stream and the norms stay fp32, exactly as autocast over
+an fp32 model would keep them.
+
+On CUDA the forward is captured in CUDA graphs at the batch sizes in :data:`CAPTURE_SIZES` (vLLM's
+scheme): a batch is padded up to the next captured size, copied into the graph's static input, the graph
+is replayed and the outputs sliced. The batch size comes from a VRAM budget, fitted from the peak memory
+of two probe batches; a CUDA out-of-memory error drops to the next smaller size instead of failing.
+The CPU path has the same API and runs eagerly in fp32 or bf16. Nothing here needs CUDA to import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import torch
+from cellvit_optimus.heads.backbone import Backbone, BackbonePreset, build_backbone, get_preset
+from torch import nn
+
+from cellvit_optimus.engine.errors import BackendUnavailableError, ConfigError
+
+__all__ = (
+    "CAPTURE_SIZES",
+    "DEFAULT_CPU_BATCH_SIZE",
+    "PROBE_SIZES",
+    "BackboneOutput",
+    "BackboneRunner",
+    "RunnerStats",
+    "apply_precision",
+    "is_out_of_memory",
+    "next_capture_size",
+)
+
+logger = logging.getLogger(__name__)
+
+# -- tuning constants: all of them, in one place --------------------------------------------------------
+#: batch sizes captured as CUDA graphs (those up to the runner's batch size); a batch is padded up to the
+#: next one. Dense at the small end, where slide remainders land, sparse at the large end.
+CAPTURE_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+#: eager forwards run before capturing each graph (cuBLAS/cuDNN workspaces and autotuning settle)
+WARMUP_ITERS = 2
+#: the two batch sizes whose peak memory fits peak(b) = fixed + per_tile * b
+PROBE_SIZES: tuple[int, int] = (4, 8)
+#: fraction of the VRAM budget (and of the device's memory) the fitted peak may use
+BUDGET_HEADROOM = 0.9
+#: batch size on the CPU when none is given
+DEFAULT_CPU_BATCH_SIZE = 32
+#: memory the probe cannot see, added to the fitted peak: the cuBLAS workspace of each extra stream
+#: (graph warm-up runs on a side stream; 32 MiB per handle on Hopper) and the graph pool's rounding
+GRAPH_OVERHEAD_BYTES = 128 * 2**20
+
+DType = Literal["fp16", "bf16", "fp32"]
+_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+Tiles = np.ndarray | torch.Tensor
+StainNorm = Callable[[torch.Tensor], torch.Tensor]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised while handling, a CUDA out-of-memory error.
+
+    An OOM inside CUDA-graph capture does not surface as ``torch.OutOfMemoryError``: leaving
+    ``torch.cuda.graph`` calls ``capture_end()``, which fails with a ``RuntimeError`` ("operation failed
+    due to a previous error during capture") whose ``__context__`` is the OOM.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short walk: chains are a few links long and may, in principle, loop
+        if seen is None:
+            return False
+        if isinstance(seen, torch.OutOfMemoryError) or "out of memory" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def next_capture_size(n: int, sizes: Sequence[int] = CAPTURE_SIZES) -> int | None:
+    """The smallest captured size that holds ``n`` tiles, or None when ``n`` exceeds them all."""
+    for s in sizes:
+        if s >= n:
+            return s
+    return None
+
+
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def apply_precision(model: _M, compute_dtype: torch.dtype) -> _M:
+    """Store matmul weights (Linear, Conv2d) in ``compute_dtype`` and everything else in fp32, in place.
+
+    Only tensors not already in their target dtype are converted, so re-applying it to a shared,
+    already cast model on the GPU allocates nothing.
+    """
+    for m in model.modules():
+        target = compute_dtype if isinstance(m, (nn.Linear, nn.Conv2d)) else torch.float32
+        own = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+        if any(t.is_floating_point() and t.dtype != target for t in own):
+            m._apply(lambda t, target=target: t.to(target) if t.is_floating_point() else t, recurse=False)
+    return model
+
+
+@dataclass
+class BackboneOutput:
+    """What one runner call returns, on the runner's device.
+
+    ``embedding``: ``(B, D)`` float32 tile embeddings (CLS token after the final norm).
+    ``tokens``: one ``(B, D, g, g)`` patch-token map per configured block (g = 16 for 224/14), float32 in
+    fp32 mode and the half type otherwise; empty when token maps were not asked for.
+    """
+
+    embedding: torch.Tensor
+    tokens: tuple[torch.Tensor, ...]
+
+    def __len__(self) -> int:
+        return int(self.embedding.shape[0])
+
+
+@dataclass
+class RunnerStats:
+    """Counters of one runner. Probe, warm-up and capture forwards are not counted."""
+
+    #: backbone forwards (eager calls plus graph replays)
+    calls: int = 0
+    #: real tiles that went through the backbone
+    tiles: int = 0
+    #: padding rows computed and thrown away to fit captured sizes
+    padded_tiles: int = 0
+    graph_replays: int = 0
+    eager_calls: int = 0
+    graphs_captured: int = 0
+    oom_fallbacks: int = 0
+    #: graph captures that failed for another reason than memory (the runner then stays eager)
+    capture_failures: int = 0
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of computed rows that were padding."""
+        total = self.tiles + self.padded_tiles
+        return self.padded_tiles / total if total else 0.0
+
+
+class _CapturedForward:
+    """One CUDA graph of a forward function at a fixed batch size, with static input and outputs."""
+
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor], tuple[torch.Tensor, tuple[torch.Tensor, ...]]],
+        input_shape: tuple[int, ...],
+        device: torch.device,
+        pool: Any,
+    ) -> None:
+        self.batch = input_shape[0]
+        self.static_in = torch.zeros(input_shape, dtype=torch.float32, device=device)
+        # warm up on a side stream, as torch.cuda.graph's documentation asks for whole-network capture
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_ITERS):
+                fn(self.static_in)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: loader threads may keep using CUDA while the backbone is being captured
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            self.static_out = fn(self.static_in)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        n = x.shape[0]
+        self.static_in[:n].copy_(x, non_blocking=True)
+        if n < self.batch:  # zero the padding rows so padded replays are deterministic
+            self.static_in[n:].zero_()
+        self.graph.replay()
+        emb, toks = self.static_out
+        # the next replay overwrites the static outputs: hand out copies
+        return emb[:n].clone(), tuple(t[:n].clone() for t in toks)
+
+
+class _Dispatcher:
+    """Picks a captured graph (padding the batch up to its size) or the eager forward for each batch."""
+
+    def __init__(self, runner: BackboneRunner) -> None:
+        self._runner = runner
+        self._graphs: dict[tuple[int, bool], _CapturedForward] = {}
+        self._pool: Any = None
+
+    @property
+    def captured(self) -> tuple[tuple[int, bool], ...]:
+        return tuple(sorted(self._graphs))
+
+    def drop(self, above: int = 0) -> None:
+        """Forget graphs larger than ``above`` (all by default) so their memory can be released."""
+        for key in [k for k in self._graphs if k[0] > above]:
+            del self._graphs[key]
+        if not self._graphs:
+            self._pool = None
+
+    def capture(self, tokens: bool) -> None:
+        """Capture every size up to the batch size for one output mode, largest first (vLLM's order:
+        the smaller graphs then fit in the memory pool the largest one left)."""
+        r = self._runner
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        s = r.preset.tile_size
+        for size in sorted(r.capture_sizes, reverse=True):
+            if (size, tokens) in self._graphs:
+                continue
+            self._graphs[(size, tokens)] = _CapturedForward(
+                lambda x: r._forward(x, tokens), (size, 3, s, s), r.device, self._pool
+            )
+            r.stats.graphs_captured += 1
+        logger.debug("captured %d CUDA graphs (tokens=%s)", len(r.capture_sizes), tokens)
+
+    def __call__(self, x: torch.Tensor, tokens: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        r, n = self._runner, x.shape[0]
+        size = next_capture_size(n, r.capture_sizes) if r.use_cuda_graphs else None
+        if size is None:
+            out = r._forward(x, tokens)
+            r.stats.eager_calls += 1
+        else:
+            if (size, tokens) not in self._graphs:
+                try:
+                    self.capture(tokens)
+                except RuntimeError as exc:  # OutOfMemoryError included
+                    if is_out_of_memory(exc):
+                        raise  # the caller shrinks the batch and retries
+                    self.drop()
+                    r.use_cuda_graphs = False
+                    r.stats.capture_failures += 1
+                    logger.warning("CUDA graph capture failed on %s (%s); running eagerly", r.device,
+                                   f"{type(exc).__name__}: {exc}".splitlines()[0])
+                    return self(x, tokens)
+            out = self._graphs[(size, tokens)](x)
+            r.stats.graph_replays += 1
+            r.stats.padded_tiles += size - n
+        r.stats.calls += 1
+        r.stats.tiles += n
+        return out
+
+
+class BackboneRunner:
+    """Runs a backbone preset over uint8 tiles on one device.
+
+    Parameters
+    ----------
+    preset
+        Preset name (``"hoptimus0"``, ``"small"``, ``"tiny"``) or a :class:`BackbonePreset`.
+    weights
+        Weights file, ``"hf-hub:<repo>"`` / ``"hf-hub"`` (local Hugging Face cache only), or None for a
+        seeded random init. See :func:`cellvit_optimus.heads.backbone.build_backbone`.
+    device
+        ``"cpu"`` or ``"cuda"`` (``"cuda:1"`` etc.).
+    dtype
+        Compute precision: ``"fp16"``, ``"bf16"`` or ``"fp32"``; default fp16 on CUDA, fp32 on the CPU
+        (where fp16 is refused).
+    blocks
+        1-based blocks whose token maps are returned; default: the preset's four evenly spaced blocks.
+    use_cuda_graphs
+        Capture the forward in CUDA graphs (CUDA only; ignored on the CPU).
+    batch_size
+        Tiles per forward; default: fitted to ``vram_budget_gb`` on CUDA, 32 on the CPU.
+    vram_budget_gb
+        Peak allocated GPU memory (GiB) the chosen batch size may reach, weights included.
+    stain_norm
+        Optional hook applied on the device to float32 RGB ``(B, 3, S, S)`` in [0, 1] before the mean/std
+        normalisation; must return the same shape. Placeholder for stain normalisation.
+    tokens
+        Default for returning token maps; pass ``tokens=False`` to a call when only embeddings are needed.
+    seed, hf_cache_dir
+        Passed to :func:`build_backbone`.
+    capture_sizes
+        Batch sizes to capture (those below ``batch_size``, plus ``batch_size`` itself); default
+        :data:`CAPTURE_SIZES`. ``(batch_size,)`` captures a single graph (benchmarks).
+    backbone
+        An already built :class:`Backbone` of ``preset`` to run instead of building one (shared between
+        runners, e.g. eager and graph runners in benchmarks); it is cast and moved in place.
+
+    Calls are serialised by a lock, so one runner may be shared by worker threads.
+    """
+
+    def __init__(
+        self,
+        preset: str | BackbonePreset,
+        weights: str | os.PathLike[str] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: DType | None = None,
+        blocks: Sequence[int] | None = None,
+        use_cuda_graphs: bool = True,
+        batch_size: int | None = None,
+        vram_budget_gb: float = 12.0,
+        *,
+        stain_norm: StainNorm | None = None,
+        tokens: bool = True,
+        seed: int | None = 0,
+        hf_cache_dir: str | os.PathLike[str] | None = None,
+        backbone: Backbone | None = None,
+        capture_sizes: Sequence[int] | None = None,
+    ) -> None:
+        self.preset = get_preset(preset)
+        if backbone is not None and (backbone.preset != self.preset or weights is not None):
+            raise ConfigError(
+                f"backbone= is a built {backbone.preset.name!r} backbone: pass preset={backbone.preset.name!r} "
+                "and no weights with it"
+            )
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"device={device!r}: not a torch device ({exc})") from exc
+        if self.device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device={device!r}: must be 'cpu' or 'cuda'")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                f"device={device!r}: CUDA is not available to this torch build ({torch.__version__})"
+            )
+        if self.device.type == "cuda" and self.device.index is None:  # pin the device the graphs live on
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if dtype is None:
+            dtype = "fp16" if self.device.type == "cuda" else "fp32"
+        if dtype not in _DTYPES:
+            raise ConfigError(f"dtype={dtype!r}: must be one of {', '.join(_DTYPES)}")
+        if dtype == "fp16" and self.device.type == "cpu":
+            raise ConfigError("dtype='fp16' on the CPU: use 'fp32' or 'bf16'")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ConfigError(f"batch_size={batch_size!r}: must be a positive integer")
+        if capture_sizes is not None and (
+            not capture_sizes or any(not isinstance(c, int) or c < 1 for c in capture_sizes)
+        ):
+            raise ConfigError(f"capture_sizes={capture_sizes!r}: must be positive integers")
+        if not vram_budget_gb > 0:
+            raise ConfigError(f"vram_budget_gb={vram_budget_gb!r}: must be > 0")
+        if stain_norm is not None and not callable(stain_norm):
+            raise ConfigError(f"stain_norm={stain_norm!r}: must be a callable or None")
+        if blocks is not None:
+            self.preset.validate_blocks(blocks)  # fail before building a large model
+
+        self.dtype: DType = dtype
+        self.compute_dtype = _DTYPES[dtype]
+        self.tokens_dtype = self.compute_dtype  # raw block outputs, stored at compute precision
+        self.use_cuda_graphs = bool(use_cuda_graphs) and self.device.type == "cuda"
+        self.vram_budget_gb = float(vram_budget_gb)
+        self.stain_norm = stain_norm
+        self.tokens = bool(tokens)
+        self.stats = RunnerStats()
+        self.probe: dict[str, Any] | None = None  # memory fit from the batch-size probe (CUDA)
+        self._lock = threading.Lock()
+
+        if backbone is None:
+            backbone = build_backbone(
+                self.preset, weights, blocks=blocks, seed=seed, hf_cache_dir=hf_cache_dir
+            )
+        # a shared prebuilt backbone is converted in place (runners on one device and dtype may share one)
+        self.backbone: Backbone = apply_precision(backbone, self.compute_dtype).to(self.device)
+        self.blocks: tuple[int, ...] = self.backbone.blocks if blocks is None else tuple(blocks)
+        self._mean = torch.tensor(self.preset.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.preset.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._dispatch = _Dispatcher(self)
+
+        sizes = tuple(sorted(set(CAPTURE_SIZES if capture_sizes is None else capture_sizes)))
+        if batch_size is None:
+            batch_size = self._fit_batch_size(sizes) if self.device.type == "cuda" else DEFAULT_CPU_BATCH_SIZE
+        self.batch_size = batch_size
+        self.capture_sizes = tuple(sorted({s for s in sizes if s < batch_size} | {batch_size}))
+
+    # -- public -----------------------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return self.preset.embed_dim
+
+    @property
+    def grid_size(self) -> int:
+        return self.preset.grid_size
+
+    @property
+    def weights_id(self) -> str:
+        """Identity of the weights (file SHA-256 or random seed), for embedding cache keys."""
+        return self.backbone.weights_id
+
+    @property
+    def calls(self) -> int:
+        """Backbone forwards so far (eager calls plus graph replays)."""
+        return self.stats.calls
+
+    @property
+    def tiles_processed(self) -> int:
+        return self.stats.tiles
+
+    @property
+    def captured_graphs(self) -> tuple[tuple[int, bool], ...]:
+        """``(batch size, tokens)`` of each CUDA graph held."""
+        return self._dispatch.captured
+
+    def reset_stats(self) -> None:
+        self.stats = RunnerStats()
+
+    def __call__(self, tiles: Tiles, tokens: bool | None = None) -> BackboneOutput:
+        """Embed ``tiles``: uint8 ``(B, S, S, 3)`` RGB, numpy or torch, on any device.
+
+        Batches larger than ``batch_size`` are split; outputs stay on the runner's device.
+        """
+        want_tokens = self.tokens if tokens is None else bool(tokens)
+        self._check_tiles(tiles)
+        b = int(tiles.shape[0])
+        with self._lock, torch.inference_mode():
+            if b == 0:
+                return self._empty(want_tokens)
+            embs: list[torch.Tensor] = []
+            toks: list[tuple[torch.Tensor, ...]] = []
+            start = 0
+            while start < b:
+                n = min(self.batch_size, b - start)
+                try:
+                    x = self._normalise(self._to_device(tiles[start : start + n]))
+                    emb, tk = self._dispatch(x, want_tokens)
+                except RuntimeError as exc:  # OOM, also as the RuntimeError of a failed graph capture
+                    if not is_out_of_memory(exc) or not self._shrink_batch():
+                        raise
+                    continue  # same tiles, smaller batch
+                embs.append(emb)
+                toks.append(tk)
+                start += n
+        if len(embs) == 1:
+            return BackboneOutput(embs[0], toks[0])
+        return BackboneOutput(torch.cat(embs), tuple(torch.cat(parts) for parts in zip(*toks)))
+
+    def embed(self, tiles: Tiles) -> torch.Tensor:
+        """Tile embeddings only ``(B, D)`` float32 (skips the token maps)."""
+        return self(tiles, tokens=False).embedding
+
+    def preprocess(self, tiles: Tiles) -> torch.Tensor:
+        """The normalised float32 ``(B, 3, S, S)`` input the backbone sees, on the runner's device."""
+        self._check_tiles(tiles)
+        with torch.inference_mode():
+            return self._normalise(self._to_device(tiles))
+
+    def capture(self, tokens: bool | None = None) -> None:
+        """Capture the CUDA graphs now instead of at the first call (no-op without graphs)."""
+        if self.use_cuda_graphs:
+            with self._lock, torch.inference_mode():
+                self._dispatch.capture(self.tokens if tokens is None else bool(tokens))
+
+    def release_graphs(self) -> None:
+        """Drop every captured graph and return the cached memory to the device."""
+        self._dispatch.drop()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __repr__(self) -> str:
+        return (
+            f"BackboneRunner(preset={self.preset.name!r}, device='{self.device}', dtype={self.dtype!r}, "
+            f"blocks={self.blocks}, batch_size={self.batch_size}, cuda_graphs={self.use_cuda_graphs})"
+        )
+
+    # -- internals ----------------------------------------------------------------------------------------
+    def _forward(self, x: torch.Tensor, tokens: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The function that is run eagerly or captured: normalised fp32 input -> final outputs."""
+        if self.compute_dtype == torch.float32:
+            ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        else:  # cache off: required inside graph capture, and the weights are already cast
+            ctx = torch.autocast(self.device.type, dtype=self.compute_dtype, cache_enabled=False)
+        with ctx:
+            emb, toks = self.backbone(x, tokens=tokens, blocks=self.blocks)
+        return emb.float(), tuple(t.to(self.tokens_dtype) for t in toks)
+
+    def _check_tiles(self, tiles: Tiles) -> None:
+        s = self.preset.tile_size
+        if not isinstance(tiles, (np.ndarray, torch.Tensor)):
+            raise ConfigError(f"tiles: expected a numpy array or torch tensor, got {type(tiles).__name__}")
+        shape = tuple(tiles.shape)
+        dtype_ok = tiles.dtype == (np.uint8 if isinstance(tiles, np.ndarray) else torch.uint8)
+        if not dtype_ok or len(shape) != 4 or shape[1:] != (s, s, 3):
+            raise ConfigError(
+                f"tiles: expected uint8 (B, {s}, {s}, 3) for preset {self.preset.name!r}, "
+                f"got {str(tiles.dtype).replace('torch.', '')} {shape}"
+            )
+
+    def to_device(self, tiles: Tiles) -> torch.Tensor:
+        """uint8 tiles as a tensor on the runner's device (pinned, non-blocking copy from the host;
+        no copy when already there)"""
+        self._check_tiles(tiles)
+        return self._to_device(tiles)
+
+    def _to_device(self, tiles: Tiles) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(tiles)) if isinstance(tiles, np.ndarray) else tiles
+        if t.device == self.device:
+            return t
+        if self.device.type == "cuda" and t.device.type == "cpu":
+            # pin_memory goes through torch's caching host allocator, which also keeps the block alive
+            # until the asynchronous copy has finished
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _normalise(self, t: torch.Tensor) -> torch.Tensor:
+        x = t.permute(0, 3, 1, 2).float().div_(255.0)
+        if self.stain_norm is not None:
+            y = self.stain_norm(x)
+            if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+                got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                raise ConfigError(f"stain_norm returned {got}, expected a tensor of shape {tuple(x.shape)}")
+            x = y.float()
+        return ((x - self._mean) / self._std).contiguous()
+
+    def _empty(self, tokens: bool) -> BackboneOutput:
+        d, g = self.embed_dim, self.grid_size
+        emb = torch.empty((0, d), dtype=torch.float32, device=self.device)
+        toks = tuple(
+            torch.empty((0, d, g, g), dtype=self.tokens_dtype, device=self.device) for _ in self.blocks
+        )
+        return BackboneOutput(emb, toks if tokens else ())
+
+    def _shrink_batch(self) -> bool:
+        smaller = [s for s in self.capture_sizes if s < self.batch_size]
+        if not smaller:
+            return False
+        old, self.batch_size = self.batch_size, smaller[-1]
+        self.capture_sizes = tuple(smaller)
+        self._dispatch.drop(above=self.batch_size)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.stats.oom_fallbacks += 1
+        logger.warning(
+            "out of memory at batch size %d on %s; continuing at %d", old, self.device, self.batch_size
+        )
+        return True
+
+    def _fit_batch_size(self, sizes: Sequence[int]) -> int:
+        """Largest of ``sizes`` whose fitted peak memory stays within the budget (CUDA only)."""
+        dev, s = self.device, self.preset.tile_size
+        budget = self.vram_budget_gb * 2**30
+        total = torch.cuda.get_device_properties(dev).total_memory
+        limit = BUDGET_HEADROOM * min(budget, total)
+        peaks, reserved = [], []
+        with torch.inference_mode():
+            for b in PROBE_SIZES:
+                torch.cuda.synchronize(dev)
+                torch.cuda.empty_cache()  # so that the reserved peak is this probe's, not the cache's
+                torch.cuda.reset_peak_memory_stats(dev)
+                try:
+                    x = torch.zeros((b, 3, s, s), dtype=torch.float32, device=dev)
+                    out = self._forward(x, tokens=True)
+                    del x, out
+                    torch.cuda.synchronize(dev)
+                except RuntimeError as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    torch.cuda.empty_cache()
+                    logger.warning(
+                        "out of memory while probing batch size %d on %s; using batch size 1", b, dev
+                    )
+                    return 1
+                peaks.append(torch.cuda.max_memory_allocated(dev))
+                reserved.append(torch.cuda.max_memory_reserved(dev))
+        (b1, b2), (p1, p2) = PROBE_SIZES, peaks
+        per_tile = max((p2 - p1) / (b2 - b1), (reserved[1] - reserved[0]) / (b2 - b1), 1.0)
+        # the device pays for what the caching allocator reserves (rounded segments, fragmentation), not
+        # only for what tensors hold: fit on the larger of the two, plus what the probe cannot see
+        fixed = max(p1, reserved[0]) - per_tile * b1 + (GRAPH_OVERHEAD_BYTES if self.use_cuda_graphs else 0)
+        # every captured graph keeps its static input and outputs: count the smaller graphs' too
+        g = self.grid_size
+        static_per_tile = 4 * (3 * s * s + self.embed_dim) + torch.finfo(self.tokens_dtype).bits // 8 * (
+            len(self.blocks) * self.embed_dim * g * g
+        )
+
+        def peak(c: int) -> float:
+            extra = static_per_tile * sum(x for x in sizes if x < c) if self.use_cuda_graphs else 0
+            return fixed + per_tile * c + extra
+
+        fitting = [c for c in sizes if peak(c) <= limit]
+        chosen = fitting[-1] if fitting else 1
+        self.probe = {
+            "probe_sizes": PROBE_SIZES,
+            "probe_peaks_bytes": tuple(peaks),
+            "probe_reserved_bytes": tuple(reserved),
+            "fixed_bytes": fixed,
+            "per_tile_bytes": per_tile,
+            "limit_bytes": limit,
+            "predicted_peak_bytes": peak(chosen),
+            "batch_size": chosen,
+        }
+        logger.info(
+            "batch size %d for a %.1f GiB budget on %s (fitted %.0f MiB + %.1f MiB/tile)",
+            chosen,
+            self.vram_budget_gb,
+            torch.cuda.get_device_name(dev),
+            fixed / 2**20,
+            per_tile / 2**20,
+        )
+        return chosen

@@ -1,0 +1,46 @@
+"""Real nuclei loaders: shapes, dtypes, contiguous ids, CoNSeP types against seg_mask, groups."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cellvit_optimus.engine.training.datasets import CONSEP_CLASSES, load_consep, load_monuseg
+
+
+@pytest.fixture(scope="module")
+def consep(nuclei_dir):
+    return load_consep(nuclei_dir)
+
+
+def test_consep(consep, nuclei_dir):
+    assert len(consep) == 80
+    assert sum(int(s.inst_map.max()) for s in consep) == 3383  # README: 3,383 nuclei
+    assert {s.group for s in consep} == {f"consep/test_{i}" for i in range(1, 6)}
+    assert CONSEP_CLASSES[1:] == ("other", "inflammatory", "epithelial", "spindle-shaped")
+    for s in consep[::7]:
+        assert s.image.shape == (256, 256, 3) and s.image.dtype == np.uint8
+        assert s.inst_map.dtype == np.int32 and s.type_map is not None and s.type_map.dtype == np.int32
+        ids = np.unique(s.inst_map)
+        assert ids.tolist() == list(range(int(ids.max()) + 1))
+        seg = np.asarray(Image.open(nuclei_dir / "consep-patches" / "seg_mask" / f"{s.name.split('/')[1]}.png"))
+        assert np.array_equal(s.type_map, seg)  # merged scheme: types agree with the semantic mask
+        assert s.mpp == pytest.approx(0.25) and s.source == "consep"
+
+
+def test_monuseg(nuclei_dir):
+    ms = load_monuseg(nuclei_dir)
+    assert len(ms) == 13
+    # 4,951 regions; 2 are entirely covered by later overlapping polygons
+    assert sum(int(s.inst_map.max()) for s in ms) == 4949
+    s = ms[0]
+    assert s.image.shape == (1000, 1000, 3) and s.inst_map.shape == (1000, 1000)
+    assert s.type_map is None and s.mpp == pytest.approx(0.2527) and s.group == s.name
+
+
+def test_missing_root_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_consep(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="monuseg-train"):
+        load_monuseg(tmp_path)

@@ -1,0 +1,51 @@
+"""Host memory stays bounded whatever the slide size.
+
+Two pyramidal slides are built from real tissue patches (tests/bigslide.py): one with ~170 tissue tiles
+at 0.5 um/px and one with ~10x as many. Each is extracted in a fresh subprocess through the real
+scheduler, reader threads, resampling, quality scoring and streaming HDF5 writer; the backbone is the
+stand-in (tests/standin.py), whose memory does not depend on the slide either way. Peak RSS
+(ru_maxrss) of the two runs must differ by less than 10 %.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bigslide import make_big_slide
+
+SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    sys.path.insert(0, sys.argv[3])
+    from standin import StandInRunner
+    from cellvit_optimus.engine.pipeline.extract import ExtractConfig, extract_features
+    from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig
+    [res] = extract_features([sys.argv[1]], sys.argv[2], StandInRunner(0.0, dim=1536),
+                             ExtractConfig(scheduler=SchedulerConfig(batch_tiles=32)))
+    print(json.dumps({"tiles": res.tiles, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+""")
+
+
+def _peak(slide: Path, out: Path) -> dict:
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(slide), str(out), str(Path(__file__).parents[2])],
+                       capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_peak_rss_does_not_grow_with_slide_size(tmp_path_factory, slides_dir):
+    d = tmp_path_factory.mktemp("big")
+    src = slides_dir / "cmu-1-small-region.svs"
+    small = make_big_slide(d / "small.tif", 16, 12, src)
+    large = make_big_slide(d / "large.tif", 52, 38, src)
+    a = _peak(small, d / "out-small")
+    b = _peak(large, d / "out-large")
+    print(f"\npeak RSS: {a['tiles']} tiles -> {a['peak_rss_mb']:.0f} MB; "
+          f"{b['tiles']} tiles -> {b['peak_rss_mb']:.0f} MB")
+    assert b["tiles"] >= 10 * a["tiles"]
+    assert b["peak_rss_mb"] < 1.10 * a["peak_rss_mb"]

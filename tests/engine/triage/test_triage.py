@@ -1,0 +1,363 @@
+"""The triage product end to end on real slides: outputs, bad inputs, kill -9 and resume, async use.
+
+Runs use the bundled nuclei model at a coarse nuclei resolution (4 um/px) so that each slide is a
+handful of tiles on two CPU cores; the mechanics (streaming, outputs, resume, failure isolation) do
+not depend on the resolution. Nuclei quality is tested in test_nuclei.py and reported in the README.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import hashlib
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from killing import kill_during_second_slide
+
+from cellvit_optimus.engine.triage.engine import Engine, TriageConfig
+
+COARSE = dict(nuclei_mpp=4.0, overlap_px=32)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(TriageConfig(**COARSE))
+
+
+def _blank_slide(path: Path, slides_dir: Path) -> Path:
+    """a real no-tissue slide with an MPP: glass from the kidney TIFF's background, tiled, 0.5 um/px"""
+    import tifffile
+
+    from cellvit_optimus.engine.wsi.slide import open_slide
+
+    with open_slide(slides_dir / "kidney-48-5.tif") as s:
+        glass = s.read_region((1100, 50), 0, (256, 256))
+    img = np.tile(glass, (8, 8, 1))
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="jpeg",
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    return path
+
+
+@pytest.fixture
+def batch_dir(tmp_path, slides_dir):
+    d = tmp_path / "batch"
+    d.mkdir()
+    data = (slides_dir / "cmu-1-small-region.svs").read_bytes()
+    (d / "a-cmu.svs").write_bytes(data)
+    (d / "b-prostate.dcm").write_bytes((slides_dir / "prostate-small.dcm").read_bytes())
+    (d / "c-notes.svs").write_text("patient notes\n")
+    (d / "d-truncated.svs").write_bytes(data[: len(data) // 2])
+    corrupt = bytearray(data)
+    corrupt[20_000:420_000] = np.random.default_rng(1).integers(0, 256, 400_000, dtype=np.uint8).tobytes()
+    (d / "e-corrupt.svs").write_bytes(bytes(corrupt))
+    _blank_slide(d / "f-blank.tif", slides_dir)
+    return d
+
+
+def test_batch_with_bad_files_finishes_and_names_each_failure(tmp_path, batch_dir, engine):
+    from cellvit_optimus.engine.wsi.slide import iter_slide_paths
+
+    out = tmp_path / "out"
+    batch = engine.run(list(iter_slide_paths([batch_dir])), out)
+    assert batch.status == "partial"
+    assert sorted(r.name for r in batch.results) == ["a-cmu", "b-prostate"]
+    reasons = {Path(f.path).name: f.reason for f in batch.failures}
+    assert reasons == {"c-notes.svs": "not a slide", "d-truncated.svs": "truncated or corrupt",
+                       "e-corrupt.svs": "truncated or corrupt", "f-blank.tif": "no tissue"}
+    with open(batch.worklist_csv) as f:
+        rows = list(csv.DictReader(f))
+    failed = {r["slide"]: r["reason"] for r in rows if r["status"] == "failed"}
+    assert set(failed) == {"c-notes", "d-truncated", "e-corrupt", "f-blank"}
+    assert failed["c-notes"].startswith("not a slide") and "c-notes.svs" in failed["c-notes"]
+    done = [r for r in rows if r["status"] == "done"]
+    assert [int(r["rank"]) for r in done] == [1, 2]
+    assert float(done[0]["priority"]) >= float(done[1]["priority"])
+    # no partial files anywhere, and nothing written for the failed slides
+    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
+    assert sorted(p.name for p in (out / "features").iterdir()) == ["a-cmu.h5", "b-prostate.h5"]
+    assert not any((out / n).exists() for n in ("c-notes", "d-truncated", "e-corrupt", "f-blank"))
+    for name in ("a-cmu", "b-prostate"):
+        assert sorted(p.name for p in (out / name).iterdir()) == ["cells.geojson", "overview.png",
+                                                                 "regions.geojson", "summary.json"]
+
+
+#: the properties QuPath (>= 0.4) reads from a GeoJSON feature; it drops every other key
+QUPATH_PROPERTIES = {"objectType", "name", "color", "classification", "measurements", "metadata", "isLocked"}
+TAGS = ("reliable", "review", "out_of_domain")
+
+
+def qupath_import(doc: dict) -> list[dict]:
+    """what QuPath's GeoJSON import keeps of each feature (and, under ``dropped``, what it loses):
+    the id when it is a UUID (else it draws a random one), the object type, name, classification,
+    numeric measurements, string metadata, the lock flag and the geometry"""
+    import uuid
+
+    from shapely.geometry import shape
+
+    objects = []
+    for f in doc["features"]:
+        props = f["properties"]
+        dropped = sorted(set(props) - QUPATH_PROPERTIES)
+        try:
+            fid = uuid.UUID(f["id"])
+        except (KeyError, ValueError, TypeError):
+            fid, dropped = None, dropped + ["id"]
+        meas = props.get("measurements", {})
+        numbers = {k: v for k, v in meas.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        meta = props.get("metadata", {})
+        strings = {k: v for k, v in meta.items() if isinstance(v, str)}
+        dropped += [f"measurements.{k}" for k in set(meas) - set(numbers)]
+        dropped += [f"metadata.{k}" for k in set(meta) - set(strings)]
+        cls = props.get("classification")
+        objects.append({"id": fid, "type": props.get("objectType"), "name": props.get("name"),
+                        "class": None if cls is None else cls["name"],
+                        "color": None if cls is None else cls["color"], "measurements": numbers,
+                        "metadata": strings, "locked": bool(props.get("isLocked", False)),
+                        "geometry": shape(f["geometry"]), "dropped": dropped})
+    return objects
+
+
+def _rings(geom):
+    polys = getattr(geom, "geoms", [geom])
+    for p in polys:
+        yield p.exterior, True
+        for hole in p.interiors:
+            yield hole, False
+
+
+def _check_qupath_fields(objects: list[dict], width: int, height: int) -> None:
+    """every field QuPath shows, on every object, plus RFC 7946 ring order and the slide bounds"""
+    for o in objects:
+        assert o["dropped"] == [], f"QuPath would drop {o['dropped']}"
+        assert o["id"] is not None and o["id"].version == 5
+        assert o["class"] is None or (isinstance(o["class"], str) and o["class"] != "unclassified")
+        if o["color"] is not None:
+            assert len(o["color"]) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in o["color"])
+        g = o["geometry"]
+        assert g.is_valid and g.area > 0
+        for ring, exterior in _rings(g):
+            assert ring.is_ccw == exterior  # RFC 7946: exteriors counter-clockwise, holes clockwise
+            xy = np.asarray(ring.coords)
+            assert xy.min() >= 0 and xy[:, 0].max() <= width and xy[:, 1].max() <= height
+    ids = [o["id"] for o in objects]
+    assert len(set(ids)) == len(ids)
+
+
+def test_geojson_round_trip_keeps_every_qupath_field(tmp_path, slides_dir, engine):
+    import collections
+    import gzip
+
+    import h5py
+
+    from cellvit_optimus.engine.triage.cells import CellTable
+
+    batch = engine.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "plain")
+    [r] = batch.results
+    with h5py.File(r.outputs["features"], "r") as f:
+        a = f["coords"].attrs
+        W, H = int(a["level0_width"]), int(a["level0_height"])
+        corners = f["coords"][:] + np.asarray(a["patch_size_level0_xy"])
+    assert (W, H) == (2220, 2967)
+    # the tiles at the slide's edge reach past it (so clipping is exercised here)
+    assert (corners[:, 0] > W).any() or (corners[:, 1] > H).any()
+
+    cells = qupath_import(json.loads(Path(r.outputs["cells"]).read_text()))
+    regions = qupath_import(json.loads(Path(r.outputs["regions"]).read_text()))
+    _check_qupath_fields(cells + regions, W, H)
+    names = set(engine.model.profile.classes)
+    for o in cells:
+        assert o["type"] == "detection" and (o["class"] is None or o["class"] in names)
+        m = o["measurements"]
+        assert set(m) == {"type_prob", "area_px", "type_set_size"}  # the bundled conformal state is loaded
+        assert 0 <= m["type_prob"] <= 1 and m["area_px"] > 0 and m["type_set_size"] >= 1
+        assert set(o["metadata"]) == {"trust"} and o["metadata"]["trust"] in TAGS
+    summary = json.loads(Path(r.outputs["summary"]).read_text())
+    assert summary["result"]["tag"] == r.tag == "review"  # shadow mode: a new site's first slide
+    assert summary["result"]["reason"].startswith("new site: first 30 slides stay in review (1 of 30); ")
+    # the priority is the documented fallback of the density summary.json keeps
+    d = summary["focus_density_per_mm2"]
+    assert d > 0 and r.priority == pytest.approx(d / (d + 5000.0), abs=1e-6)
+    assert all(Path(p).is_absolute() for p in (r.path, *r.outputs.values()))  # one path convention
+    for o, reg in zip(regions, summary["regions"], strict=True):
+        assert o["type"] == "annotation" and o["locked"] and o["class"] in TAGS
+        assert o["metadata"] == {"trust": reg["tag"], "reason": reg["reason"]} and o["class"] == reg["tag"]
+    assert sum(o["measurements"]["tiles"] for o in regions) == r.tiles
+
+    # counts in summary.json are the features of cells.geojson, unclassified nuclei included
+    seen = collections.Counter(o["class"] or "unclassified" for o in cells)
+    counts = summary["result"]["counts"]
+    assert {k: v for k, v in counts.items() if v} == dict(seen)
+    assert sum(counts.values()) == len(cells) == r.nuclei == summary["result"]["nuclei"]
+    assert counts["unclassified"] > 0  # real nuclei without a type on this slide (6 at 4 um/px)
+
+    # the in-memory table is the file, row for row
+    back = CellTable.from_geojson(r.outputs["cells"])
+    assert r.cells is not None and len(r.cells) == len(back) == len(cells)
+    for col in ("id", "centroid_x", "centroid_y", "area_px", "type_name", "type_prob", "trust", "type_set_size"):
+        np.testing.assert_array_equal(getattr(r.cells, col), getattr(back, col), err_msg=col)
+    assert [str(o["id"]) for o in cells] == r.cells.id.tolist()
+
+    # --gzip: the same text, compressed without a timestamp (reruns stay byte-identical)
+    gz_engine = Engine(TriageConfig(**COARSE, gzip_cells=True))
+    [rz] = gz_engine.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "gz").results
+    assert rz.outputs["cells"].endswith("cells.geojson.gz")
+    raw = Path(rz.outputs["cells"]).read_bytes()
+    assert raw[4:8] == b"\0\0\0\0"  # gzip MTIME field
+    assert gzip.decompress(raw) == Path(r.outputs["cells"]).read_bytes()
+    assert len(raw) < Path(r.outputs["cells"]).stat().st_size / 3
+    np.testing.assert_array_equal(CellTable.from_geojson(rz.outputs["cells"]).id, r.cells.id)
+    # a result reused from summary.json has no cells in memory: cell_table() reads the file
+    [again] = gz_engine.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "gz").results
+    assert again.cached and again.cells is None
+    np.testing.assert_array_equal(again.cell_table().type_name, r.cells.type_name)
+
+    from PIL import Image
+
+    img = np.asarray(Image.open(r.outputs["thumbnail"]).convert("RGB"))
+    assert img.shape[1] > 3 * 100
+    # legends drawn under the panels: a swatch of every tag colour and the colour bar's two ends
+    colours = {tuple(c) for c in img[-70:].reshape(-1, 3).tolist()}
+    assert {(40, 170, 60), (240, 170, 20), (220, 40, 40), (0, 200, 0), (230, 0, 0)} <= colours
+    assert {(0, 80, 255), (255, 0, 0)} <= colours
+
+
+def test_fallback_priority_is_monotone_and_does_not_saturate():
+    from cellvit_optimus.engine.triage.engine import fallback_priority
+
+    d = np.array([0, 100, 1000, 5000, 8160, 20000, 1e5, 1e6])
+    p = np.array([fallback_priority(v) for v in d])
+    assert p[0] == 0 and p[3] == 0.5 and np.all(np.diff(p) > 0) and p[-1] < 1
+    assert p[4] == pytest.approx(0.62, abs=0.005)  # the bundled slide's density at full resolution
+
+
+def test_cells_as_a_table_and_a_geodataframe(tmp_path, slides_dir, engine, monkeypatch):
+    [r] = engine.run([slides_dir / "cmu-1-small-region.svs"], tmp_path).results
+    t = r.cells
+    assert t.centroid_x.dtype == np.float64 and t.type_id.dtype == np.int16 and t.type_prob.dtype == np.float32
+    profile = engine.model.profile
+    named = t.type_id > 0
+    assert [profile.label(int(i)) for i in t.type_id[named]] == t.type_name[named].tolist()
+    assert (t.type_name[~named] == "unclassified").all()
+    assert ((t.centroid_x >= 0) & (t.centroid_x <= 2220) & (t.centroid_y >= 0) & (t.centroid_y <= 2967)).all()
+    assert t.counts() == {k: v for k, v in r.counts.items() if v}
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "geopandas", None)  # as if not installed
+        with pytest.raises(ImportError, match="needs geopandas.*pip install geopandas"):
+            t.to_geodataframe()
+    gpd = pytest.importorskip("geopandas")
+    gdf = t.to_geodataframe()
+    assert isinstance(gdf, gpd.GeoDataFrame) and len(gdf) == len(t) and gdf.index[0] == t.id[0]
+    np.testing.assert_allclose(gdf.geometry.area.to_numpy(), t.area_px)
+    np.testing.assert_allclose(gdf.geometry.centroid.x.to_numpy(), t.centroid_x, atol=1e-6)
+
+
+def test_run_works_inside_a_running_event_loop(tmp_path, slides_dir, engine):
+    # a notebook cell runs inside the kernel's asyncio loop: anyio.run alone refuses to start there
+    from cellvit_optimus.engine.pipeline.aio import loop_running
+
+    async def cell():
+        assert loop_running()
+        return engine.run([slides_dir / "cmu-1-small-region.svs"], tmp_path)
+
+    batch = asyncio.run(cell())
+    assert batch.status == "complete" and batch.results[0].tiles == 2 and batch.results[0].nuclei > 100
+    assert not loop_running()
+
+
+KILL = textwrap.dedent("""
+    import sys
+    from cellvit_optimus.engine.triage.engine import Engine, TriageConfig
+    e = Engine(TriageConfig(nuclei_mpp=float(sys.argv[2]), overlap_px=32))
+    def progress(p):
+        print(p.slides_done, p.tiles_done, p.tiles_total, flush=True)
+    e.run(sys.argv[3:], sys.argv[1], progress=progress)
+""")
+
+
+def _digest(out: Path, names: list[str]) -> dict[str, str]:
+    """content of every output that must match between runs (summary timings excluded)"""
+    d = {}
+    for n in names:
+        for p in sorted((out / n).iterdir()):
+            data = p.read_bytes()
+            if p.name == "summary.json":
+                doc = json.loads(data)
+                doc["result"].pop("timings")
+                doc["result"]["outputs"] = {k: Path(v).name for k, v in doc["result"]["outputs"].items()}
+                data = json.dumps(doc, sort_keys=True).encode()
+            d[f"{n}/{p.name}"] = hashlib.sha256(data).hexdigest()
+        d[f"features/{n}.h5"] = hashlib.sha256((out / "features" / f"{n}.h5").read_bytes()).hexdigest()
+    rows = json.loads((out / "worklist.json").read_text())["slides"]
+    d["worklist"] = json.dumps([{k: v for k, v in r.items() if k != "path"} for r in rows], sort_keys=True)
+    return d
+
+
+@pytest.mark.slow
+def test_kill9_then_rerun_equals_uninterrupted_run(tmp_path, slides_dir, engine):
+    names = ["cmu-1-small-region", "prostate-small"]
+    paths = [str(slides_dir / "cmu-1-small-region.svs"), str(slides_dir / "prostate-small.dcm")]
+    mpp = "4.0"
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    kill_during_second_slide([sys.executable, "-c", KILL, str(killed), mpp, *paths])
+    assert (killed / names[0] / "summary.json").exists()
+    assert not (killed / names[1] / "summary.json").exists()
+
+    # the module's engine has the killed run's configuration (COARSE); reusing it for the resume and the
+    # clean run saves two model loads (engines keep no state between runs besides this counter)
+    assert engine.config == TriageConfig(nuclei_mpp=float(mpp), overlap_px=32)
+    before = engine.model.runner.tiles_processed
+    resumed = engine.run(paths, killed)
+    assert [r.cached for r in resumed.results] == [True, False]  # the finished slide was not recomputed
+    # counted: only slide 2's tiles
+    assert engine.model.runner.tiles_processed - before == resumed.results[1].tiles
+    engine.run(paths, clean)
+    assert _digest(killed, names) == _digest(clean, names)
+    assert not [p for p in killed.rglob(".tmp-*")]
+
+
+def test_async_stream_leaves_the_event_loop_responsive(tmp_path, slides_dir):
+    engine = Engine(TriageConfig(nuclei_mpp=1.0, overlap_px=32))
+    delays: list[float] = []
+
+    async def heartbeat(stop: asyncio.Event) -> None:
+        period = 0.01
+        while not stop.is_set():
+            t = time.perf_counter()
+            await asyncio.sleep(period)
+            delays.append(time.perf_counter() - t - period)
+
+    async def main():
+        stop = asyncio.Event()
+        hb = asyncio.create_task(heartbeat(stop))
+        got = [r async for r in engine.stream([slides_dir / "cmu-1-small-region.svs"], tmp_path)]
+        stop.set()
+        await hb
+        return got
+
+    [res] = asyncio.run(main())
+    assert res.tiles > 10 and len(delays) > 50  # the engine really worked while the heartbeat ran
+    print(f"\nheartbeat: {len(delays)} beats, worst delay {1000 * max(delays):.1f} ms")
+    assert max(delays) < 0.100
+
+
+def test_two_engines_in_one_process_do_not_share_state(tmp_path, slides_dir):
+    a = Engine(TriageConfig(**COARSE))
+    b = Engine(TriageConfig(**COARSE, shadow_slides=0))
+    ra = a.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "a").results[0]
+    rb = b.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "b").results[0]
+    assert a.model is not b.model and a.model.runner is not b.model.runner
+    assert ra.reason.startswith("new site") and not rb.reason.startswith("new site")
+    assert (ra.tiles, ra.nuclei, ra.counts) == (rb.tiles, rb.nuclei, rb.counts)
+
+
+def test_config_errors_name_the_value():
+    with pytest.raises(ValueError, match="outputs=.*bogus"):
+        TriageConfig(outputs=("summary", "bogus"))
+    with pytest.raises(ValueError, match="must include 'summary'"):
+        TriageConfig(outputs=("cells",))
