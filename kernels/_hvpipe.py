@@ -55,7 +55,7 @@ import sys
 import numpy as np
 from numba import njit
 
-from ._numba import _cttz64, _find, _reflect101, _sortable, trace_all
+from ._numba import cttz64, uf_find, reflect101, sortable_bits, trace_all
 
 if sys.byteorder != "little":  # the uint64 word reads of the byte masks assume it
     raise ImportError("cellvit_optimus.kernels needs a little-endian machine")
@@ -112,7 +112,7 @@ def _scan_runs(mask, rs, re, ry, rowstart):
             t = cur ^ ((cur << s8) | (prev >> s56))
             prev = cur
             while t != 0:
-                x = 8 * (k - y * nw) + (_cttz64(t) >> 3)
+                x = 8 * (k - y * nw) + (cttz64(t) >> 3)
                 if par == 0:
                     rs[n] = x
                 else:
@@ -139,8 +139,8 @@ def _union_runs(rs, re, rowstart, h, parent):
         be = rowstart[y + 1]
         while a < ae and b < be:
             if rs[a] < re[b] and rs[b] < re[a]:
-                ra = _find(parent, a)
-                rb = _find(parent, b)
+                ra = uf_find(parent, a)
+                rb = uf_find(parent, b)
                 if ra < rb:
                     parent[rb] = ra
                 elif rb < ra:
@@ -158,7 +158,7 @@ def _number_runs(rs, re, n, parent, min_size, runlab):
     first pixel (as ``scipy.ndimage.label`` + skimage ``remove_small_objects``), others 0; returns m."""
     size = np.zeros(n, np.int64)
     for i in range(n):
-        r = _find(parent, i)
+        r = uf_find(parent, i)
         parent[i] = r
         size[r] += re[i] - rs[i]
     m = 0
@@ -246,9 +246,9 @@ def _fill_holes_runs(ss, se, srow, h, w, gs, ge, gy, grow, parent, hole, fs, fe,
     border = np.zeros(ng, np.uint8)
     for g in range(ng):
         if gy[g] == 0 or gy[g] == h - 1 or gs[g] == 0 or ge[g] == w:
-            border[_find(parent, g)] = 1
+            border[uf_find(parent, g)] = 1
     for g in range(ng):
-        hole[g] = 1 - border[_find(parent, g)]
+        hole[g] = 1 - border[uf_find(parent, g)]
     nf = 0
     for y in range(h):
         frow[y] = nf
@@ -396,7 +396,7 @@ def _row21(p, py, px, k, anti, out, oy, ox, n):
 @njit(cache=True, nogil=True, inline="always")
 def _rr(i, h, m):
     """Ring slot (uint64) of row ``i`` reflected (101) into ``[0, h)``."""
-    return _u(_reflect101(i, h) & m)
+    return _u(reflect101(i, h) & m)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -522,7 +522,7 @@ def _hsum_row(e, slot, hs):
     for x in range(one, _u(w - 1)):
         hs[s, x] = e[s, x - one] + 2.0 * e[s, x] + e[s, x + one]
     for x in (0, w - 1):  # the border columns (the same one when w == 1)
-        hs[s, _u(x)] = e[s, _u(_reflect101(x - 1, w))] + 2.0 * e[s, _u(x)] + e[s, _u(_reflect101(x + 1, w))]
+        hs[s, _u(x)] = e[s, _u(reflect101(x - 1, w))] + 2.0 * e[s, _u(x)] + e[s, _u(reflect101(x + 1, w))]
 
 
 @njit(cache=True, nogil=True)
@@ -663,8 +663,8 @@ def _stage_relief(hmap, vmap, deriv, smooth, mode, marker_thr, slope, rng, ws):
     lidx = np.empty(r, np.int64)
     ridx = np.empty(r, np.int64)
     for i in range(r):
-        lidx[i] = _reflect101(i - r, w)
-        ridx[i] = _reflect101(w + i, w)
+        lidx[i] = reflect101(i - r, w)
+        ridx[i] = reflect101(w + i, w)
     # Without a tile-wide range to measure, a Sobel value is read only within one pixel (8-neighbours)
     # of the foreground: by the seeds (foreground pixels), by the relief of foreground pixels (the
     # 3x3 blur) and by nothing else (the flood reads the relief of foreground pixels only). So the
@@ -801,8 +801,8 @@ def sobel_minmax(hmap, vmap, deriv, smooth, ws):
     lidx = np.empty(r, np.int64)
     ridx = np.empty(r, np.int64)
     for i in range(r):
-        lidx[i] = _reflect101(i - r, w)
-        ridx[i] = _reflect101(w + i, w)
+        lidx[i] = reflect101(i - r, w)
+        ridx[i] = reflect101(w + i, w)
     done = 0
     for y in range(h):
         while done <= min(y + r, h - 1):
@@ -986,7 +986,7 @@ def _flood(s, order, ostart, heap_base, cs, ce, cy, work, relief, heap, keyv, pi
         for q in range(q0 + _u(cs[i]), q0 + _u(ce[i])):
             if wk[q] > 0 and (wk[q - w2] == 0 or wk[q + w2] == 0 or wk[q - one] == 0 or wk[q + one] == 0):
                 px[age] = q
-                kv[age] = (_sortable(bits[q]) << 32) | age
+                kv[age] = (sortable_bits(bits[q]) << 32) | age
                 bk = _bucket(rl[q], rmin64, inv, nb)
                 nx[age] = heads[bk]
                 heads[bk] = age
@@ -1042,11 +1042,11 @@ def _flood(s, order, ostart, heap_base, cs, ce, cy, work, relief, heap, keyv, pi
             (wk[p - w2] == 0) * 1 + (wk[p + w2] == 0) * 2 + (wk[p - one] == 0) * 4 + (wk[p + one] == 0) * 8
         )
         while free != 0:
-            q = p + step[_cttz64(_u(free))]
+            q = p + step[cttz64(_u(free))]
             free &= free - 1
             wk[q] = lab
             px[age] = q
-            key = (_sortable(bits[q]) << 32) | age
+            key = (sortable_bits(bits[q]) << 32) | age
             bk = _bucket(rl[q], rmin64, inv, nb)
             if bk <= cur:  # heap push
                 j = size

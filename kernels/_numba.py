@@ -41,7 +41,7 @@ def sobel_kernels(ksize: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _reflect101(i: int, n: int) -> int:
+def reflect101(i: int, n: int) -> int:
     if n == 1:
         return 0
     while i < 0 or i >= n:
@@ -53,7 +53,7 @@ def _reflect101(i: int, n: int) -> int:
 
 
 @intrinsic
-def _cttz64(typingctx, x):
+def cttz64(typingctx, x):
     """Number of trailing zero bits of a non-zero uint64 (LLVM ``cttz``: one instruction), as int64."""
     sig = types.int64(types.uint64)
 
@@ -69,7 +69,7 @@ def _cttz64(typingctx, x):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _find(parent, i):
+def uf_find(parent, i):
     while parent[i] != i:
         parent[i] = parent[parent[i]]
         i = parent[i]
@@ -105,8 +105,8 @@ def label_equal(src, out, queue):
             elif left == 0 or left == up:
                 out[y, x] = up
             else:
-                ru = _find(parent, up)
-                rl = _find(parent, left)
+                ru = uf_find(parent, up)
+                rl = uf_find(parent, left)
                 if ru < rl:
                     parent[rl] = ru
                 elif rl < ru:
@@ -117,7 +117,7 @@ def label_equal(src, out, queue):
     final = np.zeros(nprov + 1, np.int32)
     n = 0
     for i in range(1, nprov + 1):
-        r = _find(parent, i)
+        r = uf_find(parent, i)
         if r == i:
             n += 1
             final[i] = n
@@ -133,7 +133,7 @@ def label_equal(src, out, queue):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _sortable(bits):
+def sortable_bits(bits):
     """float32 bit pattern (as int32) -> int64 with the float's order (sign-magnitude to two's complement)."""
     b = np.int64(bits)
     if b < 0:

@@ -847,7 +847,7 @@ def _cells(nuc: _NucleiConsumer, profile: Any, tile_tags: list[str], set_sizes: 
     (see :mod:`.geojson`): classification = type (none when unclassified), measurements = type
     probability, area and conformal type-set size, metadata = the trust tag of the nucleus' tile.
     Polygons are clipped to the slide; a nucleus with no area left is not written (nor counted)."""
-    from cellvit_optimus.engine.geojson import _closed_ccw, clip_ring, coords_feature_json, feature_id, ring_area_centroid
+    from cellvit_optimus.engine.geojson import closed_ccw, clip_ring, coords_feature_json, feature_id, ring_area_centroid
 
     # Each feature goes straight to its text and only the text is kept. Holding every feature's dicts
     # and coordinate lists (~50 containers per nucleus) until the end made CPython's cyclic GC start
@@ -872,7 +872,7 @@ def _cells(nuc: _NucleiConsumer, profile: Any, tile_tags: list[str], set_sizes: 
     for i in np.argsort(np.asarray(nuc.tile_of, np.int64), kind="stable").tolist():
         hand_off()
         ring = clip_ring(nuc.contours[i], W, H)
-        coords = _closed_ccw(ring) if ring is not None else None  # kernel contours are simple polygons
+        coords = closed_ccw(ring) if ring is not None else None  # kernel contours are simple polygons
         if coords is None:
             continue
         t = nuc.types[i]
