@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import ood_tiles
 from cellvit_optimus.engine.data import DATA_DIR
+from cellvit_optimus.engine.io import atomic_write_bytes
 from cellvit_optimus.safety import MahalanobisOOD
 from cellvit_optimus.safety.ood_features import EMBEDDING_TILE_STATS
 
@@ -70,8 +71,7 @@ def main() -> None:
 
     model = NucleiModel()
     ood, prov = fit(Path(a.shared), model)
-    ood.save(a.out, backbone_id=model.runner.preset.name, weights_hash=model.runner.weights_id)
-    Path(a.out).chmod(0o644)  # package data: readable by everyone (the atomic write creates it 0600)
+    atomic_write_bytes(a.out, ood.to_bytes(backbone_id=model.runner.preset.name, weights_hash=model.runner.weights_id))
     t = ood.thresholds
     print(json.dumps({"out": a.out, "bytes": Path(a.out).stat().st_size, "dim": int(ood.shift_.shape[0]),
                       "review": round(t.review, 3), "out_of_domain": round(t.out_of_domain, 3), **prov}, indent=1))

@@ -31,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from cellvit_optimus.engine.data import DATA_DIR
+from cellvit_optimus.engine.io import atomic_write_bytes
 from cellvit_optimus.safety import SplitConformal
 from cellvit_optimus.safety.conformal import type_probabilities
 
@@ -102,9 +103,8 @@ def main() -> None:
     prov = {"script": "bench/fit_nucleus_conformal.py", "calibration": CALIBRATION_GROUP,
             "patches": len(cal), "nuclei": int(y.size), "per_class": np.bincount(y, minlength=len(names)).tolist(),
             "match": f"IoU >= {MIN_IOU}"}
-    cp.save(a.out, model_id=model_id(model.path), backbone_id=model.runner.preset.name,
-            weights_hash=model.runner.weights_id, class_names=names, provenance=prov)
-    Path(a.out).chmod(0o644)  # package data (the atomic write creates it 0600)
+    atomic_write_bytes(a.out, cp.to_bytes(model_id=model_id(model.path), backbone_id=model.runner.preset.name,
+                                          weights_hash=model.runner.weights_id, class_names=names, provenance=prov))
 
     rng = np.random.default_rng(0)
     covs, sizes = [], []

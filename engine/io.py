@@ -32,7 +32,7 @@ import numpy as np
 
 from cellvit_optimus.engine.errors import OutputLockedError, OutputWriteError
 
-__all__ = ("atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+__all__ = ("AtomicFile", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "atomic_write_png", "clean_stale_temporaries", "TMP_PREFIX", "RUN_ID", "RESERVED_NAMES",
            "LOCK_NAME", "output_name", "output_names", "folder_lock", "move_aside", "write_guard")
 
@@ -49,32 +49,58 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class AtomicFile:
+    """the one atomic writer: a temporary beside ``dest`` (named for this run: ``TMP_PREFIX`` + name +
+    ``RUN_ID``, so the start-up clean-up of another run never takes it for stale) that :meth:`commit`
+    fsyncs and renames over ``dest``, or :meth:`abort` removes. Readers of ``dest`` see the old file or
+    the new one, never half of one. An OS error (disk full, read-only) on the way is a named
+    :class:`OutputWriteError`. For writers that fill the file over time (the feature HDF5); one-shot
+    writes use :func:`atomic_path` / :func:`atomic_write_bytes`."""
+
+    def __init__(self, dest: str | os.PathLike[str]) -> None:
+        self.dest = Path(dest)
+        with write_guard(self.dest):
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{self.dest.name}.{RUN_ID}.", dir=self.dest.parent)
+            os.close(fd)
+        self.tmp = Path(tmp)
+        with contextlib.suppress(OSError):
+            os.chmod(self.tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
+
+    def commit(self) -> Path:
+        try:
+            # again: some writers (safetensors) replace the file, which brings back mkstemp's 0600
+            os.chmod(self.tmp, 0o666 & ~_UMASK)
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.dest)
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
+                raise OutputWriteError.from_os_error(self.dest, exc) from exc
+            raise
+        _fsync_dir(self.dest.parent)
+        return self.dest
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
-    """yield a temporary path beside ``dest``; on success it replaces ``dest`` atomically"""
-    dest = Path(dest)
-    with write_guard(dest):
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{dest.name}.{RUN_ID}.", dir=dest.parent)
-        os.close(fd)
-    tmp_path = Path(tmp)
-    with contextlib.suppress(OSError):
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
+    """yield a temporary path beside ``dest``; on success it replaces ``dest`` atomically
+    (an :class:`AtomicFile`)"""
+    f = AtomicFile(dest)
     try:
-        yield tmp_path
-        # again: some writers (safetensors) replace the file, which brings back mkstemp's 0600
-        os.chmod(tmp_path, 0o666 & ~_UMASK)
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, dest)
-        _fsync_dir(dest.parent)
+        yield f.tmp
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
+        f.abort()
         if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
             # disk full, quota, read-only: one named error instead of a bare OSError (and no temporary left)
-            raise OutputWriteError.from_os_error(dest, exc) from exc
+            raise OutputWriteError.from_os_error(f.dest, exc) from exc
         raise
+    f.commit()
 
 
 def _fsync_dir(d: Path) -> None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,40 +17,20 @@ from cellvit_optimus.engine.errors import ConfigError, StateMismatchError
 
 #: bumped whenever the layout of a state file changes incompatibly
 STATE_VERSION = 1
-#: the engine's temporary-file prefix (cellvit_optimus.engine.io.TMP_PREFIX; leaf packages import only
-#: error types from the engine, so it is repeated here and a test keeps the two equal)
-_TMP_PREFIX = ".tmp-"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+#: how a state reaches disk: ``write(path, data)`` replaces ``path`` atomically. The safety module
+#: serialises (``to_bytes``) and never writes files itself: the one atomic writer is the engine's
+#: :func:`cellvit_optimus.engine.io.atomic_write_bytes` (temporaries named for the run, cleaned at
+#: start-up, disk-full as a named error), passed in where a state is saved while running (ShadowMode).
+StateWriter = Callable[[Path, bytes], None]
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """write ``data`` to ``path`` so readers see either the old or the new file, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the engine's temporary prefix, so an interrupted write is removed by its start-up clean-up
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a state file is an ordinary shared file
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Mapping[str, Any]) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode("utf-8"))
+def json_bytes(obj: Mapping[str, Any]) -> bytes:
+    """the bytes of a JSON state file (what :func:`read_json` reads back)"""
+    return json.dumps(obj, indent=1, sort_keys=True).encode("utf-8")
 
 
 def read_json(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
-    """read a state file written by :func:`atomic_write_json` and check its kind and version."""
+    """read a JSON state file (see :func:`json_bytes`) and check its kind and version."""
     path = Path(path)
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))

@@ -17,7 +17,7 @@ from scipy.special import log_softmax, softmax
 
 from cellvit_optimus.engine.errors import ConfigError
 
-from ._state import STATE_VERSION, atomic_write_json, check_ids, read_json
+from ._state import STATE_VERSION, check_ids, json_bytes, read_json
 
 __all__ = ("TemperatureScaler", "CalibrationReport", "calibration_errors", "reliability_diagram")
 
@@ -76,12 +76,12 @@ class TemperatureScaler:
         z = np.asarray(logits, dtype=np.float64)
         return softmax(z / self.temperature, axis=-1)
 
-    def save(self, path: str | os.PathLike[str], *, model_id: str, backbone_id: str) -> None:
-        atomic_write_json(
-            path,
-            {"kind": _KIND, "version": STATE_VERSION, "model_id": model_id, "backbone_id": backbone_id,
-             "temperature": self.temperature, "bounds": list(self.bounds)},
-        )
+    def to_bytes(self, *, model_id: str, backbone_id: str) -> bytes:
+        """the state file's bytes, with the ids it is valid for (write them with
+        ``cellvit_optimus.engine.io.atomic_write_bytes``; :meth:`load` reads them)"""
+        return json_bytes({"kind": _KIND, "version": STATE_VERSION, "model_id": model_id,
+                           "backbone_id": backbone_id, "temperature": self.temperature,
+                           "bounds": list(self.bounds)})
 
     @classmethod
     def load(

@@ -25,7 +25,7 @@ import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError
 
-from ._state import STATE_VERSION, atomic_write_json, check_ids, read_json
+from ._state import STATE_VERSION, check_ids, json_bytes, read_json
 
 __all__ = ("SplitConformal", "conformal_quantile", "type_probabilities")
 
@@ -189,14 +189,14 @@ class SplitConformal:
         return float(s[np.arange(y.size), y].mean()) if y.size else math.nan
 
     # persistence ----------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str], *, model_id: str, backbone_id: str,
-             class_names: list[str] | None = None, weights_hash: str | None = None,
-             provenance: dict | None = None) -> None:
-        """save as JSON with the ids it is valid for (``weights_hash``: the backbone weights, when the
-        same backbone id can carry other weights) and what it was calibrated on (``provenance``)"""
+    def to_bytes(self, *, model_id: str, backbone_id: str, class_names: list[str] | None = None,
+                 weights_hash: str | None = None, provenance: dict | None = None) -> bytes:
+        """the JSON state file's bytes, with the ids it is valid for (``weights_hash``: the backbone
+        weights, when the same backbone id can carry other weights) and what it was calibrated on
+        (``provenance``); write them with ``cellvit_optimus.engine.io.atomic_write_bytes``"""
         if self.cal_scores is None or self.cal_labels is None:
             raise RuntimeError("SplitConformal is not fitted: nothing to save")
-        atomic_write_json(path, {
+        return json_bytes({
             "kind": _KIND, "version": STATE_VERSION, "model_id": model_id, "backbone_id": backbone_id,
             "weights_hash": weights_hash, "provenance": provenance or {},
             "alpha": self.alpha, "score": self.score, "randomized": self.randomized, "lam": self.lam,

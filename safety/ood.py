@@ -25,7 +25,7 @@ import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError, StateMismatchError
 
-from ._state import STATE_VERSION, atomic_write_bytes, check_header, check_ids
+from ._state import STATE_VERSION, check_header, check_ids
 from .ood_features import EMBEDDING, RECIPES
 
 __all__ = ("MahalanobisOOD", "OODThresholds")
@@ -215,9 +215,10 @@ class MahalanobisOOD:
         return (s > t.review).astype(np.int8) + (s > t.out_of_domain).astype(np.int8)
 
     # persistence ------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str], *, backbone_id: str, weights_hash: str,
-             tile_mpp: float | None = None, provenance: dict | None = None) -> None:
-        """save as ``.npz``: arrays plus a JSON header with the backbone id and weights hash.
+    def to_bytes(self, *, backbone_id: str, weights_hash: str, tile_mpp: float | None = None,
+                 provenance: dict | None = None) -> bytes:
+        """the state as ``.npz`` bytes: arrays plus a JSON header with the backbone id and weights hash
+        (write them with ``cellvit_optimus.engine.io.atomic_write_bytes``; :meth:`load` reads the file).
 
         ``tile_mpp`` (the resolution of the reference tiles) and ``provenance`` (what it was fitted on,
         JSON-serialisable) are recorded for the reader; neither changes scoring.
@@ -241,7 +242,7 @@ class MahalanobisOOD:
             buf, meta=np.array(json.dumps(meta)), shift=self.shift_, scale=self.scale_,
             means=self.means_, precisions=self.precisions_, ref_scores=self.ref_scores_,
         )
-        atomic_write_bytes(path, buf.getvalue())
+        return buf.getvalue()
 
     @classmethod
     def load(

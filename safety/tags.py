@@ -48,7 +48,7 @@ import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError
 
-from ._state import STATE_VERSION, atomic_write_json, read_json
+from ._state import STATE_VERSION, StateWriter, json_bytes, read_json
 from .uncertainty import label_regions
 
 __all__ = (
@@ -155,9 +155,10 @@ class TagThresholds:
             ood_out=self.ood_out if self.ood_out is not None else float(t.out_of_domain),
         )
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        atomic_write_json(path, {"kind": _THRESHOLDS_KIND, "version": STATE_VERSION,
-                                 **dataclasses.asdict(self)})
+    def to_bytes(self) -> bytes:
+        """the thresholds file's bytes (:meth:`load` reads them; write with
+        ``cellvit_optimus.engine.io.atomic_write_bytes``)"""
+        return json_bytes({"kind": _THRESHOLDS_KIND, "version": STATE_VERSION, **dataclasses.asdict(self)})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TagThresholds:
@@ -398,7 +399,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 class ShadowMode:
-    """a site's cold-start counter, persisted in a JSON file written atomically.
+    """a site's cold-start counter, persisted in a JSON file that ``write`` replaces atomically.
 
     The first ``n_slides`` distinct slides of a site are shadow slides: their computed tag is logged
     and recorded in the state file, and the tag handed back is never reliable (reliable becomes review
@@ -407,7 +408,8 @@ class ShadowMode:
     A slide seen again keeps its place in the count.
     """
 
-    def __init__(self, path: str | os.PathLike[str], site_id: str, n_slides: int = 30) -> None:
+    def __init__(self, path: str | os.PathLike[str], site_id: str, n_slides: int = 30, *,
+                 write: StateWriter) -> None:
         if not isinstance(n_slides, int) or isinstance(n_slides, bool) or n_slides < 0:
             raise ConfigError(f"n_slides={n_slides!r} must be an int >= 0")
         if not site_id:
@@ -415,6 +417,8 @@ class ShadowMode:
         self.path = Path(path)
         self.site_id = site_id
         self.n_slides = n_slides
+        #: replaces the state file atomically (the engine passes its ``io.atomic_write_bytes``)
+        self.write = write
 
     def _read(self) -> dict[str, Any]:
         if not self.path.exists():
@@ -455,7 +459,7 @@ class ShadowMode:
                     log.append({"k": k, "slide_id": slide_id, "computed_tag": decision.tag.value,
                                 "computed_reason": decision.reason})
             state["shadow_slides"] = self.n_slides
-            atomic_write_json(self.path, state)
+            self.write(self.path, json_bytes(state))
         if k > self.n_slides:
             return decision
         logger.info("shadow mode %d/%d site=%s slide=%s computed=%s (%s)", k, self.n_slides,

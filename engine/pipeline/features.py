@@ -215,9 +215,10 @@ class FeatureWriter:
             raise ConfigError(f"n_tiles={n_tiles}, dim={dim} must be >= 0 and > 0")
         self.dest = Path(dest)
         self.dest.parent.mkdir(parents=True, exist_ok=True)
-        from cellvit_optimus.engine.io import RUN_ID, TMP_PREFIX
+        from cellvit_optimus.engine.io import AtomicFile
 
-        self.tmp = self.dest.with_name(f"{TMP_PREFIX}{self.dest.name}.{RUN_ID}")
+        self._file = AtomicFile(self.dest)
+        self.tmp = self._file.tmp
         self.n = n_tiles
         self._written = np.zeros(n_tiles, bool)
         # no timestamps in object headers: the same inputs give byte-identical files
@@ -280,17 +281,14 @@ class FeatureWriter:
         self._f.attrs["data_sha256"] = _data_sha256(self._f)  # what a later reuse checks the file against
         self._f.flush()
         self._f.close()
-        with open(self.tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(self.tmp, self.dest)
-        return self.dest
+        return self._file.commit()
 
     def abort(self) -> None:
         try:
             self._f.close()
         except Exception:  # already closed
             pass
-        self.tmp.unlink(missing_ok=True)
+        self._file.abort()
 
 
 @dataclass

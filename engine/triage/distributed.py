@@ -485,6 +485,7 @@ class RayTriage:
 
         from cellvit_optimus.safety import ShadowMode, Tag, TagDecision
 
+        from cellvit_optimus.engine.io import atomic_write_bytes
         from cellvit_optimus.engine.pipeline.features import slide_fingerprint
         from cellvit_optimus.engine.wsi.slide import open_slide
 
@@ -492,7 +493,7 @@ class RayTriage:
         if not cfg.shadow_slides:
             return
         site = Path(cfg.site_state) if cfg.site_state else out / "site_state.json"
-        shadow = ShadowMode(site, cfg.site_id, n_slides=cfg.shadow_slides)
+        shadow = ShadowMode(site, cfg.site_id, n_slides=cfg.shadow_slides, write=atomic_write_bytes)
         known = set()
         if site.is_file():
             known = {e["slide_id"] for e in json.loads(site.read_text()).get("shadow_log", [])}

@@ -575,7 +575,7 @@ class Engine:
                               hv_consistency=nuc.hv_consistency, quality_flags=flags,
                               nucleus_set_size=_mean_per_tile(set_sizes, nuc.tile_of, len(grid)))
         site = Path(self.config.site_state) if self.config.site_state else out / "site_state.json"
-        shadow = (ShadowMode(site, self.config.site_id, n_slides=self.config.shadow_slides)
+        shadow = (ShadowMode(site, self.config.site_id, n_slides=self.config.shadow_slides, write=atomic_write_bytes)
                   if self.config.shadow_slides else None)
         fingerprint = slide_fingerprint(job.path)
         tags = tag_all(signals, grid.coords, grid.stride, self.thresholds, shadow=shadow, slide_id=fingerprint)

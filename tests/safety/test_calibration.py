@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from cellvit_optimus.engine.errors import ConfigError, StateMismatchError
+from cellvit_optimus.engine.io import atomic_write_bytes
 from cellvit_optimus.safety import TemperatureScaler, calibration_errors, reliability_diagram
 
 
@@ -80,7 +81,7 @@ def test_ece_mce_known_values():
 
 def test_save_load_mismatch(tmp_path):
     path = tmp_path / "temperature.json"
-    TemperatureScaler(1.7).save(path, model_id="nt-v1", backbone_id="vit-s16")
+    atomic_write_bytes(path, TemperatureScaler(1.7).to_bytes(model_id="nt-v1", backbone_id="vit-s16"))
     assert TemperatureScaler.load(path, model_id="nt-v1", backbone_id="vit-s16").temperature == 1.7
     with pytest.raises(StateMismatchError, match="model_id='nt-v1'.*model_id='nt-v2'"):
         TemperatureScaler.load(path, model_id="nt-v2")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cellvit_optimus.engine.errors import ConfigError, StateMismatchError
+from cellvit_optimus.engine.io import atomic_write_bytes
 from cellvit_optimus.safety import SplitConformal, conformal_quantile
 
 ALPHAS = (0.05, 0.1, 0.2)
@@ -109,8 +110,8 @@ def test_save_load_and_mismatch(tmp_path, heldout_type_probs):
     probs, labels = heldout_type_probs
     cp = SplitConformal(alpha=0.1, class_conditional=True).fit(probs[:600], labels[:600])
     path = tmp_path / "conformal.json"
-    cp.save(path, model_id="nt-head-v1", backbone_id="vit-s16",
-            class_names=["other", "inflammatory", "epithelial", "spindle"])
+    atomic_write_bytes(path, cp.to_bytes(model_id="nt-head-v1", backbone_id="vit-s16",
+                                         class_names=["other", "inflammatory", "epithelial", "spindle"]))
     assert json.loads(path.read_text())["version"] == 1
     back = SplitConformal.load(path, model_id="nt-head-v1", backbone_id="vit-s16")
     assert (back.predict_sets(probs[600:]) == cp.predict_sets(probs[600:])).all()

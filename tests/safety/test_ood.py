@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from cellvit_optimus.engine.errors import ConfigError, StateMismatchError
+from cellvit_optimus.engine.io import atomic_write_bytes
 from cellvit_optimus.safety import MahalanobisOOD
 
 TILE = 128
@@ -136,7 +137,7 @@ def test_save_load_refuses_other_backbone(tmp_path):
     x = np.random.default_rng(1).normal(size=(300, 6))
     ood = MahalanobisOOD().fit(x)
     path = tmp_path / "ood.npz"
-    ood.save(path, backbone_id="vit_small_patch16_224", weights_hash="sha256:abc")
+    atomic_write_bytes(path, ood.to_bytes(backbone_id="vit_small_patch16_224", weights_hash="sha256:abc"))
     back = MahalanobisOOD.load(path, backbone_id="vit_small_patch16_224", weights_hash="sha256:abc")
     np.testing.assert_allclose(back.score(x[:10]), ood.score(x[:10]))
     assert back.thresholds == ood.thresholds

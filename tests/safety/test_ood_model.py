@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cellvit_optimus.engine.errors import StateMismatchError
+from cellvit_optimus.engine.io import atomic_write_bytes
 from cellvit_optimus.safety import MahalanobisOOD
 from cellvit_optimus.safety.ood_features import EMBEDDING, EMBEDDING_TILE_STATS
 from ood_tiles import (
@@ -193,7 +194,7 @@ def test_old_states_without_a_recipe_load_as_embedding(tmp_path):
     x = np.random.default_rng(0).normal(size=(200, 5))
     ood = MahalanobisOOD().fit(x)
     p = tmp_path / "old.npz"
-    ood.save(p, backbone_id="b", weights_hash="h")
+    atomic_write_bytes(p, ood.to_bytes(backbone_id="b", weights_hash="h"))
     with np.load(p) as f:
         arrays = {k: f[k] for k in f.files}
     meta = json.loads(str(arrays["meta"]))

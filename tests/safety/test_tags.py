@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cellvit_optimus.engine.errors import ConfigError, StateMismatchError
+from cellvit_optimus.engine.io import atomic_write_bytes
 from cellvit_optimus.safety import (
     MahalanobisOOD,
     SafetyConfig,
@@ -120,7 +121,7 @@ def test_shadow_mode_never_clears_a_slide(tmp_path):
     """property-style: many random signal combinations, the first N slides never come back reliable."""
     rng = np.random.default_rng(0)
     n_shadow = 30
-    shadow = ShadowMode(tmp_path / "site.json", "site-A", n_slides=n_shadow)
+    shadow = ShadowMode(tmp_path / "site.json", "site-A", n_slides=n_shadow, write=atomic_write_bytes)
     after = []
     for k in range(1, 61):
         n = int(rng.integers(1, 40))
@@ -155,19 +156,19 @@ def test_shadow_mode_never_clears_a_slide(tmp_path):
 def test_shadow_counter_persists_and_repeats_do_not_count(tmp_path):
     path = tmp_path / "site.json"
     ok = TagDecision(Tag.RELIABLE, "fine")
-    s = ShadowMode(path, "site-B", n_slides=3)
+    s = ShadowMode(path, "site-B", n_slides=3, write=atomic_write_bytes)
     assert s.apply("a", ok).reason.startswith("new site: first 3 slides stay in review (1 of 3)")
     assert s.apply("a", ok).reason.startswith("new site: first 3 slides stay in review (1 of 3)")  # same slide again
-    s2 = ShadowMode(path, "site-B", n_slides=3)  # a new process reading the same file
+    s2 = ShadowMode(path, "site-B", n_slides=3, write=atomic_write_bytes)  # a new process reading the same file
     assert s2.apply("b", ok).reason.startswith("new site: first 3 slides stay in review (2 of 3)")
     assert s2.apply("c", ok).tag is Tag.REVIEW
     assert not s2.active and s2.apply("d", ok) == ok
     with pytest.raises(StateMismatchError, match="site-B.*site-C"):
-        ShadowMode(path, "site-C").apply("x", ok)
+        ShadowMode(path, "site-C", write=atomic_write_bytes).apply("x", ok)
 
 
 def test_shadow_counter_is_thread_safe(tmp_path):
-    s = ShadowMode(tmp_path / "site.json", "site-T", n_slides=100)
+    s = ShadowMode(tmp_path / "site.json", "site-T", n_slides=100, write=atomic_write_bytes)
     ok = TagDecision(Tag.RELIABLE, "fine")
     threads = [threading.Thread(target=lambda i=i: [s.apply(f"t{i}-{j}", ok) for j in range(5)]) for i in range(4)]
     for t in threads:
@@ -179,7 +180,7 @@ def test_shadow_counter_is_thread_safe(tmp_path):
 
 def test_thresholds_load_from_json(tmp_path):
     path = tmp_path / "thresholds.json"
-    TagThresholds(ood_review=3.0, ood_out=6.0, np_entropy_max=0.5).save(path)
+    atomic_write_bytes(path, TagThresholds(ood_review=3.0, ood_out=6.0, np_entropy_max=0.5).to_bytes())
     th = TagThresholds.load(path)
     assert th.ood_review == 3.0 and th.np_entropy_max == 0.5 and th.max_set_size == 1
     # a site file with only some keys keeps the conservative defaults for the rest

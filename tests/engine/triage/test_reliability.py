@@ -531,14 +531,25 @@ def test_disk_full_ends_the_cli_with_a_named_error_and_a_clean_exit(tmp_path, sl
 
 
 def test_safety_state_files_are_ordinary_and_their_temporaries_are_cleaned(tmp_path):
-    from cellvit_optimus.engine.io import TMP_PREFIX, clean_stale_temporaries
-    from cellvit_optimus.safety import _state
+    """the safety module serialises and the engine's one atomic writer writes: a site state is an
+    ordinary file (not mkstemp's 0600), and an interrupted write leaves a temporary that the engine's
+    start-up clean-up recognises"""
+    from cellvit_optimus.engine.io import TMP_PREFIX, atomic_write_bytes, clean_stale_temporaries
+    from cellvit_optimus.safety import ShadowMode, Tag, TagDecision
 
     umask = os.umask(0)
     os.umask(umask)
-    _state.atomic_write_json(tmp_path / "site_state.json", {"kind": "x", "version": 1})
-    assert (tmp_path / "site_state.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not 0600
-    # an interrupted write leaves a temporary the engine's start-up clean-up recognises
+    site = tmp_path / "site_state.json"
+    seen: list[Path] = []
+
+    def write(path: Path, data: bytes) -> None:
+        seen.append(path)
+        atomic_write_bytes(path, data)
+
+    ShadowMode(site, "site-A", n_slides=2, write=write).apply("slide-1", TagDecision(Tag.RELIABLE, "fine"))
+    assert seen == [site] and json.loads(site.read_text())["slides_seen"] == 1
+    assert site.stat().st_mode & 0o777 == 0o666 & ~umask  # not 0600
+    assert not list(tmp_path.glob(f"{TMP_PREFIX}*"))
     leftover = tmp_path / f"{TMP_PREFIX}site_state.json.abc.tmp"
     leftover.write_text("{")
     assert clean_stale_temporaries(tmp_path) == 1 and not leftover.exists()
