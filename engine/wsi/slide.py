@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +39,10 @@ from cellvit_optimus.engine.errors import (
     UnsupportedFormatError,
 )
 from cellvit_optimus.engine.wsi.backend import MPP_PLAUSIBLE, Backend, BackendName
+# re-exported: callers (the triage tests) expand slide folders through the slide module
+from cellvit_optimus.engine.wsi.paths import iter_slide_paths
 
-__all__ = ("Slide", "open_slide", "available_backends", "BackendName", "MPP_PLAUSIBLE")
+__all__ = ("Slide", "open_slide", "available_backends", "BackendName", "MPP_PLAUSIBLE", "iter_slide_paths")
 
 log = logging.getLogger(__name__)
 
@@ -725,17 +727,3 @@ def _make_backend(name: str, path: Path, num_workers: int) -> Backend:
     from cellvit_optimus.engine.wsi.dicom import DicomBackend
 
     return DicomBackend(path)
-
-
-def iter_slide_paths(inputs: Sequence[str | os.PathLike[str]],
-                     suffixes: tuple[str, ...] = (".svs", ".tif", ".tiff", ".ndpi", ".dcm", ".scn",
-                                                  ".bif", ".mrxs", ".vms", ".svslide")) -> Iterator[Path]:
-    """expand files and directories into slide paths (directories: files with a slide suffix, sorted)"""
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            for child in sorted(p.iterdir()):
-                if child.is_file() and child.suffix.lower() in suffixes:
-                    yield child
-        else:
-            yield p
