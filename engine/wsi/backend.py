@@ -46,6 +46,18 @@ class Backend:
     def close(self) -> None:
         pass
 
+    def adopt_openslide_api(self, s: Any, prefix: str) -> dict[str, Any]:
+        """take levels, properties and MPP from a reader with OpenSlide's API (tiffslide, OpenSlide) whose
+        properties hold ``<prefix>.mpp-x`` / ``<prefix>.mpp-y``; returns the properties"""
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in s.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in s.level_downsamples)
+        props = dict(s.properties)
+        self.properties = props
+        mx = plausible_mpp(to_float(props.get(f"{prefix}.mpp-x")))
+        my = plausible_mpp(to_float(props.get(f"{prefix}.mpp-y"))) or mx
+        self.mpp = (mx, my) if mx else None
+        return props
+
 
 def rgb(a: np.ndarray) -> np.ndarray:
     """contiguous (h, w, 3) uint8 of a backend's grey / RGB / RGBA array"""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellvit_optimus.engine.wsi.backend import Backend, plausible_mpp, rgb, to_float
+from cellvit_optimus.engine.wsi.backend import Backend, rgb
 
 __all__ = ("OpenSlideBackend",)
 
@@ -21,14 +21,8 @@ class OpenSlideBackend(Backend):
         import openslide
 
         self._s = openslide.OpenSlide(str(path))
-        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._s.level_dimensions)
-        self.level_downsamples = tuple(float(d) for d in self._s.level_downsamples)
-        props = dict(self._s.properties)
-        self.properties = props
+        props = self.adopt_openslide_api(self._s, "openslide")
         self.vendor = props.get("openslide.vendor")
-        mx = plausible_mpp(to_float(props.get("openslide.mpp-x")))
-        my = plausible_mpp(to_float(props.get("openslide.mpp-y"))) or mx
-        self.mpp = (mx, my) if mx else None
 
     def read(self, x, y, level, w, h):
         return rgb(np.asarray(self._s.read_region((x, y), level, (w, h)).convert("RGB")))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellvit_optimus.engine.wsi.backend import Backend, plausible_mpp, rgb, to_float
+from cellvit_optimus.engine.wsi.backend import Backend, rgb
 
 __all__ = ("TiffSlideBackend",)
 
@@ -22,14 +22,8 @@ class TiffSlideBackend(Backend):
         import tiffslide
 
         self._s = tiffslide.TiffSlide(str(path))
-        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._s.level_dimensions)
-        self.level_downsamples = tuple(float(d) for d in self._s.level_downsamples)
-        props = dict(self._s.properties)
-        self.properties = props
+        props = self.adopt_openslide_api(self._s, "tiffslide")
         self.vendor = props.get("tiffslide.vendor") or "generic-tiff"
-        mx = plausible_mpp(to_float(props.get("tiffslide.mpp-x")))
-        my = plausible_mpp(to_float(props.get("tiffslide.mpp-y"))) or mx
-        self.mpp = (mx, my) if mx else None
         self._lock = threading.Lock()
 
     def read(self, x, y, level, w, h):
