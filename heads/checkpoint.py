@@ -226,7 +226,8 @@ def _open(
 
 @contextmanager
 def _invalid_metadata(p: Path) -> Iterator[None]:
-    """Turn a head or profile that cannot be rebuilt from the file's metadata into a WeightsError naming ``p``."""
+    """Turn a head or profile that cannot be rebuilt from the file's metadata into a WeightsError
+    naming ``p``."""
     try:
         yield
     except (ConfigError, TypeError) as exc:

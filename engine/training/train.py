@@ -3,9 +3,10 @@
 Sits beside the slide pipeline: ``cellvit-optimus train nuclei`` / ``train mil`` (``training.cli``) call
 :func:`train_nuclei` / :func:`train_mil`. The nuclei flow is
 
-1. **read** annotated images in one of three layouts (:func:`.datasets.read_dataset`): PanNuke (``images.npy``,
-   ``masks.npy``, ``types.npy``), instance-map folders (CoNSeP / MoNuSeg via :mod:`.datasets`, or
-   ``images/`` + ``inst/`` (+ ``types/``) maps) and GeoJSON polygons (QuPath exports, PUMA);
+1. **read** annotated images in one of three layouts (:func:`.datasets.read_dataset`): PanNuke
+   (``images.npy``, ``masks.npy``, ``types.npy``), instance-map folders (CoNSeP / MoNuSeg via
+   :mod:`.datasets`, or ``images/`` + ``inst/`` (+ ``types/``) maps) and GeoJSON polygons (QuPath
+   exports, PUMA);
 2. **tile** them at the nuclei MPP (:func:`.tiles.make_tiles`: sources at another resolution are resampled,
    e.g. 0.25 MPP by 2x for 0.5 MPP; images smaller than a tile are padded with white);
 3. **cache** the frozen backbone's token maps of every tile in a versioned HDF5 file
@@ -107,7 +108,8 @@ class NucleiTrainResult:
 
 
 def profile_for(samples: Sequence[NucleiSample], profile: Any | None) -> Any:
-    """``profile``, or the built-in profile of the typed samples' source (CoNSeP, PanNuke); both loops use it."""
+    """``profile``, or the built-in profile of the typed samples' source (CoNSeP, PanNuke); both training
+    loops use it."""
     from cellvit_optimus.heads.profiles import CONSEP, PANNUKE
 
     if profile is not None:

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ("Backend", "BackendName", "MPP_PLAUSIBLE", "flatten", "plausible_mpp", "rgb", "tiff_resolution_mpp",
-           "to_float")
+__all__ = ("Backend", "BackendName", "MPP_PLAUSIBLE", "flatten", "plausible_mpp", "rgb",
+           "tiff_resolution_mpp", "to_float")
 
 BackendName = Literal["auto", "cucim", "tiffslide", "dicom", "openslide"]
 
@@ -23,7 +23,8 @@ MPP_PLAUSIBLE = (0.05, 50.0)
 
 
 class Backend:
-    """One opened file as levels + a region reader; :class:`~.slide.Slide` does the clipping, checks and tiling."""
+    """One opened file as levels + a region reader; :class:`~.slide.Slide` does the clipping, checks
+    and tiling."""
 
     name: str = "?"
     level_dimensions: tuple[tuple[int, int], ...]

@@ -14,12 +14,14 @@ from typing import NamedTuple
 
 __all__ = ("SLIDE_SUFFIXES", "SlideInputs", "collect_inputs", "iter_slide_paths")
 
-#: file suffixes a folder is searched for (``cli_params.SLIDE_SUFFIXES`` repeats them; a test keeps them equal)
+#: file suffixes a folder is searched for (``cli_params.SLIDE_SUFFIXES`` repeats them; a test keeps them
+#: equal)
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".dcm", ".scn", ".bif", ".mrxs", ".vms", ".svslide")
 
 
 class SlideInputs(NamedTuple):
-    """The expanded inputs: ``slides`` to run in order, ``skipped`` (path, why) folder entries, ``missing`` inputs."""
+    """The expanded inputs: ``slides`` to run in order, ``skipped`` (path, why) folder entries,
+    ``missing`` inputs."""
 
     slides: list[Path]
     skipped: list[tuple[str, str]]

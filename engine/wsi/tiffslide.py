@@ -1,4 +1,5 @@
-"""The tiffslide reader backend (pure Python TIFF / SVS / NDPI; what auto falls back to where cuCIM cannot open a file)."""
+"""The tiffslide reader backend (pure Python TIFF / SVS / NDPI; what auto falls back to where cuCIM
+cannot open a file)."""
 
 from __future__ import annotations
 
