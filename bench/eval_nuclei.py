@@ -23,9 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nuclei_baseline import otsu_watershed  # noqa: E402
 from train_default_nuclei import HELD_OUT  # noqa: E402
 
-from cellvit_optimus.engine.training.datasets import load_consep, load_monuseg  # noqa: E402
+from cellvit_optimus.engine.training.datasets import load_consep, load_monuseg, split_by_group  # noqa: E402
 from cellvit_optimus.engine.pipeline.nuclei import NucleiModel, score_predictions, segment_image  # noqa: E402
-from cellvit_optimus.engine.training.train import split_by_group  # noqa: E402
 
 
 def baseline(samples, mpp: float) -> dict:

@@ -31,8 +31,7 @@ VAL = ("consep/test_5", "monuseg/TCGA-21-5786-01Z-00-DX1")
 
 
 def splits():
-    from cellvit_optimus.engine.training.datasets import load_consep, load_monuseg
-    from cellvit_optimus.engine.training.train import split_by_group
+    from cellvit_optimus.engine.training.datasets import load_consep, load_monuseg, split_by_group
 
     rest, test = split_by_group(load_consep() + load_monuseg(), HELD_OUT)
     train, val = split_by_group(rest, VAL)

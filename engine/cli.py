@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -21,13 +20,13 @@ from cellvit_optimus.engine.cli_params import (
     MPP,
     NON_NEGATIVE,
     POSITIVE,
-    SLIDE_SUFFIXES,
     existing_file,
     resolve_device,
     validate_device,
     writable_dir,
 )
 from cellvit_optimus.engine.errors import OptimusError
+from cellvit_optimus.engine.wsi.paths import collect_inputs
 
 __all__ = ("main", "cli", "EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "MPP", "DEVICE", "validate_device",
            "collect_inputs")
@@ -99,48 +98,6 @@ def _overlap_fraction(overlap: float, tile_size: int) -> float:
 
 
 # -- inputs -------------------------------------------------------------------------------------------
-
-
-def collect_inputs(inputs: Sequence[str | os.PathLike[str]], recursive: bool = False
-                   ) -> tuple[list[Path], list[tuple[str, str]], list[str]]:
-    """expand files and folders into ``(slides, skipped, missing)``
-
-    ``slides`` are the files to run, in order (folders: sorted; a missing path stays in the list so that
-    the batch reports it with the others); ``skipped`` names every folder entry that is not run, with why;
-    ``missing`` lists the inputs that do not exist.
-    """
-    suffixes = SLIDE_SUFFIXES
-    slides: list[Path] = []
-    skipped: list[tuple[str, str]] = []
-    missing: list[str] = []
-
-    def walk(folder: Path) -> None:
-        children = sorted(folder.iterdir())
-        mirax = {c.stem for c in children if c.suffix.lower() == ".mrxs"}
-        for child in children:
-            if child.is_dir():
-                if child.name in mirax:
-                    continue  # the data folder of a MIRAX slide, read through its .mrxs file
-                if recursive:
-                    walk(child)
-                else:
-                    skipped.append((str(child), "folder (add --recursive to search it)"))
-            elif child.name.startswith("."):
-                skipped.append((str(child), "hidden file"))
-            elif child.suffix.lower() in suffixes:
-                slides.append(child)
-            else:
-                skipped.append((str(child), f"not a slide file type ({child.suffix or 'no suffix'})"))
-
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            walk(p)
-        else:
-            if not p.exists():
-                missing.append(str(p))
-            slides.append(p)
-    return slides, skipped, missing
 
 
 def _inputs(slides: tuple[str, ...], recursive: bool = False) -> tuple[list[Path], list[tuple[str, str]]]:

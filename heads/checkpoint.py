@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -195,6 +196,44 @@ def _extra(extra: Mapping[str, Any] | None) -> dict[str, str]:
     return {"extra": json.dumps(dict(extra), sort_keys=True)} if extra else {}
 
 
+def _save(
+    path: str | PathLike[str], module: nn.Module, fmt: str, *, backbone_id: str, backbone_hash: str,
+    fields: Mapping[str, str], extra: Mapping[str, Any] | None,
+    extra_tensors: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``module`` as a ``fmt`` checkpoint: the common metadata, the kind's ``fields`` and ``extra``."""
+    meta = _common_meta(fmt, module.hparams, backbone_id, backbone_hash)
+    meta.update(fields)
+    meta.update(_extra(extra))
+    return _write(path, module, meta, extra_tensors)
+
+
+def _open(
+    path: str | PathLike[str], fmt: str, backbone_id: str | None, backbone_hash: str | None,
+    dim_key: str, dim: int | None, what: str,
+) -> tuple[Path, dict[str, str], dict[str, Any]]:
+    """Path, metadata and head kwargs of a ``fmt`` checkpoint checked against the backbone it will run on:
+    its id, its weights hash and the width ``dim`` it gives (the head's ``dim_key`` kwarg)."""
+    p = Path(path)
+    meta = read_metadata(p)
+    _check_format(p, meta, fmt)
+    _check_backbone(p, meta, backbone_id, backbone_hash)
+    kwargs = _json(p, meta, "head_kwargs")
+    if dim is not None and kwargs.get(dim_key) != dim:
+        raise WeightsError(f"{p}: {what} expects {dim_key}={kwargs.get(dim_key)}, the backbone gives {dim}")
+    return p, meta, kwargs
+
+
+@contextmanager
+def _invalid_metadata(p: Path) -> Iterator[None]:
+    """Turn a head or profile that cannot be rebuilt from the file's metadata into a WeightsError
+    naming ``p``."""
+    try:
+        yield
+    except (ConfigError, TypeError) as exc:
+        raise WeightsError(f"{p}: invalid head metadata ({exc})") from exc
+
+
 # -- nuclei head --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LoadedNucleiHead:
@@ -242,19 +281,18 @@ def save_nuclei_head(
         )
     if not (nuclei_mpp > 0 and math.isfinite(nuclei_mpp)):
         raise ConfigError(f"nuclei_mpp={nuclei_mpp} must be a positive number")
-    meta = _common_meta(NUCLEI_FORMAT, head.hparams, backbone_id, backbone_hash)
-    meta["class_profile"] = profile.to_json()
+    fields = {"class_profile": profile.to_json()}
     if tissue_profile is not None:
-        meta["tissue_profile"] = tissue_profile.to_json()
-    meta["nuclei_mpp"] = repr(float(nuclei_mpp))
-    meta.update(_extra(extra))
+        fields["tissue_profile"] = tissue_profile.to_json()
+    fields["nuclei_mpp"] = repr(float(nuclei_mpp))
     prefixed = None
     if backbone_state is not None:
         if state_hash(backbone_state) != backbone_hash:
             raise ConfigError("backbone_hash must be state_hash(backbone_state) for an embedded backbone")
-        meta["embedded_backbone"] = "1"
+        fields["embedded_backbone"] = "1"
         prefixed = {EMBEDDED_BACKBONE_PREFIX + k: v for k, v in backbone_state.items()}
-    return _write(path, head, meta, prefixed)
+    return _save(path, head, NUCLEI_FORMAT, backbone_id=backbone_id, backbone_hash=backbone_hash,
+                 fields=fields, extra=extra, extra_tensors=prefixed)
 
 
 def load_nuclei_head(
@@ -278,23 +316,13 @@ def load_nuclei_head(
         Missing/unreadable file, wrong format, other backbone, inconsistent profile, missing or
         unexpected keys, shape mismatch. The message names the file and the expected value.
     """
-    p = Path(path)
-    meta = read_metadata(p)
-    _check_format(p, meta, NUCLEI_FORMAT)
-    _check_backbone(p, meta, backbone_id, backbone_hash)
-    kwargs = _json(p, meta, "head_kwargs")
-    if embed_dim is not None and kwargs.get("embed_dim") != embed_dim:
-        raise WeightsError(
-            f"{p}: head expects embed_dim={kwargs.get('embed_dim')}, the backbone gives {embed_dim}"
-        )
-    try:
+    p, meta, kwargs = _open(path, NUCLEI_FORMAT, backbone_id, backbone_hash, "embed_dim", embed_dim, "head")
+    with _invalid_metadata(p):
         profile = ClassProfile.from_dict(_json(p, meta, "class_profile"))
         tissue_profile = (
             ClassProfile.from_dict(_json(p, meta, "tissue_profile")) if "tissue_profile" in meta else None
         )
         head = UNETRHead(**kwargs)
-    except (ConfigError, TypeError) as exc:
-        raise WeightsError(f"{p}: invalid head metadata ({exc})") from exc
     if profile.num_classes != head.num_nuclei_types:
         raise WeightsError(
             f"{p}: class profile {profile.name!r} has {profile.num_classes} classes, "
@@ -349,11 +377,9 @@ def save_mil(
     """Write an attention-MIL head; ``output_names`` labels its logits (e.g. class names)."""
     if output_names is not None and len(output_names) != model.n_outputs:
         raise ConfigError(f"{len(output_names)} output_names for a model with n_outputs={model.n_outputs}")
-    meta = _common_meta(MIL_FORMAT, model.hparams, backbone_id, backbone_hash)
-    if output_names is not None:
-        meta["output_names"] = json.dumps(list(output_names))
-    meta.update(_extra(extra))
-    return _write(path, model, meta)
+    fields = {} if output_names is None else {"output_names": json.dumps(list(output_names))}
+    return _save(path, model, MIL_FORMAT, backbone_id=backbone_id, backbone_hash=backbone_hash,
+                 fields=fields, extra=extra)
 
 
 def load_mil(
@@ -365,19 +391,9 @@ def load_mil(
     device: str | torch.device = "cpu",
 ) -> LoadedMIL:
     """Rebuild an attention-MIL head from ``path`` (raises WeightsError like :func:`load_nuclei_head`)."""
-    p = Path(path)
-    meta = read_metadata(p)
-    _check_format(p, meta, MIL_FORMAT)
-    _check_backbone(p, meta, backbone_id, backbone_hash)
-    kwargs = _json(p, meta, "head_kwargs")
-    if in_dim is not None and kwargs.get("in_dim") != in_dim:
-        raise WeightsError(
-            f"{p}: MIL head expects in_dim={kwargs.get('in_dim')}, the backbone gives {in_dim}"
-        )
-    try:
+    p, meta, kwargs = _open(path, MIL_FORMAT, backbone_id, backbone_hash, "in_dim", in_dim, "MIL head")
+    with _invalid_metadata(p):
         model = GatedAttentionMIL(**kwargs)
-    except (ConfigError, TypeError) as exc:
-        raise WeightsError(f"{p}: invalid head metadata ({exc})") from exc
     names = tuple(_json(p, meta, "output_names")) if "output_names" in meta else None
     _load_into(p, model, _read_tensors(p, "cpu"))
     model.to(device).eval()

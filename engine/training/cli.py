@@ -116,7 +116,8 @@ def train_nuclei_cmd(datasets, data_root, held_out, profile_name, source_mpp, nu
                      checkpoint_every, eval_every, decoder_channels, out):
     """Train a nuclei model: a UNETR head on a frozen backbone (token maps cached in HDF5), or with
     --end-to-end a small backbone and its head together."""
-    from cellvit_optimus.engine.training.train import NucleiTrainConfig, read_dataset, split_by_group, train_nuclei
+    from cellvit_optimus.engine.training.datasets import read_dataset, split_by_group
+    from cellvit_optimus.engine.training.train import NucleiTrainConfig, train_nuclei
 
     channels = decoder_channels  # parsed by _channels
     if end_to_end and backbone_weights is not None:  # before any data is read
@@ -150,7 +151,7 @@ def train_nuclei_cmd(datasets, data_root, held_out, profile_name, source_mpp, nu
 def _train_e2e(train_s, test_s, profile, nuclei_mpp, backbone, backbone_weights, steps, batch_size, lr, threads,
                max_minutes, seed, val_groups, negative_slides, work_dir, resume, checkpoint_every, eval_every,
                channels, datasets, out) -> None:
-    from cellvit_optimus.engine.training.train import split_by_group
+    from cellvit_optimus.engine.training.datasets import split_by_group
     from .train_e2e import E2ETrainConfig, background_crops, train_nuclei_e2e
 
     train_s, val_s = split_by_group(train_s, val_groups)
@@ -226,7 +227,7 @@ def segment(images, mpp, out_dir, model_path, backbone_weights, overlap, device)
     from cellvit_optimus.engine.geojson import cells_to_geojson, write_geojson
     from cellvit_optimus.engine.io import atomic_path
     from cellvit_optimus.engine.pipeline.nuclei import NucleiModel, segment_image
-    from cellvit_optimus.engine.training.train import _read_image
+    from cellvit_optimus.engine.training.datasets import read_image
 
     try:
         model = NucleiModel(model_path, backbone_weights=backbone_weights, device=resolve_device(device))
@@ -240,7 +241,7 @@ def segment(images, mpp, out_dir, model_path, backbone_weights, overlap, device)
         try:
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: not found")
-            img = _read_image(p)
+            img = read_image(p)
             res = segment_image(img, mpp, model, overlap=overlap)
             for suffix, arr in (("instances", res.inst_map), ("types", res.type_map)):
                 with atomic_path(out / f"{p.stem}_{suffix}.npy") as tmp:

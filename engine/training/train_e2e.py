@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellvit_optimus.engine.training.augment import AugmentConfig, augment, resize_crop
-from cellvit_optimus.engine.training.datasets import NucleiSample
 from cellvit_optimus.engine.errors import ConfigError
+from cellvit_optimus.engine.pipeline.nuclei import PAD_VALUE
+from cellvit_optimus.engine.training.augment import AugmentConfig, augment, resize_crop
+from cellvit_optimus.engine.training.datasets import NucleiSample, resample_sample
 
 __all__ = ("E2ETrainConfig", "E2ETrainResult", "NucleiNet", "background_crops", "train_nuclei_e2e")
 
@@ -45,7 +46,6 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 #: config fields that may change between a run and its resume (they do not change the weights)
 RUNTIME_FIELDS = ("threads", "max_minutes", "checkpoint_every", "log_every", "eval_every", "steps_this_run")
-PAD_VALUE = 255
 
 
 @dataclass(frozen=True)
@@ -198,8 +198,6 @@ class _Pool:
 
 
 def _pools(samples: Sequence[NucleiSample], mpp: float) -> list[_Pool]:
-    from cellvit_optimus.engine.training.train import resample_sample
-
     by: dict[str, _Pool] = {}
     for s in samples:
         r = resample_sample(s, mpp)
@@ -374,7 +372,7 @@ def train_nuclei_e2e(
     from cellvit_optimus.heads.losses import LossWeights, NucleiLoss, typed_nt_loss
     from cellvit_optimus.heads.unetr import UNETRHead
 
-    from cellvit_optimus.engine.training.train import _profile_for
+    from cellvit_optimus.engine.training.train import profile_for
 
     cfg = config
     if cfg.threads:
@@ -385,7 +383,7 @@ def train_nuclei_e2e(
     if state_path.exists() and not resume:
         raise ConfigError(f"{state_path}: a training state exists; pass resume=True (--resume) to continue it "
                           "or use another work folder")
-    prof = _profile_for(train_samples, profile)
+    prof = profile_for(train_samples, profile)
     pools = _pools(train_samples, cfg.nuclei_mpp)
     for p in pools:
         for t in p.types:

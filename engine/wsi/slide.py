@@ -15,15 +15,14 @@ resampled with antialiasing to exactly ``tile_size``.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -39,12 +38,13 @@ from cellvit_optimus.engine.errors import (
     SlideTooLargeError,
     UnsupportedFormatError,
 )
+from cellvit_optimus.engine.wsi.backend import MPP_PLAUSIBLE, Backend, BackendName
+# re-exported: callers (the triage tests) expand slide folders through the slide module
+from cellvit_optimus.engine.wsi.paths import iter_slide_paths
 
-__all__ = ("Slide", "open_slide", "available_backends", "BackendName", "MPP_PLAUSIBLE")
+__all__ = ("Slide", "open_slide", "available_backends", "BackendName", "MPP_PLAUSIBLE", "iter_slide_paths")
 
 log = logging.getLogger(__name__)
-
-BackendName = Literal["auto", "cucim", "tiffslide", "dicom", "openslide"]
 
 #: a thumbnail's source level up to this many pixels is read in one piece (~100 MB of RGB); a larger
 #: one (single-level or huge slides) is read in blocks of THUMBNAIL_BLOCK^2 pixels and box-averaged into
@@ -54,10 +54,6 @@ THUMBNAIL_BLOCK = 4096
 #: a thumbnail that would have to decode more pixels than this fails with SlideTooLargeError instead of
 #: running for hours (a 50,000^2 single-level slide is 2.5e9; a forged 10^6 x 10^6 header is 1e12)
 THUMBNAIL_MAX_READ_PIXELS = 16 * 10**9
-
-#: microscope resolutions outside this range (microns per pixel) are treated as missing metadata:
-#: a 72 or 96 dpi default resolution tag (352.8 / 264.6 um/px) is not a scan resolution.
-MPP_PLAUSIBLE = (0.05, 50.0)
 
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _OTHER_IMAGE_MAGICS = {
@@ -79,351 +75,6 @@ def available_backends() -> tuple[str, ...]:
             continue
         names.append(name)
     return tuple(names)
-
-
-# --------------------------------------------------------------------------------------------------
-# backends: each turns one file into levels + a region reader; the Slide wrapper does the rest
-# --------------------------------------------------------------------------------------------------
-
-
-class _Backend:
-    name: str = "?"
-    level_dimensions: tuple[tuple[int, int], ...]
-    level_downsamples: tuple[float, ...]
-    mpp: tuple[float, float] | None = None
-    vendor: str | None = None
-    properties: dict[str, Any]
-
-    def read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
-        """read an in-bounds region; (x, y) in level-0 pixels, (w, h) in level pixels"""
-        raise NotImplementedError
-
-    def read_many(self, locations: Sequence[tuple[int, int]], level: int, w: int, h: int) -> np.ndarray:
-        return np.stack([self.read(x, y, level, w, h) for x, y in locations]) if locations else \
-            np.empty((0, h, w, 3), np.uint8)
-
-    def associated(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def close(self) -> None:
-        pass
-
-
-def _rgb(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=-1)
-    if a.shape[-1] == 4:  # RGBA from slow paths: alpha carries no slide information
-        a = a[..., :3]
-    if a.dtype != np.uint8:
-        a = a.astype(np.uint8)
-    return np.ascontiguousarray(a)
-
-
-def _plausible(mpp: float | None) -> float | None:
-    if mpp is None or not math.isfinite(mpp):
-        return None
-    return mpp if MPP_PLAUSIBLE[0] <= mpp <= MPP_PLAUSIBLE[1] else None
-
-
-def _tiff_resolution_mpp(unit: str | int | None, xres: float | None, yres: float | None):
-    """microns per pixel from TIFF ResolutionUnit / X,YResolution (pixels per unit)"""
-    if not xres or not yres:
-        return None
-    unit = str(unit).lower() if unit is not None else ""
-    per_um = {"centimeter": 1e4, "3": 1e4, "inch": 25400.0, "2": 25400.0, "resunit.centimeter": 1e4,
-              "resunit.inch": 25400.0}.get(unit)
-    if per_um is None:
-        return None
-    mx, my = _plausible(per_um / xres), _plausible(per_um / yres)
-    return (mx, my) if mx and my else None
-
-
-class _CuCIMBackend(_Backend):
-    name = "cucim"
-
-    def __init__(self, path: Path, num_workers: int) -> None:
-        from cucim import CuImage  # heavy, optional
-
-        self._img = CuImage(str(path))
-        res = self._img.resolutions
-        self.level_dimensions = tuple((int(w), int(h)) for w, h in res["level_dimensions"])
-        self.level_downsamples = tuple(float(d) for d in res["level_downsamples"])
-        self._num_workers = num_workers
-        meta = self._img.metadata
-        self.properties = _flatten(meta)
-        aperio = meta.get("aperio", {}) or {}
-        mpp = None
-        if aperio.get("MPP"):
-            m = _plausible(float(aperio["MPP"]))
-            mpp = (m, m) if m else None
-            self.vendor = "aperio"
-        elif "aperio" in meta:
-            self.vendor = "aperio"
-        if mpp is None:
-            tiff = meta.get("tiff", {}) or {}
-            mpp = _tiff_resolution_mpp(tiff.get("resolution_unit"), tiff.get("x_resolution"),
-                                       tiff.get("y_resolution"))
-            if self.vendor is None and "tiff" in meta:
-                self.vendor = "generic-tiff"
-        self.mpp = mpp
-        self._batched = True
-
-    def read(self, x, y, level, w, h):
-        return _rgb(self._img.read_region((x, y), (w, h), level))
-
-    def read_many(self, locations, level, w, h):
-        if not locations:
-            return np.empty((0, h, w, 3), np.uint8)
-        if len(locations) == 1 or not self._batched:
-            return np.stack([self.read(x, y, level, w, h) for x, y in locations])
-        out = []
-        try:
-            # cuCIM decodes the batch on its own worker threads (the GIL is released inside)
-            it = self._img.read_region([tuple(map(int, loc)) for loc in locations], (w, h), level,
-                                       num_workers=self._num_workers, batch_size=len(locations))
-            for batch in it:
-                arr = np.asarray(batch)
-                out.append(_rgb(arr.reshape(-1, h, w, arr.shape[-1])))
-        except RuntimeError as exc:
-            # images cuCIM loads on its "slow path" (e.g. RGBA strips) have no batched reader
-            log.debug("cuCIM batched read unavailable (%s); reading tile by tile", exc)
-            self._batched = False
-            return self.read_many(locations, level, w, h)
-        return np.ascontiguousarray(np.concatenate(out, axis=0))
-
-    def associated(self):
-        out = {}
-        for name in sorted(self._img.associated_images):
-            try:
-                out[name] = _rgb(self._img.associated_image(name))
-            except Exception as exc:  # an unreadable label must not make the slide unusable
-                log.warning("cannot read associated image %r: %s", name, exc)
-        return out
-
-    def close(self):
-        self._img.close()
-
-
-class _TiffSlideBackend(_Backend):
-    name = "tiffslide"
-
-    def __init__(self, path: Path) -> None:
-        import tiffslide
-
-        self._s = tiffslide.TiffSlide(str(path))
-        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._s.level_dimensions)
-        self.level_downsamples = tuple(float(d) for d in self._s.level_downsamples)
-        props = dict(self._s.properties)
-        self.properties = props
-        self.vendor = props.get("tiffslide.vendor") or "generic-tiff"
-        mx = _plausible(_float(props.get("tiffslide.mpp-x")))
-        my = _plausible(_float(props.get("tiffslide.mpp-y"))) or mx
-        self.mpp = (mx, my) if mx else None
-        self._lock = threading.Lock()
-
-    def read(self, x, y, level, w, h):
-        return _rgb(self._s.read_region((x, y), level, (w, h), as_array=True))
-
-    def associated(self):
-        out = {}
-        for name, img in self._s.associated_images.items():
-            try:
-                out[name] = _rgb(np.asarray(img.convert("RGB")))
-            except Exception as exc:
-                log.warning("cannot read associated image %r: %s", name, exc)
-        return out
-
-    def close(self):
-        self._s.close()
-
-
-class _OpenSlideBackend(_Backend):
-    name = "openslide"
-
-    def __init__(self, path: Path) -> None:
-        import openslide
-
-        self._s = openslide.OpenSlide(str(path))
-        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._s.level_dimensions)
-        self.level_downsamples = tuple(float(d) for d in self._s.level_downsamples)
-        props = dict(self._s.properties)
-        self.properties = props
-        self.vendor = props.get("openslide.vendor")
-        mx = _plausible(_float(props.get("openslide.mpp-x")))
-        my = _plausible(_float(props.get("openslide.mpp-y"))) or mx
-        self.mpp = (mx, my) if mx else None
-
-    def read(self, x, y, level, w, h):
-        return _rgb(np.asarray(self._s.read_region((x, y), level, (w, h)).convert("RGB")))
-
-    def associated(self):
-        return {k: _rgb(np.asarray(v.convert("RGB"))) for k, v in self._s.associated_images.items()}
-
-    def close(self):
-        self._s.close()
-
-
-class _DicomBackend(_Backend):
-    """DICOM VL whole-slide images (one file per level) read with pydicom.
-
-    wsidicom and OpenSlide 4 refuse files without the WSI ``ImageType`` or pixel-spacing attributes that
-    some exporters omit; this reader needs only the total pixel matrix, the frame size and (for
-    sparse tiling) the per-frame plane positions. Frames are JPEG/JPEG 2000 and decoded with Pillow /
-    imagecodecs, which honour the codestream's own colour transform: some files say RGB in the
-    header while the JPEG data is YCbCr, and decoding by the header would give false colours.
-    """
-
-    name = "dicom"
-
-    def __init__(self, path: Path) -> None:
-        import pydicom
-
-        ds = pydicom.dcmread(str(path), defer_size="1 KB")
-        if "TotalPixelMatrixColumns" not in ds or "PixelData" not in ds:
-            raise UnsupportedFormatError(path, "DICOM file is not a tiled whole-slide image "
-                                         "(no TotalPixelMatrixColumns / PixelData)")
-        self._ds = ds
-        self._path = path
-        W, H = int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows)
-        self._fw, self._fh = int(ds.Columns), int(ds.Rows)
-        self.level_dimensions = ((W, H),)
-        self.level_downsamples = (1.0,)
-        self.vendor = str(ds.get("Manufacturer", "") or "dicom").lower() or "dicom"
-        self.properties = {"dicom.sop_class_uid": str(ds.get("SOPClassUID", "")),
-                           "dicom.transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")),
-                           "dicom.photometric": str(ds.get("PhotometricInterpretation", ""))}
-        self.mpp = self._find_mpp(ds, W, H)
-        self._cache: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
-        self._n_frames = int(ds.get("NumberOfFrames", 1))
-        self._frames = self._frame_index(ds)
-
-    @staticmethod
-    def _find_mpp(ds, W, H):
-        try:
-            sp = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
-            # PixelSpacing is (row spacing, column spacing) in mm
-            my, mx = _plausible(float(sp[0]) * 1000), _plausible(float(sp[1]) * 1000)
-            if mx and my:
-                return (mx, my)
-        except (AttributeError, IndexError, KeyError):
-            pass
-        vw, vh = ds.get("ImagedVolumeWidth"), ds.get("ImagedVolumeHeight")
-        if vw and vh:  # mm across the total pixel matrix
-            mx, my = _plausible(float(vw) * 1000 / W), _plausible(float(vh) * 1000 / H)
-            if mx and my:
-                return (mx, my)
-        return None
-
-    def _frame_index(self, ds) -> dict[tuple[int, int], int]:
-        """(column, row) of each frame's top-left pixel -> frame number"""
-        n = int(ds.get("NumberOfFrames", 1))
-        index: dict[tuple[int, int], int] = {}
-        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-        if per_frame is not None and ds.get("DimensionOrganizationType", "") != "TILED_FULL":
-            for i, item in enumerate(per_frame):
-                try:
-                    pos = item.PlanePositionSlideSequence[0]
-                    col = int(pos.ColumnPositionInTotalImagePixelMatrix) - 1
-                    row = int(pos.RowPositionInTotalImagePixelMatrix) - 1
-                except (AttributeError, IndexError):
-                    break
-                index[(col, row)] = i
-            if len(index) == n:
-                return index
-            index.clear()
-        cols = math.ceil(self.level_dimensions[0][0] / self._fw)
-        rows = math.ceil(self.level_dimensions[0][1] / self._fh)
-        row_major = {((i % cols) * self._fw, (i // cols) * self._fh): i for i in range(n)}
-        if ds.get("DimensionOrganizationType", "") == "TILED_FULL" or n != cols * rows or cols < 2 or rows < 2:
-            return row_major
-        # No positions and no declared organisation: exporters exist that write frames column by
-        # column. Pick the order under which neighbouring frames continue each other across seams.
-        col_major = {((i // rows) * self._fw, (i % rows) * self._fh): i for i in range(n)}
-        self._frames = {}
-        scores = [self._seam_score(order, cols, rows) for order in (row_major, col_major)]
-        if scores[1] < scores[0]:
-            log.warning("%s: no frame positions; frames are in column-major order (seam mismatch "
-                        "%.1f vs %.1f grey levels row-major)", self._path, scores[1], scores[0])
-            return col_major
-        return row_major
-
-    def _seam_score(self, order: dict[tuple[int, int], int], cols: int, rows: int) -> float:
-        """mean absolute grey-level jump across interior frame seams (sampled)"""
-        diffs = []
-        for r in range(rows - 1):
-            for c in range(cols - 1):
-                a = self._frame(order[(c * self._fw, r * self._fh)])
-                right = self._frame(order[((c + 1) * self._fw, r * self._fh)])
-                below = self._frame(order[(c * self._fw, (r + 1) * self._fh)])
-                diffs.append(np.abs(a[:, -1].astype(np.int16) - right[:, 0]).mean())
-                diffs.append(np.abs(a[-1].astype(np.int16) - below[0]).mean())
-                if len(diffs) >= 64:
-                    return float(np.mean(diffs))
-        return float(np.mean(diffs)) if diffs else 0.0
-
-    def _frame(self, i: int) -> np.ndarray:
-        with self._lock:
-            hit = self._cache.get(i)
-        if hit is not None:
-            return hit
-        from pydicom.encaps import get_frame
-
-        try:
-            data = get_frame(self._ds.PixelData, i, number_of_frames=self._n_frames)
-            arr = _decode_frame(bytes(data))
-        except Exception as exc:
-            raise CorruptSlideError(self._path, f"frame {i} cannot be decoded: {exc}") from exc
-        with self._lock:
-            if len(self._cache) > 256:
-                self._cache.clear()
-            self._cache[i] = arr
-        return arr
-
-    def read(self, x, y, level, w, h):
-        out = np.full((h, w, 3), 255, np.uint8)  # sparse tiling: absent frames are background
-        fw, fh = self._fw, self._fh
-        for fy in range((y // fh) * fh, y + h, fh):
-            for fx in range((x // fw) * fw, x + w, fw):
-                i = self._frames.get((fx, fy))
-                if i is None:
-                    continue
-                tile = self._frame(i)
-                x0, y0 = max(x, fx), max(y, fy)
-                x1, y1 = min(x + w, fx + tile.shape[1]), min(y + h, fy + tile.shape[0])
-                if x1 > x0 and y1 > y0:
-                    out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - fy:y1 - fy, x0 - fx:x1 - fx]
-        return out
-
-
-def _decode_frame(data: bytes) -> np.ndarray:
-    if data[:4] in (b"\x00\x00\x00\x0c", b"\xff\x4f\xff\x51"):  # JPEG 2000 (jp2 box or raw codestream)
-        import imagecodecs
-
-        return _rgb(imagecodecs.jpeg2k_decode(data))
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return _rgb(np.asarray(im.convert("RGB")))
-
-
-def _float(v) -> float | None:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -745,7 +396,7 @@ class Slide:
     mpp_source: str
     vendor: str | None
     properties: dict[str, Any] = field(repr=False)
-    _impl: _Backend = field(repr=False, default=None)  # type: ignore[assignment]
+    _impl: Backend = field(repr=False, default=None)  # type: ignore[assignment]
     _associated: dict[str, np.ndarray] | None = field(default=None, repr=False)
     #: strict check of the JPEG tiles each read touches (tiled JPEG TIFF levels; None elsewhere)
     _tiles: _TileCheck | None = field(default=None, repr=False)
@@ -1017,7 +668,7 @@ def open_slide(path: str | os.PathLike[str], backend: BackendName = "auto", mpp:
     else:
         order = ["dicom", "openslide"] if backend == "auto" else [backend]
     errors: list[str] = []
-    impl: _Backend | None = None
+    impl: Backend | None = None
     for name in order:
         try:
             impl = _make_backend(name, p, num_workers)
@@ -1050,7 +701,7 @@ def open_slide(path: str | os.PathLike[str], backend: BackendName = "auto", mpp:
                  _tiles=_TileCheck(p, levels) if levels else None)
 
 
-def _make_backend(name: str, path: Path, num_workers: int) -> _Backend:
+def _make_backend(name: str, path: Path, num_workers: int) -> Backend:
     module = {"cucim": "cucim", "tiffslide": "tiffslide", "dicom": "pydicom", "openslide": "openslide"}.get(name)
     if module is None:
         raise ConfigError(f"backend={name!r} is not one of auto, cucim, tiffslide, dicom, openslide")
@@ -1060,24 +711,19 @@ def _make_backend(name: str, path: Path, num_workers: int) -> _Backend:
         hint = {"cucim": 'pip install --no-deps "cucim-cu13==26.10.*"',
                 "openslide": "pip install 'cellvit-optimus[openslide]'"}.get(name, f"pip install {module}")
         raise BackendUnavailableError(f"slide backend {name!r} needs {module!r} ({hint}): {exc}") from exc
+    # each backend's module is imported only when it is asked for
     if name == "cucim":
-        return _CuCIMBackend(path, num_workers)
+        from cellvit_optimus.engine.wsi.cucim import CuCIMBackend
+
+        return CuCIMBackend(path, num_workers)
     if name == "tiffslide":
-        return _TiffSlideBackend(path)
+        from cellvit_optimus.engine.wsi.tiffslide import TiffSlideBackend
+
+        return TiffSlideBackend(path)
     if name == "openslide":
-        return _OpenSlideBackend(path)
-    return _DicomBackend(path)
+        from cellvit_optimus.engine.wsi.openslide import OpenSlideBackend
 
+        return OpenSlideBackend(path)
+    from cellvit_optimus.engine.wsi.dicom import DicomBackend
 
-def iter_slide_paths(inputs: Sequence[str | os.PathLike[str]],
-                     suffixes: tuple[str, ...] = (".svs", ".tif", ".tiff", ".ndpi", ".dcm", ".scn",
-                                                  ".bif", ".mrxs", ".vms", ".svslide")) -> Iterator[Path]:
-    """expand files and directories into slide paths (directories: files with a slide suffix, sorted)"""
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            for child in sorted(p.iterdir()):
-                if child.is_file() and child.suffix.lower() in suffixes:
-                    yield child
-        else:
-            yield p
+    return DicomBackend(path)

@@ -168,7 +168,7 @@ def test_cli_decoder_choices_and_slide_suffixes_are_the_engines():
     from cellvit_optimus.engine import cli as cli_module
     from cellvit_optimus.engine.cli_params import SLIDE_SUFFIXES
     from cellvit_optimus.engine.pipeline.extract import DECODERS
-    from cellvit_optimus.engine.wsi.slide import iter_slide_paths
+    from cellvit_optimus.engine.wsi.paths import iter_slide_paths
 
     assert cli_module._DECODERS == DECODERS
     assert SLIDE_SUFFIXES == inspect.signature(iter_slide_paths).parameters["suffixes"].default

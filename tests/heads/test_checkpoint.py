@@ -144,3 +144,33 @@ def test_non_finite_weights_are_refused_by_every_loader(tmp_path, bad_value) -> 
         save_file(tensors, str(path), metadata=meta)
         with pytest.raises(WeightsError, match=rf"{path.name}: NaN or infinite values in 1 tensor.*{name} \(1 of"):
             load(path)
+
+
+def test_both_kinds_write_their_own_metadata_over_the_common_keys(tmp_path) -> None:
+    """nuclei and MIL share one writer: each file holds the common keys plus only its kind's"""
+    from cellvit_optimus.heads.checkpoint import state_hash
+
+    common = {"format", "format_version", "head_kwargs", "backbone_id", "backbone_hash", "package_version"}
+    bb = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    n = save_nuclei_head(tmp_path / "n.safetensors", _head(), profile=CONSEP, nuclei_mpp=0.5,
+                         backbone_id="tiny", backbone_hash=state_hash(bb), backbone_state=bb, extra={"epochs": 2})
+    meta = read_metadata(n)
+    assert set(meta) == common | {"class_profile", "nuclei_mpp", "embedded_backbone", "extra"}
+    assert meta["format"] == "cellvit-optimus/nuclei-head" and meta["nuclei_mpp"] == "0.5"
+    assert meta["embedded_backbone"] == "1" and json.loads(meta["extra"]) == {"epochs": 2}
+    loaded = load_nuclei_head(n, backbone_hash=state_hash(bb))
+    assert torch.equal(loaded.backbone_state["w"], bb["w"]) and loaded.nuclei_mpp == 0.5
+    m = GatedAttentionMIL(16, hidden_dim=8, attn_dim=4, n_outputs=1).eval()
+    plain = read_metadata(save_mil(tmp_path / "m.safetensors", m, **BB))
+    assert set(plain) == common and plain["format"] == "cellvit-optimus/mil-head"
+    named = read_metadata(save_mil(tmp_path / "m2.safetensors", m, output_names=("tumour",), extra={"n": 3}, **BB))
+    assert set(named) == common | {"output_names", "extra"} and json.loads(named["output_names"]) == ["tumour"]
+    assert load_mil(tmp_path / "m2.safetensors", in_dim=16, **BB).output_names == ("tumour",)
+    with pytest.raises(WeightsError, match="invalid head metadata"):
+        # a kwarg the head does not take: the shared loader names the file and the reason
+        bad = tmp_path / "bad.safetensors"
+        from safetensors.torch import load_file, save_file
+
+        save_file(load_file(str(tmp_path / "m.safetensors")), str(bad),
+                  metadata={**plain, "head_kwargs": json.dumps({**json.loads(plain["head_kwargs"]), "nope": 1})})
+        load_mil(bad)

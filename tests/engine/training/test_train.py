@@ -11,21 +11,21 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cellvit_optimus.engine.training.datasets import NucleiSample, load_consep, load_monuseg  # noqa: E402
 from cellvit_optimus.engine.errors import ConfigError  # noqa: E402
-from cellvit_optimus.engine.training.train import (  # noqa: E402
-    NucleiTrainConfig,
-    TokenCache,
-    make_tiles,
+from cellvit_optimus.engine.training.datasets import (  # noqa: E402
+    NucleiSample,
+    load_consep,
+    load_monuseg,
     read_dataset,
     read_geojson_folder,
     read_instance_folder,
     read_pannuke,
+    relabel,
     resample_sample,
     split_by_group,
-    train_mil,
-    train_nuclei,
 )
+from cellvit_optimus.engine.training.tiles import TokenCache, make_tiles  # noqa: E402
+from cellvit_optimus.engine.training.train import NucleiTrainConfig, train_mil, train_nuclei  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,7 @@ def consep(nuclei_dir: Path) -> list[NucleiSample]:
 def monuseg_crop(nuclei_dir: Path) -> NucleiSample:
     """A 256 px crop of a real MoNuSeg image (no types: its NT loss must be masked)."""
     s = load_monuseg(nuclei_dir)[0]
-    from cellvit_optimus.engine.training.train import _relabel
-
-    return NucleiSample("monuseg/crop", "monuseg", s.image[:256, :256].copy(), _relabel(s.inst_map[:256, :256]),
+    return NucleiSample("monuseg/crop", "monuseg", s.image[:256, :256].copy(), relabel(s.inst_map[:256, :256]),
                         None, s.mpp, s.group)
 
 

@@ -248,3 +248,28 @@ def test_copied_slide_reads_like_the_original(tmp_path, slides_dir):
     shutil.copy(slides_dir / "cmu-1-small-region.svs", dst)
     with open_slide(dst) as a, open_slide(slides_dir / "cmu-1-small-region.svs") as b:
         assert np.array_equal(a.read_region((500, 500), 0, (64, 64)), b.read_region((500, 500), 0, (64, 64)))
+
+
+def test_folder_expansion_is_one_walk_for_library_and_cli(tmp_path, slides_dir):
+    """``iter_slide_paths`` yields exactly the slides ``collect_inputs`` (the CLI's) runs, in order"""
+    from cellvit_optimus.engine.cli import collect_inputs as cli_collect
+    from cellvit_optimus.engine.wsi.paths import collect_inputs
+    from cellvit_optimus.engine.wsi.slide import iter_slide_paths
+
+    assert cli_collect is collect_inputs
+    for name in ("b.svs", "a.tif", ".hidden.svs", "notes.txt"):
+        shutil.copy(slides_dir / "kidney-48-5.tif", tmp_path / name)
+    (tmp_path / "sub").mkdir()
+    shutil.copy(slides_dir / "kidney-48-5.tif", tmp_path / "sub" / "c.tiff")
+    gone = tmp_path / "gone.svs"
+    got = list(iter_slide_paths([tmp_path, gone]))
+    assert got == [tmp_path / "a.tif", tmp_path / "b.svs", gone]
+    found = collect_inputs([tmp_path, gone])
+    assert found.slides == got and found.missing == [str(gone)]
+    assert dict(found.skipped) == {str(tmp_path / ".hidden.svs"): "hidden file",
+                                   str(tmp_path / "notes.txt"): "not a slide file type (.txt)",
+                                   str(tmp_path / "sub"): "folder (add --recursive to search it)"}
+    assert collect_inputs([tmp_path], recursive=True).slides == [tmp_path / "a.tif", tmp_path / "b.svs",
+                                                                 tmp_path / "sub" / "c.tiff"]
+    with open_slide(got[0]) as s:
+        assert s.dimensions == (1493, 901)
