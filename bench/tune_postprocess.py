@@ -7,7 +7,11 @@ that bench/eval_nuclei.py scores). The model runs once per image (its maps are c
 over the marker rule (``optimus`` with ``marker_slope`` / ``hovernet`` with ``marker_threshold``),
 ``np_threshold`` and ``keep_unmarked`` is scored by the mean of the per-source bPQ (CoNSeP and MoNuSeg
 count alike), ties broken by detection F1. The minimum nucleus area (um^2) is chosen after that, on the best rule, by the
-same score (ties to the larger area).
+same score (ties to the larger area). Last, the type decision: a logit adjustment of the type vote
+(``type_prior_tau``, Menon et al. 2021) against the training split's CoNSeP instance frequencies (counted
+from the data), tau chosen by the validation CoNSeP mPQ (types do not move instances, so bPQ stays; ties
+to the smaller tau, so tau 0 stays unless it loses). ``--only-types`` starts from an already stamped
+checkpoint and runs this last step alone (its post-processing as the base; the JSON's other sections kept).
 ``--stamp DST`` writes the checkpoint again with the choice in its training record (``postprocess``),
 keeping its embedded backbone; :class:`cellvit_optimus.engine.pipeline.nuclei.NucleiModel` applies it.
 """
@@ -33,6 +37,41 @@ GRID = {"optimus": {"np_threshold": (0.4, 0.5, 0.6, 0.7), "marker_slope": (0.005
         "hovernet": {"np_threshold": (0.4, 0.5, 0.6, 0.7), "marker_threshold": (0.3, 0.4, 0.5),
                      "keep_unmarked": (True, False)}}
 MIN_AREAS_UM2 = (0.0, 4.0, 8.0, 12.0, 16.0)
+TAUS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+
+
+def type_priors(train, num_classes: int) -> tuple[dict[int, int], list[float]]:
+    """instance count per class (1..K) of the typed (CoNSeP) training samples, and their frequencies"""
+    import numpy as np
+
+    from cellvit_optimus.kernels import instance_types
+
+    counts = np.zeros(num_classes + 1, np.int64)
+    for s in train:
+        if s.type_map is None:  # MoNuSeg: no types
+            continue
+        ids = np.unique(s.inst_map)
+        ids = ids[ids > 0]
+        counts += np.bincount(instance_types(s.inst_map, s.type_map)[ids], minlength=num_classes + 1)[: num_classes + 1]
+    n = counts[1:]
+    if (n == 0).any():
+        raise SystemExit(f"a class has no typed training instance (counts {n.tolist()}): its prior would be 0")
+    return {c + 1: int(v) for c, v in enumerate(n)}, [float(v / n.sum()) for v in n]
+
+
+def tune_types(model, val, base: dict, priors: list[float]) -> tuple[list[dict], dict]:
+    """score each tau of TAUS on top of ``base`` (a post-processing dict); the best VAL CoNSeP mPQ wins"""
+    from cellvit_optimus.engine.pipeline.nuclei import PostProcessConfig
+
+    rows = []
+    for tau in TAUS:
+        kw = {**base, "type_prior_tau": tau, "type_priors": list(priors)}
+        r = score(model, val, PostProcessConfig(**kw))
+        rows.append({"post": kw, **r})
+        print(json.dumps(rows[-1]), flush=True)
+    # max() keeps the first of equal keys: TAUS is ascending, so a tie goes to the smaller tau
+    best = max(rows, key=lambda r: r["consep"]["mpq"])
+    return rows, best
 
 
 def score(model, val, post) -> dict:
@@ -80,10 +119,14 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--stamp", default=None, metavar="DST")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only-types", action="store_true",
+                    help="keep the checkpoint's stamped post-processing, tune type_prior_tau only")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    _, val, _ = splits()
+    train, val, _ = splits()
     model = NucleiModel(a.checkpoint)
+    counts, priors = type_priors(train, model.num_classes)
+    print("training CoNSeP instances per class", counts, priors, flush=True)
     cache: dict[str, object] = {}
     predict = model.predict
 
@@ -95,6 +138,13 @@ def main() -> None:
 
     model.predict = cached
     t0 = time.perf_counter()
+    if a.only_types:
+        base = json.loads(model.metadata.get("extra", "{}")).get("postprocess")
+        if not base:
+            raise SystemExit(f"{a.checkpoint}: no stamped postprocess to start from; run without --only-types")
+        base = {k: v for k, v in base.items() if k not in ("type_prior_tau", "type_priors")}
+        finish_types(a, model, val, base, counts, priors, t0)
+        return
     rows = []
     combos = [{"mode": mode, **dict(zip(axes, values))}
               for mode, axes in GRID.items() for values in itertools.product(*axes.values())]
@@ -123,11 +173,41 @@ def main() -> None:
     print("CHOSEN", json.dumps(chosen), "\nDEFAULT", json.dumps(default), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
-    if a.stamp:
-        note = ("grid {} then min_area_um2 {} on the validation groups {} (bench/tune_postprocess.py): mean of "
-                "per-source bPQ").format(json.dumps(GRID), list(MIN_AREAS_UM2), result["val_groups"])
-        stamp(a.checkpoint, a.stamp, chosen["post"], note)
-        print("stamped", a.stamp, flush=True)
+    note = ("grid {} then min_area_um2 {} on the validation groups {} (bench/tune_postprocess.py): mean of "
+            "per-source bPQ").format(json.dumps(GRID), list(MIN_AREAS_UM2), result["val_groups"])
+    finish_types(a, model, val, chosen["post"], counts, priors, t0, note)
+
+
+def finish_types(a, model, val, base: dict, counts: dict, priors: list[float], t0: float,
+                 note: str | None = None) -> None:
+    """the type-prior step, its "type_prior" section in the JSON, and the stamp"""
+    rows, best = tune_types(model, val, base, priors)
+    tau = best["post"]["type_prior_tau"]
+    section = {"checkpoint": Path(a.checkpoint).name, "val_groups": sorted({s.group for s in val}),
+               "train_consep_instances": {str(k): v for k, v in counts.items()}, "priors": priors,
+               "taus": list(TAUS), "chosen_by": "validation CoNSeP mPQ, ties to the smaller tau",
+               "chosen_tau": tau, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+    print("CHOSEN TAU", tau, json.dumps(best), flush=True)
+    if a.json:
+        p = Path(a.json)
+        result = json.loads(p.read_text()) if p.is_file() else {}
+        result["type_prior"] = section
+        p.write_text(json.dumps(result, indent=1) + "\n")
+    if not a.stamp:
+        return
+    if tau == 0:
+        # no gain on the validation images: the checkpoint keeps today's vote, the priors are not stamped
+        post = base
+        print("tau 0 chosen: type prior not stamped", flush=True)
+    else:
+        post = {**base, "type_prior_tau": tau, "type_priors": priors}
+    if note is None:  # --only-types: keep the record of the earlier steps
+        note = json.loads(model.metadata.get("extra", "{}")).get("postprocess_tuning", "")
+        note = note.split("; then type_prior_tau")[0]  # a rerun replaces its own earlier record
+    note = (f"{note}; then type_prior_tau {list(TAUS)} against the training CoNSeP instance frequencies "
+            f"{section['train_consep_instances']}: validation CoNSeP mPQ")
+    stamp(a.checkpoint, a.stamp, post, note)
+    print("stamped", a.stamp, flush=True)
 
 
 if __name__ == "__main__":

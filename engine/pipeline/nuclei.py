@@ -42,6 +42,7 @@ __all__ = (
     "score_predictions",
     "segment_image",
     "tile_origins",
+    "tile_to_instances",
     "tiles_to_instances",
 )
 
@@ -99,6 +100,13 @@ class PostProcessConfig:
     #: nuclei smaller than this (square microns) are not reported (0 keeps everything); resolution-free,
     #: so it survives :meth:`scaled`
     min_area_um2: float = 0.0
+    #: logit adjustment of the type vote (Menon et al. 2021): before the per-pixel argmax, the NT
+    #: probability of class c >= 1 is divided by ``type_priors[c - 1] ** type_prior_tau``, so a class the
+    #: training set over-represents needs more evidence; 0 (or no priors) leaves the vote as it was
+    type_prior_tau: float = 0.0
+    #: training frequency of each non-background class (normalised on construction); stored with tau
+    #: because tau only means something against the priors it was tuned with
+    type_priors: tuple[float, ...] | None = None
 
     def min_area_px(self, mpp: float) -> float:
         """:attr:`min_area_um2` in square pixels at ``mpp`` microns per pixel."""
@@ -120,6 +128,35 @@ class PostProcessConfig:
             raise ConfigError(f"min_area_um2={self.min_area_um2} must be a finite number >= 0")
         if self.mode not in ("optimus", "hovernet"):
             raise ConfigError(f"mode={self.mode!r}: expected 'optimus' or 'hovernet'")
+        if not (np.isfinite(self.type_prior_tau) and self.type_prior_tau >= 0):
+            raise ConfigError(f"type_prior_tau={self.type_prior_tau} must be a finite number >= 0")
+        if self.type_priors is not None:
+            try:
+                pri = np.asarray(self.type_priors, np.float64)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"type_priors={self.type_priors!r} must be numbers ({exc})") from exc
+            if pri.ndim != 1 or pri.size == 0 or not (np.isfinite(pri).all() and (pri > 0).all()):
+                raise ConfigError(f"type_priors={self.type_priors!r} must be finite positive numbers, "
+                                  "one per non-background class")
+            total = float(pri.sum())
+            # normalise only when needed, so a stored (already normalised) prior round-trips exactly
+            vals = tuple(float(v) for v in (pri if abs(total - 1.0) < 1e-9 else pri / total))
+            object.__setattr__(self, "type_priors", vals)  # lists from a JSON record -> a hashable tuple
+
+    def vote_probs(self, nt: np.ndarray) -> np.ndarray:
+        """The NT map ``(C + 1, H, W)`` the type vote runs on: ``nt`` itself without an adjustment (the same
+        object), else class c >= 1 divided by ``prior_c ** tau`` and renormalised per pixel (the argmax
+        only needs the division; renormalising keeps a probability map)."""
+        if self.type_priors is None or self.type_prior_tau == 0:
+            return nt
+        if nt.shape[0] != len(self.type_priors) + 1:
+            raise ConfigError(f"type_priors has {len(self.type_priors)} classes but the NT map has "
+                              f"{nt.shape[0] - 1} (shape {nt.shape})")
+        w = np.ones(nt.shape[0], np.float32)
+        w[1:] = np.asarray(self.type_priors, np.float64) ** -self.type_prior_tau
+        adj = nt.astype(np.float32) * w[:, None, None]
+        adj /= np.maximum(adj.sum(0, keepdims=True), np.float32(1e-12))
+        return adj
 
     def scaled(self, factor: float) -> PostProcessConfig:
         """Size thresholds for another resolution (``factor`` = linear scale, areas scale by its square)."""
@@ -262,18 +299,39 @@ def drop_small(inst: np.ndarray, table: Any, min_px: float) -> tuple[np.ndarray,
     return lut[inst], replace(kept, ids=np.arange(1, len(kept) + 1, dtype=kept.ids.dtype))
 
 
+def tile_to_instances(np_prob: np.ndarray, hv: np.ndarray, nt: np.ndarray | None,
+                      post: PostProcessConfig) -> tuple[np.ndarray, Any]:
+    """One tile's maps -> (label map, tile-local ``InstanceTable``): the single place where maps become
+    instances (segment_image and the triage slide path both come here), so the type prior applies alike.
+
+    The types and ``type_probs`` come from the vote on :meth:`PostProcessConfig.vote_probs`;
+    ``type_scores`` stay the model's own mean class probabilities (conformal sets and the GeoJSON
+    ``prob_*`` measurements are calibrated on those)."""
+    from cellvit_optimus.kernels import hv_to_instances
+
+    vote = post.vote_probs(nt) if nt is not None else None
+    inst, table = hv_to_instances(np_prob, hv, vote, **post.kernel_kwargs())
+    if vote is not nt and len(table) and table.type_scores is not None:
+        from dataclasses import replace
+
+        n, k = len(table), nt.shape[0]
+        flat = inst.ravel()
+        ssum = np.stack([np.bincount(flat, nt[c].ravel().astype(np.float64), n + 1)[1:] for c in range(k)], 1)
+        table = replace(table, type_scores=(ssum / np.asarray(table.areas, np.float64)[:, None]).astype(np.float32))
+    return inst, table
+
+
 def tiles_to_instances(maps: NucleiMaps, origins: Sequence[tuple[int, int]] | None = None,
                        post: PostProcessConfig = PostProcessConfig(), mpp: float | None = None) -> list[Any]:
     """HoVer-Net post-processing of each tile's maps -> ``kernels.TileInstances`` (tile-local tables,
     origins ``(x0, y0)`` for stitching; default all at (0, 0)). With ``mpp`` (the maps' resolution),
     nuclei under ``post.min_area_um2`` are dropped."""
-    from cellvit_optimus.kernels import TileInstances, hv_to_instances
+    from cellvit_optimus.kernels import TileInstances
 
     min_px = post.min_area_px(mpp) if mpp else 0.0
     out = []
     for i in range(maps.np.shape[0]):
-        inst, table = hv_to_instances(
-            maps.np[i], maps.hv[i], maps.nt[i], **post.kernel_kwargs())
+        inst, table = tile_to_instances(maps.np[i], maps.hv[i], maps.nt[i], post)
         inst, table = drop_small(inst, table, min_px)
         x0, y0 = origins[i] if origins is not None else (0, 0)
         out.append(TileInstances(int(x0), int(y0), inst, table))

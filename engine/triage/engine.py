@@ -218,8 +218,9 @@ class _NucleiConsumer:
         self.num_types = num_types
 
     def on_batch(self, batch: TileBatch) -> None:
-        from cellvit_optimus.kernels import hv_to_instances
         from cellvit_optimus.safety import tile_uncertainty
+
+        from cellvit_optimus.engine.pipeline.nuclei import tile_to_instances
 
         emb, maps = batch.output
         idx = batch.indices
@@ -238,7 +239,7 @@ class _NucleiConsumer:
         s = self.grid.tile_size
         p = self.post
         for k, t in enumerate(idx.tolist()):
-            _, table = hv_to_instances(maps.np[k], maps.hv[k], maps.nt[k], **p.kernel_kwargs())
+            _, table = tile_to_instances(maps.np[k], maps.hv[k], maps.nt[k], p)  # the type prior applies here too
             left, right, top, bottom = self.open_side[t]
             x_lo, x_hi = (0.0 if left else self.half), (s if right else s - self.half)
             y_lo, y_hi = (0.0 if top else self.half), (s if bottom else s - self.half)

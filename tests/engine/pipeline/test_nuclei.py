@@ -58,7 +58,9 @@ def test_bundled_model_metadata(model):
     held = set(extra["held_out"])
     assert held == set(HELD_OUT) and not held & set(extra["train_groups"]) and not held & set(extra["val_groups"])
     # post-processing chosen on the validation groups, with a minimum nucleus area against specks
-    assert extra["postprocess"] == {k: getattr(model.post, k) for k in extra["postprocess"]}
+    # (JSON lists come back as tuples: the config stays hashable and equal to what was stamped)
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in extra["postprocess"].items()} == {
+        k: getattr(model.post, k) for k in extra["postprocess"]}
     assert model.post.min_area_um2 > 0
 
 
@@ -75,10 +77,12 @@ def test_bundled_model_beats_otsu_watershed_on_every_held_out_source(model, held
         assert ours["bpq"] >= base["bpq"] + 0.05, source
         assert ours["f1_det"] > base["f1_det"], source
         if source == "consep":
-            # measured 0.083: 2.3x the frozen-backbone model's 0.036, short of the issue's 3x goal (0.108)
-            assert ours["mpq"] >= 2 * 0.036
+            # measured 0.0836 with the stamped type prior (tau 2.0, chosen on the validation images; 0.0831
+            # without): 2.3x the frozen-backbone model's 0.036, still short of the issue's 3x goal (0.108)
+            assert ours["mpq"] >= 0.08
             # every class present in the ground truth gets a recall figure (test_2: 286 spindle-shaped, 18
-            # inflammatory); the dominant class is found and typed right (measured 0.19), the rare one is not
+            # inflammatory); the dominant class is found and typed right (measured 0.196; 0.185 without the
+            # prior), the rare one barely (1 of 18, 0.056; 0.00 without)
             pc = ours["per_class"]
             assert all(v["recall"] is not None for v in pc.values() if v["n_true"])
             top = max(pc.values(), key=lambda v: v["n_true"])
@@ -198,3 +202,79 @@ def test_hovernet_rule_keeps_ids_contiguous_when_a_label_empties(model, nuclei_d
     assert n > 300 and r.inst_map.max() == n
     assert np.array_equal(np.unique(r.inst_map), np.arange(n + 1))
     assert (r.table.areas > 0).all()
+
+
+def _reference_vote(inst: np.ndarray, nt: np.ndarray, priors, tau: float) -> np.ndarray:
+    """HoVer-Net's vote written out in numpy: per-pixel argmax of the prior-adjusted NT map, majority per
+    nucleus, background losing to any other class present"""
+    w = np.ones(nt.shape[0])
+    w[1:] = np.asarray(priors, np.float64) ** -tau
+    arg = np.argmax(nt * w[:, None, None], axis=0)
+    out = []
+    for i in range(1, int(inst.max()) + 1):
+        votes = np.bincount(arg[inst == i], minlength=nt.shape[0])
+        if votes[1:].any():
+            votes[0] = 0
+        out.append(int(np.argmax(votes)))
+    return np.asarray(out)
+
+
+def test_type_prior_flips_the_vote_it_should_and_tau_0_changes_nothing(model, held_out):
+    """issue 14: logit adjustment of the type vote (PostProcessConfig.type_prior_tau / type_priors)"""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from cellvit_optimus.engine.errors import ConfigError
+    from cellvit_optimus.engine.pipeline.nuclei import PostProcessConfig, tile_to_instances
+
+    # a constructed nucleus: epithelial 0.5, spindle 0.3 on every pixel; against a prior that makes
+    # epithelial 8x as common as spindle-shaped, tau 1 must call it spindle-shaped (0.5/0.8 < 0.3/0.1)
+    yy, xx = np.mgrid[0:64, 0:64]
+    blob = (((yy - 32) ** 2 + (xx - 32) ** 2) < 12 ** 2).astype(np.float32)
+    hv = np.stack([(xx - 32) / 12, (yy - 32) / 12]).astype(np.float32) * blob
+    nt = np.zeros((5, 64, 64), np.float32)
+    nt[0], nt[3], nt[4] = 0.2, 0.5, 0.3
+    skew = (0.05, 0.05, 0.8, 0.1)
+    base = PostProcessConfig()
+    _, t0 = tile_to_instances(blob, hv, nt, base)
+    _, t1 = tile_to_instances(blob, hv, nt, replace(base, type_prior_tau=1.0, type_priors=skew))
+    assert len(t0) == len(t1) == 1 and t0.types[0] == 3 and t1.types[0] == 4
+    # the model's own class probabilities are kept (conformal sets and GeoJSON prob_* use them)
+    np.testing.assert_allclose(t1.type_scores, t0.type_scores, atol=1e-6)
+
+    # real maps: the bundled model on a real CoNSeP field (448 px at 0.25 um/px -> one 224 tile at 0.5)
+    img = np.asarray(Image.fromarray(held_out[0].image[:448, :448]).resize((224, 224), Image.Resampling.BOX))
+    maps = model.predict(img[None])
+    args = (maps.np[0], maps.hv[0], maps.nt[0])
+    post = replace(model.post, type_prior_tau=0.0, type_priors=None)  # the bundled model's, without a prior
+    priors = (0.041, 0.046, 0.485, 0.428)  # the training CoNSeP frequencies (bench/tune_postprocess.py)
+    inst0, ref = tile_to_instances(*args, post)
+    assert len(ref) > 20
+    for cfg in (replace(post, type_prior_tau=0.0, type_priors=priors), replace(post, type_prior_tau=1.5)):
+        inst, t = tile_to_instances(*args, cfg)  # tau 0, or no priors: today's result byte for byte
+        assert np.array_equal(inst, inst0) and t.types.tobytes() == ref.types.tobytes()
+        assert t.type_probs.tobytes() == ref.type_probs.tobytes()
+        assert t.type_scores.tobytes() == ref.type_scores.tobytes()
+    inst, t = tile_to_instances(*args, replace(post, type_prior_tau=2.0, type_priors=skew))
+    assert np.array_equal(inst, inst0)  # the prior moves types, never instances
+    np.testing.assert_array_equal(t.types, _reference_vote(inst, maps.nt[0], skew, 2.0))
+    np.testing.assert_array_equal(ref.types, _reference_vote(inst, maps.nt[0], skew, 0.0))
+    flipped = t.types != ref.types
+    assert flipped.any(), "a skewed prior at tau 2 flipped no vote on a real field"
+    # penalising the frequent class moves votes away from it (a background pixel may still turn
+    # epithelial, background is not adjusted, so "never onto it" is not a rule; on balance it loses)
+    assert (t.types[flipped] != 3).sum() > (t.types[flipped] == 3).sum()
+    assert (t.types == 3).sum() < (ref.types == 3).sum()
+
+    with pytest.raises(ConfigError, match="type_prior_tau=-1"):
+        PostProcessConfig(type_prior_tau=-1)
+    with pytest.raises(ConfigError, match="type_priors"):
+        PostProcessConfig(type_prior_tau=1, type_priors=(0.5, 0.0, 0.5, 0.1))
+    with pytest.raises(ConfigError, match="type_priors has 3 classes but the NT map has 4"):
+        tile_to_instances(*args, PostProcessConfig(type_prior_tau=1, type_priors=(1, 1, 2)))
+    # counts are normalised; a stamped (normalised) list round-trips to the same tuple
+    assert PostProcessConfig(type_priors=[1, 1, 2]).type_priors == (0.25, 0.25, 0.5)
+    stamped = PostProcessConfig(type_priors=[0.04127299850820487, 0.04574838388861263,
+                                             0.48483341621084036, 0.42814520139234213])
+    assert PostProcessConfig(type_priors=list(stamped.type_priors)) == stamped
