@@ -152,7 +152,7 @@ def _train_e2e(train_s, test_s, profile, nuclei_mpp, backbone, backbone_weights,
                max_minutes, seed, val_groups, negative_slides, work_dir, resume, checkpoint_every, eval_every,
                channels, datasets, out) -> None:
     from cellvit_optimus.engine.training.datasets import split_by_group
-    from .train_e2e import E2ETrainConfig, background_crops, train_nuclei_e2e
+    from cellvit_optimus.engine.training.train_e2e import E2ETrainConfig, background_crops, train_nuclei_e2e
 
     train_s, val_s = split_by_group(train_s, val_groups)
     cfg = E2ETrainConfig(nuclei_mpp=nuclei_mpp, backbone=backbone, decoder_channels=channels, steps=steps,
