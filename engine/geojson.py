@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ("cells_to_geojson", "clip_ring", "coords_feature_json", "feature_id", "polygon_feature",
+__all__ = ("cells_to_geojson", "clip_ring", "closed_ccw", "coords_feature_json", "feature_id", "polygon_feature",
            "polygon_feature_json", "ring_area_centroid", "write_geojson")
 
 #: decimals kept in coordinates (1/1000 pixel: below any display, keeps files small)
@@ -63,7 +63,7 @@ def _valid_ring(ring: np.ndarray) -> list[list[float]] | None:
     return [[float(x), float(y)] for x, y in poly.exterior.coords]
 
 
-def _closed_ccw(ring: np.ndarray) -> list[list[float]] | None:
+def closed_ccw(ring: np.ndarray) -> list[list[float]] | None:
     """close and orient a ring known to be simple (no shapely: cheap, and no GIL churn)"""
     r = np.round(np.asarray(ring, np.float64), COORD_DECIMALS)
     if r.shape[0] < 3:
@@ -120,7 +120,7 @@ def polygon_feature(ring: np.ndarray, class_name: str | None, color: Sequence[in
     ``validate=False`` skips shapely's repair for rings that are simple by construction (the kernels'
     pixel-edge contours); it only closes and orients them. ``metadata`` values become strings.
     """
-    coords = _valid_ring(ring) if validate else _closed_ccw(ring)
+    coords = _valid_ring(ring) if validate else closed_ccw(ring)
     if coords is None:
         return None
     # the id is derived from the polygon itself: reruns write identical files, and distinct nuclei differ
@@ -144,7 +144,7 @@ def polygon_feature_json(ring: np.ndarray, class_name: str | None, color: Sequen
     that text, spaced as ``repr`` spaces it) and no feature dict is built. In a worker thread this is
     pure-Python, GIL-holding time, which a host application's event loop waits behind.
     """
-    coords = _valid_ring(ring) if validate else _closed_ccw(ring)
+    coords = _valid_ring(ring) if validate else closed_ccw(ring)
     if coords is None:
         return None
     return coords_feature_json(coords, class_name, color, measurements, properties, object_type, metadata,

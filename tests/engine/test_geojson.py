@@ -75,11 +75,11 @@ def test_clip_ring_leaves_inside_rings_alone_and_cuts_the_rest():
 def test_ring_area_centroid_matches_shapely(nuclei_dir):
     from shapely.geometry import Polygon
 
-    from cellvit_optimus.engine.geojson import _closed_ccw, ring_area_centroid
+    from cellvit_optimus.engine.geojson import closed_ccw, ring_area_centroid
 
     table = instance_table(load_consep(nuclei_dir)[0].inst_map)
     for i in range(0, len(table), 7):
-        coords = _closed_ccw(np.asarray(table.contours[i], np.float64) * 2.0 + (100.0, 50.0))
+        coords = closed_ccw(np.asarray(table.contours[i], np.float64) * 2.0 + (100.0, 50.0))
         area, cx, cy = ring_area_centroid(coords)
         poly = Polygon(coords)
         assert area == pytest.approx(poly.area) and cx == pytest.approx(poly.centroid.x)
