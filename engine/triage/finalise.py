@@ -35,7 +35,7 @@ from cellvit_optimus.engine.triage.cells import UNCLASSIFIED
 from cellvit_optimus.engine.triage.config import TriageConfig
 from cellvit_optimus.engine.triage.consumer import NucleiRecords, SlideState
 from cellvit_optimus.engine.triage.outputs import TAG_COLOURS, cells_output, overview_image, regions_geojson
-from cellvit_optimus.engine.triage.results import SlideResult
+from cellvit_optimus.engine.triage.results import PrioritySource, SlideResult
 
 if TYPE_CHECKING:
     from cellvit_optimus.safety import MahalanobisOOD, SplitConformal, TagThresholds
@@ -144,6 +144,7 @@ def finalise_slide(ctx: FinaliseContext, state: SlideState, timings: dict[str, f
     tissue_mm2 = float(np.sum(grid.tissue_fraction)) * (grid.stride[0] * grid.stride[1]) * mpp0 ** 2 / 1e6
     attention = None
     density = None
+    source: PrioritySource
     if ctx.mil is not None:
         from cellvit_optimus.heads import predict_mil
 

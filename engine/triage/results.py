@@ -4,13 +4,16 @@ of a whole batch (results, failures, skipped inputs and the worklist files)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from cellvit_optimus.engine.errors import ConfigError
 from cellvit_optimus.engine.triage.cells import CellTable
 from cellvit_optimus.engine.wsi.inspect import Failure
 
-__all__ = ("SlideResult", "BatchResult")
+__all__ = ("SlideResult", "BatchResult", "PrioritySource")
+
+#: where a slide's priority came from: the MIL head, or the fallback density rule (:mod:`.finalise`)
+PrioritySource = Literal["mil", "fallback"]
 
 
 @dataclass
@@ -22,7 +25,7 @@ class SlideResult:
     tag: str
     reason: str
     priority: float
-    priority_source: str  # "mil" or "fallback"
+    priority_source: PrioritySource
     tiles: int
     nuclei: int
     counts: dict[str, int]

@@ -230,3 +230,22 @@ def test_sigkill_mid_slide_then_rerun_gives_the_same_files(tmp_path, slides_dir,
     for p in paths:
         assert _sha(feature_path(killed, p)) == _sha(feature_path(clean, p))
     assert not list((killed / "features").glob(".tmp-*"))  # the stale temporary was cleaned up
+
+
+def test_one_extractor_builder_keys_the_stain_normaliser(tmp_path, runner):
+    """extraction and triage build their FeatureExtractor in one place: the cache key names the stain
+    normaliser when there is one, so features made with and without it never pass for each other"""
+    from cellvit_optimus.engine.pipeline.extract import build_extractor
+    from cellvit_optimus.engine.pipeline.runner import BackboneRunner
+
+    def halve(t):
+        return t * 0.5
+
+    plain = build_extractor(runner, tmp_path, COARSE)
+    stained = build_extractor(BackboneRunner("tiny", stain_norm=halve, backbone=runner.backbone), tmp_path, COARSE)
+    norm = plain.preprocessing["normalisation"]
+    assert norm == {"mean": list(runner.preset.mean), "std": list(runner.preset.std), "dtype": runner.dtype}
+    assert stained.preprocessing["normalisation"] == {**norm, "stain_norm": "halve"}
+    from cellvit_optimus.engine.pipeline.features import preprocessing_hash
+
+    assert preprocessing_hash(plain.preprocessing) != preprocessing_hash(stained.preprocessing)
