@@ -18,11 +18,10 @@ import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError
 from cellvit_optimus.engine.pipeline.features import slide_fingerprint
-from cellvit_optimus.engine.pipeline.scheduler import SlideJob
+from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig, SlideJob
 from cellvit_optimus.engine.wsi.tissue import TilingConfig, TissueConfig, tile_grid
 
 if TYPE_CHECKING:
-    from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig
     from cellvit_optimus.engine.wsi.slide import BackendName
 
 __all__ = ("DECODERS", "Decoder", "SlideOpening", "TileReadPath", "job_fingerprint", "open_job_for")

@@ -39,7 +39,7 @@ from cellvit_optimus.engine.errors import ConfigError
 from cellvit_optimus.engine.io import clean_stale_temporaries, folder_lock, output_names
 from cellvit_optimus.engine.pipeline.extract import ExtractConfig, build_extractor
 from cellvit_optimus.engine.pipeline.readpath import TileReadPath, job_fingerprint, open_job_for
-from cellvit_optimus.engine.pipeline.scheduler import BatchOutput, Progress, SlideDone, SlideJob, run_pipeline
+from cellvit_optimus.engine.pipeline.scheduler import BatchOutput, Progress, SlideJob, run_pipeline
 from cellvit_optimus.engine.triage.config import OUTPUTS, TriageConfig
 from cellvit_optimus.engine.triage.consumer import NucleiConsumer, SlideState, TriageConsumer
 from cellvit_optimus.engine.triage.finalise import (FALLBACK_DENSITY_HALF, PRIORITY_RULE, FinaliseContext,
