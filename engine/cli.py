@@ -47,7 +47,7 @@ def _exit_code(n_ok: int, n_failed: int) -> int:
 #: a tiling resolution in microns per pixel (the tiling accepts 0.01..50)
 _TARGET_MPP = click.FloatRange(0.01, 50)
 _FRACTION = click.FloatRange(0.0, 1.0)
-#: extract.DECODERS, repeated so that parsing the command line imports no numpy (a test keeps them equal)
+#: readpath.DECODERS, repeated so that parsing the command line imports no numpy (a test keeps them equal)
 _DECODERS = ("auto", "slide", "dali", "cucim", "reference")
 
 
@@ -384,12 +384,14 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
     paths, skipped = _inputs(slides, recursive)  # before any model is loaded: a bad path fails at once
     from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig
     from cellvit_optimus.engine.triage.engine import Engine, TriageConfig
+    from cellvit_optimus.safety.config import SafetyConfig
 
     try:
+        safety = SafetyConfig(thresholds_path=thresholds, ood_state_path=ood_state, shadow_slides=shadow_slides,
+                              site_id=site_id)
         config = TriageConfig(scheduler=SchedulerConfig(batch_tiles=batch_size, reader_threads=workers), mpp=mpp,
                               backend=backend, decoder=decoder, nuclei_mpp=nuclei_mpp, overlap_px=overlap_px,
-                              min_tissue_fraction=min_tissue, outputs=outputs, thresholds=thresholds,
-                              ood_state=ood_state, shadow_slides=shadow_slides, site_id=site_id,
+                              min_tissue_fraction=min_tissue, outputs=outputs, safety=safety,
                               gzip_cells=gzip_cells, lock_timeout_s=lock_timeout)
         weights = dict(nuclei_weights=nuclei_weights, backbone_weights=backbone_weights, mil_weights=mil_weights,
                        device=device, batch_size=batch_size)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ("cells_to_geojson", "clip_ring", "coords_feature_json", "feature_id", "polygon_feature",
+__all__ = ("cells_to_geojson", "clip_ring", "closed_ccw", "coords_feature_json", "feature_id", "polygon_feature",
            "polygon_feature_json", "ring_area_centroid", "write_geojson")
 
 #: decimals kept in coordinates (1/1000 pixel: below any display, keeps files small)

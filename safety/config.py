@@ -21,7 +21,7 @@ __all__ = ("SafetyConfig",)
 
 @dataclass(frozen=True)
 class SafetyConfig:
-    """options of the safety layer (composed into the engine config)."""
+    """options of the safety layer (composed into the engine config: ``TriageConfig.safety``)."""
 
     alpha: float = 0.1
     conformal_score: Literal["aps", "raps"] = "raps"
@@ -35,10 +35,12 @@ class SafetyConfig:
     ood_out_quantile: float = 0.995
     ood_features: str = EMBEDDING_TILE_STATS
     ece_bins: int = 15
-    thresholds_path: str | None = None
-    site_state_path: str | None = None
+    thresholds_path: str | None = None  # TagThresholds JSON; None: the conservative built-in defaults
+    ood_state_path: str | None = None  # MahalanobisOOD state (.npz) fitted for the run's backbone
+    conformal_state_path: str | None = None  # SplitConformal state (.json) of the nuclei model's types
+    site_state_path: str | None = None  # shadow-mode counter file; None: the run's default place
     site_id: str = "default"
-    shadow_slides: int = 30
+    shadow_slides: int = 30  # cold start: the first N slides of a site are never cleared
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha < 1.0:

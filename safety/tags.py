@@ -58,6 +58,7 @@ __all__ = (
     "TileSignals",
     "SlideTags",
     "tag_tiles",
+    "quality_flags",
     "tag_regions",
     "tag_slide",
     "tag_all",
@@ -117,6 +118,11 @@ class TagThresholds:
     region_review_fraction: float = 0.0
     slide_ood_fraction: float = 0.5
     slide_review_fraction: float = 0.0
+    #: a tile whose pen/artefact fraction exceeds this carries the "pen/artefact" quality flag
+    artefact_flag_fraction: float = 0.25
+    #: a tile whose sharpness (variance of the Laplacian, :func:`~cellvit_optimus.engine.wsi.tissue.tile_quality`)
+    #: is below this carries the "blur" quality flag
+    blur_flag_min: float = 15.0
 
     def __post_init__(self) -> None:
         for name in ("ood_review", "ood_out"):
@@ -143,6 +149,10 @@ class TagThresholds:
             _check_fraction(name, getattr(self, name), allow_one=False)
         if not isinstance(self.require_ood, bool):
             raise ConfigError(f"require_ood={self.require_ood!r} must be a bool")
+        _check_fraction("artefact_flag_fraction", self.artefact_flag_fraction)
+        if not (isinstance(self.blur_flag_min, (int, float)) and math.isfinite(self.blur_flag_min)
+                and self.blur_flag_min >= 0):
+            raise ConfigError(f"blur_flag_min={self.blur_flag_min!r} must be a finite number >= 0")
 
     def with_ood(self, ood: Any) -> TagThresholds:
         """fill unset OOD thresholds from a fitted :class:`~.ood.MahalanobisOOD` (its ``thresholds``)."""
@@ -173,6 +183,26 @@ class TagThresholds:
             return cls(**body)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
+
+
+def quality_flags(artefact_fraction: Sequence[float] | np.ndarray, blur: Sequence[float] | np.ndarray,
+                  thresholds: TagThresholds) -> list[str]:
+    """one :attr:`TileSignals.quality_flags` entry per tile: ``"pen/artefact"`` above
+    ``thresholds.artefact_flag_fraction``, ``"blur"`` below ``thresholds.blur_flag_min``, comma-joined
+    ("" for a clean tile). A tile whose sharpness was never measured (``inf``) is not flagged."""
+    art = np.asarray(artefact_fraction, np.float64).ravel()
+    sharp = np.asarray(blur, np.float64).ravel()
+    if art.shape != sharp.shape:
+        raise ValueError(f"artefact_fraction has {art.size} tiles, blur {sharp.size}")
+    flags = []
+    for a, b in zip(art.tolist(), sharp.tolist()):
+        f = []
+        if a > thresholds.artefact_flag_fraction:
+            f.append("pen/artefact")
+        if b < thresholds.blur_flag_min:
+            f.append("blur")
+        flags.append(",".join(f))
+    return flags
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,16 +19,20 @@ import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError
 from cellvit_optimus.engine.pipeline.features import (FeatureWriter, cache_key, coords_attributes, preprocessing_hash,
-                       slide_fingerprint, verify_features)
-from cellvit_optimus.engine.pipeline.scheduler import Progress, SchedulerConfig, SlideDone, SlideJob, TileBatch, run_pipeline
-from cellvit_optimus.engine.wsi.tissue import TilingConfig, TissueConfig, tile_grid
+                       verify_features)
+# the read path moved to readpath.py; its names stay importable from here (public API)
+from cellvit_optimus.engine.pipeline.readpath import DECODERS, Decoder, TileReadPath, job_fingerprint, open_job_for
+from cellvit_optimus.engine.pipeline.scheduler import (BatchOutput, Progress, SchedulerConfig, SlideDone, SlideJob,
+                                                       TileBatch, run_pipeline)
+from cellvit_optimus.engine.wsi.tissue import TilingConfig, TissueConfig
 
 if TYPE_CHECKING:
-    from cellvit_optimus.engine.wsi.inspect import Failure
     from cellvit_optimus.engine.pipeline.runner import BackboneRunner
+    from cellvit_optimus.engine.wsi.inspect import Failure
+    from cellvit_optimus.engine.wsi.slide import BackendName
 
-__all__ = ("DECODERS", "ExtractConfig", "FeatureExtractor", "TileReadPath", "extract_features",
-           "aextract_features", "feature_path", "open_job_for")
+__all__ = ("DECODERS", "ExtractConfig", "FeatureConsumer", "FeatureExtractor", "TileReadPath", "build_extractor",
+           "extract_features", "aextract_features", "feature_path", "open_job_for")
 
 log = logging.getLogger(__name__)
 
@@ -42,102 +45,14 @@ class ExtractConfig:
     tissue: TissueConfig = field(default_factory=TissueConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     mpp: float | None = None  # level-0 MPP override for slides without (or with wrong) metadata
-    backend: str = "auto"
-    decoder: str = "auto"  # tile read path: one of DECODERS (see TileReadPath)
+    backend: BackendName = "auto"
+    decoder: Decoder = "auto"  # tile read path: one of DECODERS (see TileReadPath)
 
     def __post_init__(self) -> None:
         if self.mpp is not None and not 0.05 <= self.mpp <= 50:
             raise ConfigError(f"mpp={self.mpp} outside 0.05..50 um/px")
         if self.decoder not in DECODERS:
             raise ConfigError(f"decoder={self.decoder!r} is not one of {', '.join(DECODERS)}")
-
-
-#: tile read paths: "auto" (the GPU path when the backbone runs on CUDA, a GPU decoder is installed, the
-#: slide's tiles are JPEG and the GPU path measures faster on the first such slide; else the slide
-#: reader), "slide" (the slide reader on the host: cuCIM, tiffslide, ...), "dali" / "cucim" (that GPU
-#: decoder, for every slide it can read), "reference" (the GPU path's logic with the host JPEG decoder:
-#: raw tile streams, assembly and resampling in torch, on the backbone's device; for tests)
-DECODERS: tuple[str, ...] = ("auto", "slide", "dali", "cucim", "reference")
-
-
-class TileReadPath:
-    """turns a slide job's tile coordinates into pixels for the scheduler's reader threads: the slide
-    reader on the host, or raw JPEG tiles decoded on the GPU (:mod:`.gpu_decode`), chosen per slide.
-
-    ``attach`` (called by the slide opener) picks the path and records it in ``job.info["decoder"]``
-    with the reason; ``read`` is the scheduler's ``read_tiles``. On the GPU path tiles stay on the device
-    as a uint8 torch tensor, which the runner takes without a host round trip; tile quality is computed
-    there too. Slides the GPU path cannot read (JPEG 2000, DICOM, untiled) use the slide reader.
-    """
-
-    def __init__(self, decoder: str = "auto", device: str = "cpu") -> None:
-        if decoder not in DECODERS:
-            raise ConfigError(f"decoder={decoder!r} is not one of {', '.join(DECODERS)}")
-        self.decoder = decoder
-        self.device = str(device)
-        self._auto: tuple[bool, str] | None = None  # "auto": measured once per run, on the first JPEG slide
-        self._lock = threading.Lock()
-
-    def attach(self, job: SlideJob) -> None:
-        from cellvit_optimus.engine.errors import BackendUnavailableError, UnsupportedFormatError
-        from cellvit_optimus.engine.wsi.gpu_decode import GpuTileReader, choose_decoder
-
-        slide, grid = job.slide, job.grid
-        assert slide is not None and grid is not None
-        on_cuda = self.device.startswith("cuda")
-        if self.decoder == "slide" or (self.decoder == "auto" and not on_cuda) or not len(grid):
-            why = "asked for" if self.decoder == "slide" else "no tiles" if not len(grid) else "backbone not on CUDA"
-            job.info.update(decoder="slide", decoder_reason=why)
-            return
-        name = {"auto": "auto", "dali": "dali", "cucim": "cucim", "reference": "cpu"}[self.decoder]
-        try:
-            reader = GpuTileReader(slide, decoder=name, device=self.device)  # type: ignore[arg-type]
-        except UnsupportedFormatError as exc:
-            job.info.update(decoder="slide", decoder_reason=f"GPU read path cannot read this slide: {exc}")
-            return
-        except BackendUnavailableError as exc:
-            if self.decoder != "auto":
-                raise  # asked for by name: the slide fails with the message naming the package
-            job.info.update(decoder="slide", decoder_reason=f"GPU decode unavailable: {exc}")
-            return
-        except Exception as exc:  # noqa: BLE001  a decoder that fails to start (DALI pipeline, cuCIM)
-            if self.decoder != "auto":
-                raise
-            job.info.update(decoder="slide", decoder_reason=f"GPU decoder failed to start: {type(exc).__name__}: "
-                            f"{exc}".splitlines()[0])
-            return
-        if self.decoder == "auto":
-            with self._lock:
-                if self._auto is None:
-                    locs = [tuple(c) for c in grid.coords[:256].tolist()]
-                    choice = choose_decoder(slide, locs, grid.tile_size, grid.target_mpp, gpu_reader=reader)
-                    self._auto = (choice.decoder == "gpu", choice.reason)
-                    log.info("%s: tile read path %s (%s)", job.path.name, choice.decoder, choice.reason)
-            use, why = self._auto
-            if not use:
-                reader.close()
-                job.info.update(decoder="slide", decoder_reason=why)
-                return
-        else:
-            why = "asked for"
-        job.reader = reader
-        job.info.update(decoder=reader.decoder if self.decoder != "reference" else "reference",
-                        decoder_reason=why)
-
-    def read(self, job: SlideJob, idx: np.ndarray) -> tuple[Any, dict[str, np.ndarray]]:
-        from cellvit_optimus.engine.wsi.tissue import tile_quality
-
-        grid = job.grid
-        assert job.slide is not None and grid is not None
-        locs = [tuple(c) for c in grid.coords[idx].tolist()]
-        source = job.reader if job.reader is not None else job.slide
-        if job.reader is not None:  # GPU decoders return damaged pixels silently too: same strict check
-            job.slide.check_tiles(locs, grid.tile_size, grid.target_mpp)
-        tiles = source.read_tiles(locs, grid.tile_size, grid.target_mpp)
-        fallback = getattr(job.reader, "fallback_reason", None)
-        if fallback is not None:  # the GPU decoder failed on some batches: the host reader read them
-            job.info.update(decoder_fallback=fallback, decoder_fallbacks=job.reader.fallbacks)
-        return tiles, tile_quality(tiles)
 
 
 def feature_path(out_dir: str | os.PathLike[str], slide: str | os.PathLike[str], name: str | None = None) -> Path:
@@ -147,44 +62,17 @@ def feature_path(out_dir: str | os.PathLike[str], slide: str | os.PathLike[str],
     return Path(out_dir) / "features" / f"{name or output_name(slide)}.h5"
 
 
-def job_fingerprint(job: SlideJob) -> str:
-    """the slide's fingerprint with its mtime (cache and finished-slide keys), computed once per job"""
-    fp = job.info.get("slide_fingerprint")
-    if fp is None:
-        fp = job.info["slide_fingerprint"] = slide_fingerprint(job.path, mtime=True)
-    return fp
+class FeatureConsumer:
+    """one slide's feature file: each batch's embeddings and tile quality streamed into its writer,
+    committed when the slide finishes, removed when it is aborted"""
 
-
-def open_job_for(config: ExtractConfig, keep_mask: bool = False,
-                 read_path: TileReadPath | None = None) -> Callable[[SlideJob], None]:
-    """the scheduler's slide opener for ``config``: open, tissue grid, facts for the result
-    (``keep_mask`` also keeps the tissue mask in ``job.info["_mask"]``, for overview images;
-    ``read_path`` picks the slide's tile read path, whose ``read`` the scheduler then uses)"""
-    from cellvit_optimus.engine.wsi.slide import open_slide
-    from cellvit_optimus.engine.wsi.tissue import detect_tissue
-
-    def open_job(job: SlideJob) -> None:
-        slide = open_slide(job.path, backend=config.backend, mpp=config.mpp,  # type: ignore[arg-type]
-                           num_workers=config.scheduler.decode_workers)
-        job.slide = slide
-        mask = detect_tissue(slide, config.tissue)
-        job.grid = tile_grid(slide, config.tiling, mask=mask)
-        job.info.update(backend=slide.backend, mpp=list(slide.mpp) if slide.mpp else None,
-                        mpp_source=slide.mpp_source, dimensions=list(slide.dimensions))
-        if keep_mask:
-            job.info["_mask"] = mask
-        if read_path is not None:
-            read_path.attach(job)
-
-    return open_job
-
-
-class _FeatureConsumer:
     def __init__(self, writer: FeatureWriter) -> None:
         self.writer = writer
 
     def on_batch(self, batch: TileBatch) -> None:
-        emb = batch.output.embedding if hasattr(batch.output, "embedding") else batch.output
+        assert batch.output is not None  # the scheduler feeds consumers computed batches only
+        emb = batch.output.embedding
+        # the backbone's tensor (on its device) or the nuclei model's numpy embeddings
         emb = emb.detach().float().cpu().numpy() if hasattr(emb, "detach") else np.asarray(emb, np.float32)
         self.writer.write(batch.indices, emb, batch.quality)
 
@@ -241,7 +129,7 @@ class FeatureExtractor:
             return {"features": str(dest)}
         return None  # another key (model, preprocessing, slide changed): rewritten by this run
 
-    def consumers(self, job: SlideJob) -> list[Any]:
+    def consumers(self, job: SlideJob) -> list[FeatureConsumer]:
         grid, slide = job.grid, job.slide
         assert grid is not None and slide is not None
         attrs = {
@@ -271,15 +159,22 @@ class FeatureExtractor:
                                       level0_size=grid.level0_size, stride=grid.stride,
                                       slide_dimensions=slide.dimensions, mpp=slide.mpp)
         writer = FeatureWriter(dest, len(grid), self.embed_dim, attrs, arrays, {"coords": on_coords})
-        return [_FeatureConsumer(writer)]
+        return [FeatureConsumer(writer)]
 
 
-def _extractor(runner: BackboneRunner, out_dir: Path, config: ExtractConfig) -> FeatureExtractor:
+def build_extractor(runner: BackboneRunner, out_dir: str | os.PathLike[str], config: ExtractConfig) -> FeatureExtractor:
+    """the :class:`FeatureExtractor` for ``runner``'s features under ``out_dir``: feature extraction
+    and triage both build theirs here, so the two write the same cache key for the same slide
+
+    The normalisation in the key names the stain normaliser only when the runner has one. (Triage
+    never listed it and extraction listed ``None``: one rule keeps triage's existing feature files
+    valid, and extraction's caches written without a normaliser are recomputed once.)"""
     from cellvit_optimus.engine import __version__
 
-    norm = {"mean": list(runner.preset.mean), "std": list(runner.preset.std), "dtype": runner.dtype,
-            "stain_norm": getattr(runner.stain_norm, "__name__", None) if runner.stain_norm else None}
-    return FeatureExtractor(out_dir, config, runner.preset.name, runner.weights_id, runner.embed_dim, norm,
+    norm: dict[str, Any] = {"mean": list(runner.preset.mean), "std": list(runner.preset.std), "dtype": runner.dtype}
+    if runner.stain_norm is not None:
+        norm["stain_norm"] = getattr(runner.stain_norm, "__name__", None)
+    return FeatureExtractor(Path(out_dir), config, runner.preset.name, runner.weights_id, runner.embed_dim, norm,
                             __version__)
 
 
@@ -303,12 +198,12 @@ async def aextract_features(paths: Sequence[str | os.PathLike[str]], out_dir: st
         firsts.setdefault(os.path.abspath(p), Path(p))
     slides = list(firsts.values())
     out = Path(out_dir)
-    extractor = _extractor(runner, out, config)
+    extractor = build_extractor(runner, out, config)
     extractor.names = output_names(slides)
     read_path = TileReadPath(config.decoder, str(runner.device))
 
-    def compute(tiles: np.ndarray):
-        return runner(tiles, tokens=False)
+    def compute(tiles: np.ndarray) -> BatchOutput:
+        return BatchOutput(runner(tiles, tokens=False).embedding)
 
     lock = folder_lock(out, lock_timeout_s)
     await anyio.to_thread.run_sync(lock.__enter__)  # waiting for another run never blocks the host's loop

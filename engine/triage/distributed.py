@@ -45,7 +45,10 @@ from typing import Any
 from cellvit_optimus.engine.errors import BackendUnavailableError, ConfigError
 from cellvit_optimus.engine.wsi.inspect import Failure
 from cellvit_optimus.engine.pipeline.scheduler import Progress
-from cellvit_optimus.engine.triage.engine import BatchResult, Engine, SlideResult, TriageConfig
+from cellvit_optimus.engine.triage.config import TriageConfig
+from cellvit_optimus.engine.triage.engine import Engine
+from cellvit_optimus.engine.triage.outputs import finished_result, write_worklist
+from cellvit_optimus.engine.triage.results import BatchResult, SlideResult
 
 __all__ = ("ClusterConfig", "ClusterProgress", "WorkerProgress", "SlideAttempt", "RayTriage")
 
@@ -133,7 +136,6 @@ class _SlideWorker:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.engine = Engine(config, device=device, **engine_kwargs)
         self._progress: tuple[str, int, int] | None = None
-        self._batch_delay = 0.0
 
     def ready(self) -> dict[str, Any]:
         import socket
@@ -141,16 +143,8 @@ class _SlideWorker:
         return {"run_key": self.engine.run_key(), "pid": os.getpid(), "host": socket.gethostname()}
 
     def set_batch_delay(self, seconds: float) -> None:
-        """test and diagnostics hook: sleep this long before every backbone batch"""
-        self._batch_delay = float(seconds)
-        if seconds > 0 and "_forward" not in vars(self.engine):
-            plain = self.engine._forward
-
-            def slowed(tiles: Any) -> Any:
-                time.sleep(self._batch_delay)
-                return plain(tiles)
-
-            self.engine._forward = slowed  # type: ignore[method-assign]
+        """test and diagnostics hook: sleep this long before every backbone batch (``Engine.batch_delay_s``)"""
+        self.engine.batch_delay_s = float(seconds)
 
     def progress(self) -> tuple[str, int, int] | None:
         return self._progress
@@ -393,7 +387,8 @@ class RayTriage:
                 progress(self._progress(st, len(paths), now - t0))
 
         got = [st.results[i] for i in range(len(paths))]
-        return _write_worklist(out, got, skipped)
+        # the same ranking as one process, without loading a model on the driver
+        return write_worklist(out, got, skipped)
 
     def _collect(self, slot: _Slot, ref: Any, paths: list[Path], queue: deque[int], st: _State,
                  out: Path) -> None:
@@ -490,10 +485,11 @@ class RayTriage:
         from cellvit_optimus.engine.wsi.slide import open_slide
 
         cfg = self.config
-        if not cfg.shadow_slides:
+        safety = cfg.safety
+        if not safety.shadow_slides:
             return
-        site = Path(cfg.site_state) if cfg.site_state else out / "site_state.json"
-        shadow = ShadowMode(site, cfg.site_id, n_slides=cfg.shadow_slides, write=atomic_write_bytes)
+        site = Path(safety.site_state_path) if safety.site_state_path else out / "site_state.json"
+        shadow = ShadowMode(site, safety.site_id, n_slides=safety.shadow_slides, write=atomic_write_bytes)
         known = set()
         if site.is_file():
             known = {e["slide_id"] for e in json.loads(site.read_text()).get("shadow_log", [])}
@@ -538,9 +534,9 @@ def _size(p: Path) -> int:
 
 
 def _finished(out: Path, path: Path, key: str | None, name: str) -> bool:
-    """the resume rule of the single-process engine (:func:`~.triage.finished_result`)"""
+    """the resume rule of the single-process engine (:func:`~.outputs.finished_result`), for a slide
+    file the driver has not opened (a file that vanished or cannot be read counts as not finished)"""
     from cellvit_optimus.engine.pipeline.features import slide_fingerprint
-    from cellvit_optimus.engine.triage.engine import finished_result
 
     try:
         return finished_result(out / name / "summary.json", path, key, slide_fingerprint(path, mtime=True)) is not None
@@ -558,9 +554,3 @@ def _remove_temporaries(out: Path, name: str) -> None:
             p.unlink()
         except OSError:
             pass
-
-
-def _write_worklist(out: Path, results: list[SlideResult | Failure],
-                    skipped: Sequence[tuple[str, str]] = ()) -> BatchResult:
-    # without loading a model on the driver.
-    return Engine._worklist(out, results, skipped)

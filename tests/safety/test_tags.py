@@ -236,3 +236,30 @@ def test_slide_reason_names_causes_in_plain_words_with_tile_counts():
     assert slide.tag is Tag.REVIEW
     assert slide.reason == "6 of 10 tiles uncertain: blurred (3), nucleus types uncertain (2)"
     assert len(tiles) == n
+
+
+def test_quality_flags_follow_the_thresholds():
+    from cellvit_optimus.safety.tags import quality_flags
+
+    art = np.array([0.0, 0.25, 0.26, 0.9, 0.0], np.float32)
+    blur = np.array([100.0, 15.0, 14.9, 3.0, np.inf], np.float32)
+    assert quality_flags(art, blur, TagThresholds()) == ["", "", "pen/artefact,blur", "pen/artefact,blur", ""]
+    # the flags move with the thresholds (a site's file may set them), not with literals in the engine
+    loose = TagThresholds(artefact_flag_fraction=0.95, blur_flag_min=1.0)
+    assert quality_flags(art, blur, loose) == ["", "", "", "", ""]
+    strict = TagThresholds(artefact_flag_fraction=0.0, blur_flag_min=200.0)
+    assert quality_flags(art, blur, strict) == ["blur", "pen/artefact,blur", "pen/artefact,blur",
+                                                "pen/artefact,blur", ""]
+    with pytest.raises(ValueError, match="artefact_fraction has 5 tiles, blur 4"):
+        quality_flags(art, blur[:4], TagThresholds())
+    with pytest.raises(ConfigError, match="artefact_flag_fraction=1.5"):
+        TagThresholds(artefact_flag_fraction=1.5)
+    with pytest.raises(ConfigError, match="blur_flag_min=-1"):
+        TagThresholds(blur_flag_min=-1)
+
+
+def test_quality_flag_thresholds_round_trip_through_a_file(tmp_path):
+    path = tmp_path / "thresholds.json"
+    TagThresholds(ood_review=3.0, ood_out=6.0, blur_flag_min=30.0).save(path)
+    t = TagThresholds.load(path)
+    assert t.blur_flag_min == 30.0 and t.artefact_flag_fraction == 0.25

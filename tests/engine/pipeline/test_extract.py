@@ -97,14 +97,14 @@ def test_a_bad_slide_fails_alone(tmp_path, slides_dir, runner):
 
 def test_read_failure_mid_slide_leaves_no_partial_file(tmp_path, slides_dir, runner):
     """a slide whose tiles stop decoding half-way is recorded; its half-written file is removed"""
-    from cellvit_optimus.engine.pipeline.extract import FeatureExtractor, _extractor, open_job_for  # noqa: F401
-    from cellvit_optimus.engine.pipeline.scheduler import run_pipeline
+    from cellvit_optimus.engine.pipeline.extract import FeatureExtractor, build_extractor, open_job_for  # noqa: F401
+    from cellvit_optimus.engine.pipeline.scheduler import BatchOutput, run_pipeline
     from cellvit_optimus.engine.wsi.tissue import tile_quality
 
     import anyio
 
     cfg = ExtractConfig(scheduler=SchedulerConfig(batch_tiles=8))
-    extractor = _extractor(runner, tmp_path, cfg)
+    extractor = build_extractor(runner, tmp_path, cfg)
     seen = {"n": 0}
 
     def flaky_read(job, idx):
@@ -117,7 +117,7 @@ def test_read_failure_mid_slide_leaves_no_partial_file(tmp_path, slides_dir, run
     async def main():
         paths = [slides_dir / "cmu-1-small-region.svs"]
         async with run_pipeline(paths, open_job=open_job_for(cfg), factory=extractor,
-                                compute=lambda t: runner(t, tokens=False), config=cfg.scheduler,
+                                compute=lambda t: BatchOutput(runner(t, tokens=False).embedding), config=cfg.scheduler,
                                 read_tiles=flaky_read) as results:
             return [r async for r in results]
 
@@ -148,12 +148,12 @@ def test_backpressure_bounds_tiles_in_memory(tmp_path, slides_dir, runner):
     """with a slow backbone, readers stall instead of piling tiles up in memory"""
     import threading
 
-    from cellvit_optimus.engine.pipeline.scheduler import run_pipeline
+    from cellvit_optimus.engine.pipeline.scheduler import BatchOutput, run_pipeline
     from cellvit_optimus.engine.wsi.tissue import tile_quality
 
     import anyio
 
-    from cellvit_optimus.engine.pipeline.extract import _extractor, open_job_for
+    from cellvit_optimus.engine.pipeline.extract import build_extractor, open_job_for
 
     sched = SchedulerConfig(batch_tiles=4, queue_batches=2, reader_threads=2)
     cfg = ExtractConfig(scheduler=sched)
@@ -172,11 +172,11 @@ def test_backpressure_bounds_tiles_in_memory(tmp_path, slides_dir, runner):
         out = runner(tiles, tokens=False)
         with lock:
             alive["now"] -= 1
-        return out
+        return BatchOutput(out.embedding)
 
     async def main():
         async with run_pipeline([slides_dir / "cmu-1-small-region.svs"], open_job=open_job_for(cfg),
-                                factory=_extractor(runner, tmp_path, cfg), compute=slow_compute,
+                                factory=build_extractor(runner, tmp_path, cfg), compute=slow_compute,
                                 config=sched, read_tiles=counting_read) as results:
             return [r async for r in results]
 
@@ -230,3 +230,22 @@ def test_sigkill_mid_slide_then_rerun_gives_the_same_files(tmp_path, slides_dir,
     for p in paths:
         assert _sha(feature_path(killed, p)) == _sha(feature_path(clean, p))
     assert not list((killed / "features").glob(".tmp-*"))  # the stale temporary was cleaned up
+
+
+def test_one_extractor_builder_keys_the_stain_normaliser(tmp_path, runner):
+    """extraction and triage build their FeatureExtractor in one place: the cache key names the stain
+    normaliser when there is one, so features made with and without it never pass for each other"""
+    from cellvit_optimus.engine.pipeline.extract import build_extractor
+    from cellvit_optimus.engine.pipeline.runner import BackboneRunner
+
+    def halve(t):
+        return t * 0.5
+
+    plain = build_extractor(runner, tmp_path, COARSE)
+    stained = build_extractor(BackboneRunner("tiny", stain_norm=halve, backbone=runner.backbone), tmp_path, COARSE)
+    norm = plain.preprocessing["normalisation"]
+    assert norm == {"mean": list(runner.preset.mean), "std": list(runner.preset.std), "dtype": runner.dtype}
+    assert stained.preprocessing["normalisation"] == {**norm, "stain_norm": "halve"}
+    from cellvit_optimus.engine.pipeline.features import preprocessing_hash
+
+    assert preprocessing_hash(plain.preprocessing) != preprocessing_hash(stained.preprocessing)

@@ -17,7 +17,7 @@ import pytest
 
 from cellvit_optimus.engine.errors import CorruptSlideError, NotASlideError
 from cellvit_optimus.engine.wsi.inspect import Failure
-from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig, SlideDone, SlideJob, run_pipeline
+from cellvit_optimus.engine.pipeline.scheduler import BatchOutput, SchedulerConfig, SlideDone, SlideJob, run_pipeline
 from cellvit_optimus.engine.wsi.tissue import TileGrid
 
 TILE = 8
@@ -33,10 +33,13 @@ def _grid(n: int) -> TileGrid:
 class Recorder:
     """consumer factory + consumers that log every call (thread-safe)"""
 
-    def __init__(self, cached: set[str] = frozenset(), fail_finish: set[str] = frozenset()) -> None:
+    def __init__(self, cached: set[str] = frozenset(), fail_finish: set[str] = frozenset(),
+                 fail_batch: dict[str, int] | None = None) -> None:
         self.lock = threading.Lock()
         self.events: list[tuple[str, str, int]] = []  # (what, slide name, tiles)
         self.cached, self.fail_finish = cached, fail_finish
+        self.fail_batch = fail_batch or {}  # slide name -> first tile index whose batch makes on_batch raise
+        self.outputs: list[BatchOutput] = []
 
     def log(self, what: str, job: SlideJob, n: int = 0) -> None:
         with self.lock:
@@ -50,7 +53,12 @@ class Recorder:
 
         class C:
             def on_batch(self, batch):
+                limit = rec.fail_batch.get(batch.job.path.name)
+                if limit is not None and batch.indices[0] >= limit:
+                    raise ValueError(f"{batch.job.path.name}: consumer cannot take tile {int(batch.indices[0])}")
                 rec.log("batch", batch.job, len(batch.indices))
+                with rec.lock:
+                    rec.outputs.append(batch.output)
 
             def finish(self, job):
                 if job.path.name in rec.fail_finish:
@@ -104,7 +112,7 @@ def test_every_tile_reaches_compute_and_consumers_once():
 
     def compute(tiles):
         seen.append(len(tiles))
-        return tiles.mean(axis=(1, 2, 3))
+        return BatchOutput(tiles.mean(axis=(1, 2, 3)))
 
     cfg = SchedulerConfig(batch_tiles=16, reader_threads=2, queue_batches=2, slides_in_flight=2)
     res = anyio.run(lambda: _collect([Path(p) for p in sizes], open_job=_opener(sizes), factory=rec,
@@ -115,6 +123,11 @@ def test_every_tile_reaches_compute_and_consumers_once():
     assert sum(seen) == sum(sizes.values()) and max(seen) <= 16
     for name, n in sizes.items():
         assert rec.count("batch", name) == n and rec.count("finish", name) == 1 and rec.count("abort", name) == 0
+    # consumers get compute's output of their own tiles: the stand-in reader fills tile i with i % 251
+    # at the chunk's first index, so each embedding is that chunk's first index
+    assert all(isinstance(o, BatchOutput) for o in rec.outputs)
+    firsts = sorted(float(o.embedding[0]) for o in rec.outputs)
+    assert firsts == sorted(float(s % 251) for n in sizes.values() for s in range(0, n, 16))
 
 
 def test_backpressure_bounds_the_tiles_in_memory():
@@ -166,6 +179,38 @@ def test_one_failing_slide_is_aborted_and_the_others_finish():
     assert isinstance(by["not-a-slide.svs"], Failure) and by["not-a-slide.svs"].reason == NotASlideError.reason
     g = by["finish-fails.svs"]
     assert isinstance(g, Failure) and "disk full" in g.message and rec.count("abort", "finish-fails.svs") == 1
+
+
+def test_a_consumer_failing_mid_slide_aborts_that_slide_only():
+    """on_batch raising: the slide is aborted (never finished), its later batches skip compute, the
+    other slides finish in full"""
+    sizes = {"a.svs": 24, "broken-consumer.svs": 400, "c.svs": 24}
+    rec = Recorder(fail_batch={"broken-consumer.svs": 16})
+    read_n: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def compute(tiles):
+        time.sleep(0.002)
+        return BatchOutput(np.zeros(len(tiles)))
+
+    def read(job, idx):
+        with lock:
+            read_n[job.path.name] = read_n.get(job.path.name, 0) + len(idx)
+        return np.zeros((len(idx), TILE, TILE, 3), np.uint8), {}
+
+    cfg = SchedulerConfig(batch_tiles=8, reader_threads=1, queue_batches=1, slides_in_flight=1)
+    res = anyio.run(lambda: _collect([Path(p) for p in sizes], open_job=_opener(sizes), factory=rec,
+                                     compute=compute, config=cfg, read_tiles=read))
+    by = {Path(r.path).name: r for r in res}
+    f = by["broken-consumer.svs"]
+    assert isinstance(f, Failure) and "consumer cannot take tile 16" in f.message
+    assert rec.count("batch", "broken-consumer.svs") == 16  # the two batches before the failing one
+    assert rec.count("abort", "broken-consumer.svs") == 1 and rec.count("finish", "broken-consumer.svs") == 0
+    # one slide in flight, one-batch queues: reading stops well before the slide's end
+    assert read_n["broken-consumer.svs"] <= 16 + 8 * 8 < sizes["broken-consumer.svs"]
+    for ok in ("a.svs", "c.svs"):
+        assert isinstance(by[ok], SlideDone) and rec.count("batch", ok) == sizes[ok]
+        assert rec.count("finish", ok) == 1 and rec.count("abort", ok) == 0
 
 
 def test_cache_hits_are_served_without_reading():

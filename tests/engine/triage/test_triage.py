@@ -361,3 +361,68 @@ def test_config_errors_name_the_value():
         TriageConfig(outputs=("summary", "bogus"))
     with pytest.raises(ValueError, match="must include 'summary'"):
         TriageConfig(outputs=("cells",))
+
+
+def test_old_safety_keywords_set_the_composed_safety_config():
+    from dataclasses import replace
+
+    from cellvit_optimus.safety import SafetyConfig
+
+    old = TriageConfig(**COARSE, thresholds="t.json", ood_state="o.npz", nucleus_conformal="c.json",
+                       shadow_slides=0, site_state="s.json", site_id="lab-2")
+    new = TriageConfig(**COARSE, safety=SafetyConfig(thresholds_path="t.json", ood_state_path="o.npz",
+                                                     conformal_state_path="c.json", shadow_slides=0,
+                                                     site_state_path="s.json", site_id="lab-2"))
+    assert old == new and old.safety.site_id == "lab-2" and old.safety.shadow_slides == 0
+    # replace keeps the safety options unless it is given new ones
+    assert replace(old, overlap_px=16).safety == old.safety
+    assert replace(old, safety=SafetyConfig(shadow_slides=5)).safety.shadow_slides == 5
+    with pytest.raises(ValueError, match="shadow_slides=-1"):
+        TriageConfig(shadow_slides=-1)
+    with pytest.raises(ValueError, match="site_id"):
+        TriageConfig(site_id="")
+
+
+def test_forward_hands_on_embeddings_and_nuclei_maps_and_honours_the_batch_delay(slides_dir, engine, monkeypatch):
+    from cellvit_optimus.engine.pipeline.scheduler import BatchOutput
+    from cellvit_optimus.engine.triage import engine as engine_module
+    from cellvit_optimus.engine.wsi.slide import open_slide
+
+    s = engine.model.tile_size
+    with open_slide(slides_dir / "cmu-1-small-region.svs") as slide:
+        tiles = slide.read_tiles([(0, 0), (s * 4, s * 4)], s, engine.nuclei_mpp)
+    slept: list[float] = []
+    monkeypatch.setattr(engine_module.time, "sleep", slept.append)
+    out = engine.forward(tiles)
+    assert isinstance(out, BatchOutput) and slept == []
+    assert out.embedding.shape == (2, engine.model.runner.embed_dim) and out.embedding.dtype == np.float32
+    assert out.nuclei.np.shape == (2, s, s) and out.nuclei.nt.shape[:2] == (2, engine.model.num_classes + 1)
+    engine.batch_delay_s = 0.25
+    try:
+        again = engine.forward(tiles)
+    finally:
+        engine.batch_delay_s = 0.0
+    assert slept == [0.25]
+    assert np.array_equal(again.embedding, out.embedding)
+
+
+def test_quality_flags_follow_the_threshold_file(tmp_path, slides_dir, engine):
+    """the blur limit is a safety threshold: a site file that sets it flags (and keys) the run"""
+    from cellvit_optimus.safety import TagThresholds
+
+    path = tmp_path / "thresholds.json"
+    TagThresholds(blur_flag_min=1e9).save(path)  # every tile is "blurred"
+    strict = Engine(TriageConfig(**COARSE, shadow_slides=0, thresholds=str(path)))
+    assert strict.thresholds.blur_flag_min == 1e9
+    r = strict.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "out").results[0]
+    summary = json.loads(Path(r.outputs["summary"]).read_text())
+    assert r.tag == "review" and summary["regions"]
+    assert all("blur" in reg["reason"] for reg in summary["regions"]), summary["regions"]
+    # a changed limit changes the run key, so slides finished under another limit are recomputed
+    from dataclasses import replace
+
+    keys = set()
+    for art, blur in ((0.25, 1e9), (0.25, 20.0), (0.25, 15.0), (0.5, 15.0)):
+        strict.thresholds = replace(strict.thresholds, artefact_flag_fraction=art, blur_flag_min=blur)
+        keys.add(strict.run_key())
+    assert len(keys) == 4
