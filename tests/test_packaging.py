@@ -42,9 +42,10 @@ def _public_modules():
     for pkg_name in PACKAGES:
         pkg = importlib.import_module(pkg_name)
         yield pkg_name
-        for info in pkgutil.iter_modules(pkg.__path__):
-            if not info.name.startswith("_"):
-                yield f"{pkg_name}.{info.name}"
+        # every level: the engine's wings (wsi, pipeline, triage, training) and the modules in them
+        for info in pkgutil.walk_packages(pkg.__path__, prefix=f"{pkg_name}."):
+            if not any(part.startswith("_") for part in info.name.split(".")):
+                yield info.name
 
 
 @pytest.mark.parametrize("module", sorted(set(_public_modules())))

@@ -140,27 +140,22 @@ class TokenCache:
         n = len(self.tiles)
         r = self.runner
         nb, d, g = len(r.blocks), r.embed_dim, r.grid_size
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".tmp-{self.path.name}.{os.getpid()}")
         calls0 = r.calls
         t0 = time.perf_counter()
-        try:
-            with h5py.File(tmp, "w") as f:
-                ds = f.create_dataset("tokens", shape=(n, nb, d, g, g), dtype="float16",
-                                      chunks=(1, nb, d, g, g), track_times=False)
-                f.create_dataset("names", data=np.asarray(self.tiles.names, dtype=object),
-                                 dtype=h5py.string_dtype(), track_times=False)
-                for k, v in {"backbone": r.preset.name, "weights_hash": r.weights_id,
-                             "preprocessing": json.dumps(self.preprocessing, sort_keys=True),
-                             "cache_key": self.key, "complete": False}.items():
-                    f.attrs[k] = v
-                for s in range(0, n, batch_size):
-                    out = r(self.tiles.images[s:s + batch_size], tokens=True)
-                    ds[s:s + out.embedding.shape[0]] = torch.stack(out.tokens, 1).to(torch.float16).cpu().numpy()
-                f.attrs["complete"] = True
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        from cellvit_optimus.engine.io import atomic_path
+
+        with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as f:
+            ds = f.create_dataset("tokens", shape=(n, nb, d, g, g), dtype="float16",
+                                  chunks=(1, nb, d, g, g), track_times=False)
+            f.create_dataset("names", data=np.asarray(self.tiles.names, dtype=object),
+                             dtype=h5py.string_dtype(), track_times=False)
+            for k, v in {"backbone": r.preset.name, "weights_hash": r.weights_id,
+                         "preprocessing": json.dumps(self.preprocessing, sort_keys=True),
+                         "cache_key": self.key, "complete": False}.items():
+                f.attrs[k] = v
+            for s in range(0, n, batch_size):
+                out = r(self.tiles.images[s:s + batch_size], tokens=True)
+                ds[s:s + out.embedding.shape[0]] = torch.stack(out.tokens, 1).to(torch.float16).cpu().numpy()
+            f.attrs["complete"] = True
         self.backbone_calls += r.calls - calls0
         logger.info("token cache %s: %d tiles in %.1f s", self.path.name, n, time.perf_counter() - t0)
