@@ -250,6 +250,18 @@ class LoadedNucleiHead:
     backbone_state: dict[str, torch.Tensor] | None = None
 
 
+def _profiles_mismatch(profile: ClassProfile, tissue_profile: ClassProfile | None, head: Any) -> str | None:
+    """why the class profiles do not fit the head (None when they do): checked on save (a caller's
+    mistake, ConfigError) and on load (a bad file, WeightsError naming it)"""
+    if profile.num_classes != head.num_nuclei_types:
+        return (f"class profile {profile.name!r} has {profile.num_classes} classes but the head has "
+                f"num_nuclei_types={head.num_nuclei_types}")
+    if (tissue_profile.num_classes if tissue_profile else 0) != head.tissue_classes:
+        return (f"tissue profile {tissue_profile.name if tissue_profile else None!r} does not match the head's "
+                f"tissue_classes={head.tissue_classes}")
+    return None
+
+
 def save_nuclei_head(
     path: str | PathLike[str],
     head: UNETRHead,
@@ -269,16 +281,9 @@ def save_nuclei_head(
     ``backbone_state``: the backbone's weights when they were trained with the head; they are stored
     under :data:`EMBEDDED_BACKBONE_PREFIX` and ``backbone_hash`` must then be their :func:`state_hash`.
     """
-    if profile.num_classes != head.num_nuclei_types:
-        raise ConfigError(
-            f"profile {profile.name!r} has {profile.num_classes} classes but the head has "
-            f"num_nuclei_types={head.num_nuclei_types}"
-        )
-    if (tissue_profile.num_classes if tissue_profile else 0) != head.tissue_classes:
-        raise ConfigError(
-            f"tissue profile {tissue_profile.name if tissue_profile else None!r} does not match the head's "
-            f"tissue_classes={head.tissue_classes}"
-        )
+    problem = _profiles_mismatch(profile, tissue_profile, head)
+    if problem:
+        raise ConfigError(problem)
     if not (nuclei_mpp > 0 and math.isfinite(nuclei_mpp)):
         raise ConfigError(f"nuclei_mpp={nuclei_mpp} must be a positive number")
     fields = {"class_profile": profile.to_json()}
@@ -323,15 +328,9 @@ def load_nuclei_head(
             ClassProfile.from_dict(_json(p, meta, "tissue_profile")) if "tissue_profile" in meta else None
         )
         head = UNETRHead(**kwargs)
-    if profile.num_classes != head.num_nuclei_types:
-        raise WeightsError(
-            f"{p}: class profile {profile.name!r} has {profile.num_classes} classes, "
-            f"head_kwargs num_nuclei_types={head.num_nuclei_types}"
-        )
-    if (tissue_profile.num_classes if tissue_profile else 0) != head.tissue_classes:
-        raise WeightsError(
-            f"{p}: tissue profile does not match head_kwargs tissue_classes={head.tissue_classes}"
-        )
+    problem = _profiles_mismatch(profile, tissue_profile, head)
+    if problem:
+        raise WeightsError(f"{p}: {problem}")
     try:
         mpp = float(_require(p, meta, "nuclei_mpp"))
     except ValueError as exc:

@@ -93,7 +93,7 @@ def test_nuclei_missing_keys_and_shapes(tmp_path) -> None:
     bad = _tamper(
         path, tmp_path / "prof.safetensors", meta=lambda m: m.update(class_profile=PANNUKE.to_json())
     )
-    with pytest.raises(WeightsError, match="'pannuke' has 5 classes, head_kwargs num_nuclei_types=4"):
+    with pytest.raises(WeightsError, match="'pannuke' has 5 classes but the head has num_nuclei_types=4"):
         load_nuclei_head(bad)
     bad = _tamper(path, tmp_path / "nobb.safetensors", meta=lambda m: m.pop("backbone_id"))
     with pytest.raises(WeightsError, match="'backbone_id' missing"):
