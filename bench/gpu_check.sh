@@ -25,7 +25,7 @@ WHEELS=$CARRY/wheels
 TEST_SLOT_S=${GPU_CHECK_TEST_S:-170}
 BENCH_SLOT_S=${GPU_CHECK_BENCH_S:-290}
 # the files that hold the gpu-marked tests, and the GPU benches, most wanted first
-GPU_TESTS=(tests/engine/test_runner.py tests/engine/test_gpu_decode.py)
+GPU_TESTS=(tests/engine/pipeline/test_runner.py tests/engine/wsi/test_gpu_decode.py)
 GPU_BENCH=(bench/test_bench_e2e_gpu.py bench/test_bench_backbone.py bench/test_bench_gpu_decode.py
            bench/test_bench_backbone_bf16.py)
 # the slide every GPU test and bench reads; the package ships the same file
@@ -141,7 +141,7 @@ if [ "$MODE" = dry-run ]; then
   else
     steps+=("collect gpu tests and bench=FAILED:$(grep -m1 -E 'Error|error' "$RUN_DIR/collect.log")"); status=1
   fi
-  "${PYTEST[@]}" tests/engine/test_gpu_decode.py -k "spliced_streams_decode" \
+  "${PYTEST[@]}" tests/engine/wsi/test_gpu_decode.py -k "spliced_streams_decode" \
     --junitxml="$RUN_DIR/tests.xml" >"$RUN_DIR/tests.log" 2>&1 || status=1
   steps+=("bench=dry-run:not run (needs CUDA); OPTIMUS_BENCH_GPU_BATCHES=64,256")
   BENCH_ARG=()

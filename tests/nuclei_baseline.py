@@ -1,6 +1,6 @@
 """Classical nuclei baseline: Otsu threshold on the haematoxylin channel + distance-transform watershed.
 
-What the bundled nuclei model must beat (tests/engine/test_nuclei.py, bench/eval_nuclei.py). Plain
+What the bundled nuclei model must beat (tests/engine/pipeline/test_nuclei.py, bench/eval_nuclei.py). Plain
 scikit-image / scipy, parameters in micrometres so it works at any MPP:
 
 1. haematoxylin optical density by colour deconvolution (``skimage.color.rgb2hed``), Gaussian blur;

@@ -260,6 +260,6 @@ def test_quality_flags_follow_the_thresholds():
 
 def test_quality_flag_thresholds_round_trip_through_a_file(tmp_path):
     path = tmp_path / "thresholds.json"
-    TagThresholds(ood_review=3.0, ood_out=6.0, blur_flag_min=30.0).save(path)
+    atomic_write_bytes(path, TagThresholds(ood_review=3.0, ood_out=6.0, blur_flag_min=30.0).to_bytes())
     t = TagThresholds.load(path)
     assert t.blur_flag_min == 30.0 and t.artefact_flag_fraction == 0.25

@@ -408,10 +408,11 @@ def test_forward_hands_on_embeddings_and_nuclei_maps_and_honours_the_batch_delay
 
 def test_quality_flags_follow_the_threshold_file(tmp_path, slides_dir, engine):
     """the blur limit is a safety threshold: a site file that sets it flags (and keys) the run"""
+    from cellvit_optimus.engine.io import atomic_write_bytes
     from cellvit_optimus.safety import TagThresholds
 
     path = tmp_path / "thresholds.json"
-    TagThresholds(blur_flag_min=1e9).save(path)  # every tile is "blurred"
+    atomic_write_bytes(path, TagThresholds(blur_flag_min=1e9).to_bytes())  # every tile is "blurred"
     strict = Engine(TriageConfig(**COARSE, shadow_slides=0, thresholds=str(path)))
     assert strict.thresholds.blur_flag_min == 1e9
     r = strict.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "out").results[0]

@@ -4,7 +4,7 @@ The boxes below were drawn by looking at each slide's thumbnail with a 2-5 % gri
 (fractions of the slide's width and height: x0, x1, y0, y1). The overlays under
 tests/engine/wsi/overlays/ show the detected tissue (green), pen/artefacts (red), kept tiles (blue
 outlines) and these boxes (yellow = background, cyan = tissue, magenta = pen). Regenerate them with
-``OPTIMUS_WRITE_OVERLAYS=1 pytest tests/engine/test_tissue.py``.
+``OPTIMUS_WRITE_OVERLAYS=1 pytest tests/engine/wsi/test_tissue.py``.
 """
 
 from __future__ import annotations
