@@ -69,15 +69,14 @@ class AtomicFile:
 
     def commit(self) -> Path:
         try:
-            # again: some writers (safetensors) replace the file, which brings back mkstemp's 0600
-            os.chmod(self.tmp, 0o666 & ~_UMASK)
-            with open(self.tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(self.tmp, self.dest)
-        except BaseException as exc:
+            with write_guard(self.dest):
+                # again: some writers (safetensors) replace the file, which brings back mkstemp's 0600
+                os.chmod(self.tmp, 0o666 & ~_UMASK)
+                with open(self.tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(self.tmp, self.dest)
+        except BaseException:
             self.abort()
-            if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
-                raise OutputWriteError.from_os_error(self.dest, exc) from exc
             raise
         _fsync_dir(self.dest.parent)
         return self.dest
@@ -93,12 +92,11 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     (an :class:`AtomicFile`)"""
     f = AtomicFile(dest)
     try:
-        yield f.tmp
-    except BaseException as exc:
-        f.abort()
-        if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
-            # disk full, quota, read-only: one named error instead of a bare OSError (and no temporary left)
-            raise OutputWriteError.from_os_error(f.dest, exc) from exc
+        # disk full, quota, read-only while writing: one named error instead of a bare OSError
+        with write_guard(f.dest):
+            yield f.tmp
+    except BaseException:
+        f.abort()  # no temporary left, whatever went wrong
         raise
     f.commit()
 
