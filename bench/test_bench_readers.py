@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from cellvit_optimus.engine.wsi.slide import available_backends, open_slide
 from cellvit_optimus.engine.wsi.tissue import tile_grid
 
@@ -69,3 +68,37 @@ def test_read_tiles_at_target_mpp(benchmark, slides_dir, locations, backend):
     out = benchmark.pedantic(lambda: slide.read_tiles(locations, 224, 0.5), rounds=5, warmup_rounds=1)
     finish()
     assert out.shape == (N_TILES, 224, 224, 3)
+
+
+@pytest.fixture(scope="module")
+def jpeg_tiles(slides_dir):
+    """the 130 level-0 tiles of CMU-1-small-region as full JPEG streams (JPEGTables spliced in)"""
+    import tifffile
+
+    path = slides_dir / "cmu-1-small-region.svs"
+    blob = path.read_bytes()
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        head = bytes(page.jpegtables)[:-2]
+        return [head + blob[o + 2:o + c] for o, c in zip(page.dataoffsets, page.databytecounts)]
+
+
+@pytest.mark.benchmark(group="tile-check")
+@pytest.mark.parametrize("how", ["full-decode", "strict-eighth", "scan-walk", "strict-eighth+scan-walk"])
+def test_tile_check_cost(benchmark, jpeg_tiles, how):
+    """what the corrupt-tile check costs next to a full decode of the same tiles (one thread)"""
+    import simplejpeg
+    from cellvit_optimus.engine.wsi.slide import _strict_decode
+    from cellvit_optimus.kernels import jpeg_scan_check
+
+    jpeg_scan_check(jpeg_tiles[0])  # compile outside the timing
+    one = {
+        "full-decode": lambda t: simplejpeg.decode_jpeg(t, colorspace="RGB"),
+        "strict-eighth": lambda t: simplejpeg.decode_jpeg(t, colorspace="RGB", min_factor=8, min_height=1,
+                                                          min_width=1, strict=True),
+        "scan-walk": jpeg_scan_check,
+        "strict-eighth+scan-walk": _strict_decode,
+    }[how]
+    benchmark.extra_info.update(tiles=len(jpeg_tiles), check=how)
+    benchmark.pedantic(lambda: [one(t) for t in jpeg_tiles], rounds=10, warmup_rounds=1)
+    benchmark.extra_info["ms_per_tile"] = 1e3 * benchmark.stats.stats.mean / len(jpeg_tiles)

@@ -17,6 +17,8 @@ __all__: tuple[str, ...] = (
     "instance_table",
     "instances_to_hv",
     "sobel_range",
+    # slide tiles
+    "jpeg_scan_check",
     # stitching
     "TileInstances",
     "stitch_tiles",
@@ -42,6 +44,7 @@ _WHERE: dict[str, str] = {
     "instance_table": "hovernet",
     "sobel_range": "hovernet",
     "instances_to_hv": "targets",
+    "jpeg_scan_check": "jpeg",
     "TileInstances": "stitch",
     "stitch_tiles": "stitch",
     **{
@@ -65,6 +68,7 @@ _WHERE: dict[str, str] = {
 
 if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers
     from .hovernet import InstanceTable, hv_to_instances, hv_to_instances_batch, instance_table, sobel_range
+    from .jpeg import jpeg_scan_check
     from .metrics import (
         DetectionScores,
         PQResult,
