@@ -115,3 +115,29 @@ def test_triage_end_to_end(benchmark, tmp_path):
     benchmark.extra_info.update(stage="triage end to end", nuclei_mpp=2.0, nuclei=res.nuclei, tag=res.tag,
                                 timings={k: round(v, 4) for k, v in res.timings.items()})
     record(benchmark, tiles=res.tiles)
+
+
+@pytest.mark.benchmark(group="nuclei-micro-batch")
+@pytest.mark.parametrize("batch_size", [1, 4, 16])
+def test_nuclei_forward_micro_batch(benchmark, slides_dir, batch_size):
+    """the bundled nuclei model (backbone + UNETR) on the same 32 real tissue tiles, split into forwards of
+    ``batch_size``; ``extra_info['peak_rss_mib']`` is this process's peak so far (run the parametrisations
+    in this order: 1 and 4 first, so a rise is the larger batch's)"""
+    import resource
+
+    import numpy as np
+
+    if not default_nuclei_model().is_file():
+        pytest.skip(f"bundled nuclei model {default_nuclei_model()} absent (trained separately)")
+    from cellvit_optimus.engine.pipeline.nuclei import NucleiModel
+
+    model = NucleiModel(batch_size=batch_size)
+    with open_slide(slides_dir / "cmu-1-small-region.svs") as s:
+        coords = tile_grid(s, TilingConfig(tile_size=model.tile_size, target_mpp=model.nuclei_mpp)).coords
+        idx = np.random.default_rng(0).choice(len(coords), 32, replace=len(coords) < 32)
+        tiles = s.read_tiles([tuple(map(int, c)) for c in coords[idx]], model.tile_size, model.nuclei_mpp)
+    model.forward(tiles[:batch_size])  # warm-up outside the timing
+    benchmark.pedantic(lambda: model.forward(tiles), rounds=3, warmup_rounds=0)
+    benchmark.extra_info.update(batch_size=batch_size,
+                                peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    record(benchmark, tiles=len(tiles))

@@ -354,7 +354,8 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 @click.option("--outputs", default=",".join(("features", "cells", "regions", "thumbnail", "summary")),
               show_default=True, callback=_outputs, help="what to write (comma-separated; summary is required)")
 @click.option("--device", **DEVICE)
-@click.option("--batch-size", type=POSITIVE, default=16, show_default=True, help="tiles per backbone call")
+@click.option("--batch-size", type=POSITIVE, default=None,
+              help="tiles per backbone call [default: 4 on the CPU, 16 on a GPU]")
 @click.option("--workers", type=POSITIVE, default=2, show_default=True, help="slide reader threads")
 @click.option("--decoder", type=click.Choice(_DECODERS), default="auto", show_default=True, help=_DECODER_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars (services, logs)")
@@ -389,9 +390,9 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
     try:
         safety = SafetyConfig(thresholds_path=thresholds, ood_state_path=ood_state, shadow_slides=shadow_slides,
                               site_id=site_id)
-        config = TriageConfig(scheduler=SchedulerConfig(batch_tiles=batch_size, reader_threads=workers), mpp=mpp,
-                              backend=backend, decoder=decoder, nuclei_mpp=nuclei_mpp, overlap_px=overlap_px,
-                              min_tissue_fraction=min_tissue, outputs=outputs, safety=safety,
+        sched = SchedulerConfig(batch_tiles=batch_size or 16, reader_threads=workers)  # tiles per read chunk
+        config = TriageConfig(scheduler=sched, mpp=mpp, backend=backend, decoder=decoder, nuclei_mpp=nuclei_mpp,
+                              overlap_px=overlap_px, min_tissue_fraction=min_tissue, outputs=outputs, safety=safety,
                               gzip_cells=gzip_cells, lock_timeout_s=lock_timeout)
         weights = dict(nuclei_weights=nuclei_weights, backbone_weights=backbone_weights, mil_weights=mil_weights,
                        device=device, batch_size=batch_size)

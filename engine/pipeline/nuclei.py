@@ -55,6 +55,11 @@ DEFAULT_OVERLAP = 64
 MPP_TOLERANCE = 0.05
 #: padding colour of images smaller than a tile (glass is white; no nuclei there)
 PAD_VALUE = 255
+#: tiles per nuclei forward by device. On the CPU small batches are both faster and far lighter: the
+#: UNETR decoder's full-resolution activations scale with the batch (bundled model, 2 threads, load 3:
+#: 170 ms/tile and 630 MiB peak RSS at 4 against 264-286 ms/tile and 960-995 MiB at 16;
+#: bench/test_bench_e2e.py -k micro_batch compares them side by side)
+DEFAULT_BATCH_SIZE = {"cpu": 4, "cuda": 16}
 
 
 def tile_origins(length: int, tile: int, stride: int) -> list[int]:
@@ -178,16 +183,18 @@ class NucleiModel:
         Weights of the backbone the head was trained on, when that backbone is not a seeded random
         init (the checkpoint's ``backbone_hash`` must match them).
     device : ``"cpu"`` / ``"cuda"``
-    batch_size : tiles per forward
+    batch_size : tiles per forward (default :data:`DEFAULT_BATCH_SIZE` for the device)
     """
 
     def __init__(self, checkpoint: str | os.PathLike[str] | None = None, *,
                  backbone_weights: str | os.PathLike[str] | None = None, device: str = "cpu",
-                 batch_size: int = 16, dtype: str | None = None) -> None:
+                 batch_size: int | None = None, dtype: str | None = None) -> None:
         from cellvit_optimus.heads.checkpoint import load_nuclei_head, read_metadata
 
         from cellvit_optimus.engine.pipeline.runner import BackboneRunner
 
+        if batch_size is None:
+            batch_size = DEFAULT_BATCH_SIZE["cuda" if str(device).startswith("cuda") else "cpu"]
         path = Path(checkpoint) if checkpoint is not None else default_model_path()
         if not path.is_file():
             raise WeightsError(f"{path}: nuclei checkpoint not found")

@@ -217,7 +217,7 @@ class RayTriage:
     cluster : address and actor sizing
     nuclei_weights, backbone_weights, mil_weights : as for ``Engine``; paths must exist on every node
     device : ``"auto"`` (CUDA on actors given a GPU), ``"cpu"`` or ``"cuda"``
-    batch_size : tiles per backbone call
+    batch_size : tiles per backbone call (default: the nuclei model's for each actor's device)
     ray_init : extra keyword arguments for ``ray.init`` when this object starts or joins Ray
     """
 
@@ -225,7 +225,7 @@ class RayTriage:
                  nuclei_weights: str | os.PathLike[str] | None = None,
                  backbone_weights: str | os.PathLike[str] | None = None,
                  mil_weights: str | os.PathLike[str] | None = None, device: str = "auto",
-                 batch_size: int = 16, ray_init: dict[str, Any] | None = None) -> None:
+                 batch_size: int | None = None, ray_init: dict[str, Any] | None = None) -> None:
         self.config = config or TriageConfig()
         self.cluster = cluster or ClusterConfig()
         self.engine_kwargs: dict[str, Any] = {

@@ -69,13 +69,13 @@ class Engine:
     backbone_weights : weights of the backbone the nuclei head was trained on, when not a seeded init
     mil_weights : optional gated-attention MIL checkpoint for the slide score
     device : ``"cpu"``, ``"cuda"``, ``"auto"``
-    batch_size : tiles per backbone call
+    batch_size : tiles per backbone call (default: the nuclei model's for the device, 4 on the CPU)
     """
 
     def __init__(self, config: TriageConfig | None = None, *, nuclei_weights: str | os.PathLike[str] | None = None,
                  backbone_weights: str | os.PathLike[str] | None = None,
                  mil_weights: str | os.PathLike[str] | None = None, device: str = "cpu",
-                 batch_size: int = 16) -> None:
+                 batch_size: int | None = None) -> None:
         from cellvit_optimus.engine.pipeline.nuclei import NucleiModel, PostProcessConfig
 
         self.config = config or TriageConfig()

@@ -223,7 +223,9 @@ def overview_image(mask: Any, grid: Any, nuclei_per_tile: np.ndarray, tile_tags:
     h, w = base.shape[:2]
     dx, dy = mask.downsample
     dens = np.zeros((h, w), np.float32)
-    tagimg = mask.thumbnail.astype(np.float32).copy()
+    # float32 throughout: a float64 copy of a 3-megapixel thumbnail is 78 MiB, and there were several
+    thumb = mask.thumbnail.astype(np.float32)
+    tagimg = thumb.copy()
     values = attention if attention is not None else nuclei_per_tile.astype(np.float32)
     vmax = float(values.max()) if len(values) and values.max() > 0 else 1.0
     w0, h0 = grid.level0_size
@@ -232,8 +234,12 @@ def overview_image(mask: Any, grid: Any, nuclei_per_tile: np.ndarray, tile_tags:
         x1, y1 = min(int((x + w0) / dx) + 1, w), min(int((y + h0) / dy) + 1, h)
         dens[y0:y1, x0:x1] = np.maximum(dens[y0:y1, x0:x1], values[i] / vmax)
         c = np.array(TAG_COLOURS[tile_tags[i]], np.float32)
-        tagimg[y0:y1, x0:x1] = 0.55 * mask.thumbnail[y0:y1, x0:x1] + 0.45 * c
-    heat = np.where(dens[..., None] > 0, 0.4 * mask.thumbnail + 0.6 * _heat_colours(dens), mask.thumbnail)
+        tagimg[y0:y1, x0:x1] = np.float32(0.55) * thumb[y0:y1, x0:x1] + np.float32(0.45) * c
+    heat = _heat_colours(dens)
+    heat *= np.float32(0.6)
+    heat += np.float32(0.4) * thumb
+    heat = np.where(dens[..., None] > 0, heat, thumb)
+    del thumb
     if attention is not None:
         scale = ("MIL attention", "0", f"{vmax:.3g} (max)")
     else:
@@ -269,7 +275,7 @@ def _compose(panels: list[tuple[str, np.ndarray, list[tuple[str, tuple[int, int,
         draw.text((2, 2), title, fill=(0, 0, 0), font=font)
     for k, (name, img, swatches, scale) in enumerate(panels):
         x = k * (col + gap)
-        arr = img.clip(0, 255).astype(np.uint8)
+        arr = img if img.dtype == np.uint8 else np.clip(img, 0, 255, out=img).astype(np.uint8)
         canvas.paste(Image.fromarray(arr), (x + (col - arr.shape[1]) // 2, top))
         draw.text((x + 2, top - 17), name, fill=(0, 0, 0), font=font)
         y = top + h + 5
