@@ -422,15 +422,13 @@ def test_huge_single_level_tiff_in_a_batch_stays_under_2_gb(tmp_path, slides_dir
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
     assert sorted(doc["done"]) == ["cmu-1-small-region", "prostate-small"]
     assert [f[:2] for f in doc["failed"]] == [[str(huge), "no tissue"]]  # blank glass, judged on a thumbnail
-    # measured 2026-12-04: 1939 MiB for this batch; the two good slides alone peak at 1744 MiB and the
-    # huge slide alone at 900 MiB, so the margin is the engine's own footprint, not the huge slide's
+    # The whole process stays under 2 GiB, libraries and model included. Measured 2026-12-04 (load 2-3):
+    # 1472 MiB with torch 2.13.0+cpu (514 MiB before the first slide) and 1809 MiB with 2.14.1+cu130,
+    # whose CUDA libraries map ~370 MiB more even without a GPU (886 MiB before the first slide). Before
+    # the nuclei model ran in micro-batches of 4 on the CPU it was 1756-1939 MiB (once above 2 GiB) with
+    # the CPU build and 2.1-2.9 GiB with a CUDA build.
     print(f"peak RSS {doc['maxrss_kb'] / 1024:.0f} MiB, {doc['ready_kb'] / 1024:.0f} MiB before the first slide")
-    # What the batch adds over the loaded engine stays under 2 GB whatever torch build is installed
-    # (measured 1243 MiB with the 2.13.0 CPU build, 1206 MiB with 2.14.1+cu130). The whole process is
-    # NOT held under 2 GB: with the CPU build it peaked at 1756-1939 MiB and once above 2 GB in a full
-    # suite run; a CUDA build maps ~1 GB of CUDA libraries even without a GPU (2.1-2.9 GB peak).
-    # The peak varies with which slides are open together (slides_in_flight=2).
-    assert doc["maxrss_kb"] - doc["ready_kb"] < 2 * 1024 * 1024, doc
+    assert doc["maxrss_kb"] < 2 * 1024 * 1024, doc
 
 
 # --------------------------------------------------------------------------------------------------
