@@ -88,7 +88,7 @@ def jpeg_tiles(slides_dir):
 def test_tile_check_cost(benchmark, jpeg_tiles, how):
     """what the corrupt-tile check costs next to a full decode of the same tiles (one thread)"""
     import simplejpeg
-    from cellvit_optimus.engine.wsi.slide import _strict_decode
+    from cellvit_optimus.engine.wsi.jpegcheck import strict_decode
     from cellvit_optimus.kernels import jpeg_scan_check
 
     jpeg_scan_check(jpeg_tiles[0])  # compile outside the timing
@@ -97,7 +97,7 @@ def test_tile_check_cost(benchmark, jpeg_tiles, how):
         "strict-eighth": lambda t: simplejpeg.decode_jpeg(t, colorspace="RGB", min_factor=8, min_height=1,
                                                           min_width=1, strict=True),
         "scan-walk": jpeg_scan_check,
-        "strict-eighth+scan-walk": _strict_decode,
+        "strict-eighth+scan-walk": strict_decode,
     }[how]
     benchmark.extra_info.update(tiles=len(jpeg_tiles), check=how)
     benchmark.pedantic(lambda: [one(t) for t in jpeg_tiles], rounds=10, warmup_rounds=1)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cellvit_optimus.engine.errors import CorruptSlideError, UnsupportedFormatError
+from cellvit_optimus.engine.errors import CorruptSlideError, CorruptTilesError, UnsupportedFormatError
 from cellvit_optimus.engine.wsi.backend import Backend, plausible_mpp, rgb
+from cellvit_optimus.engine.wsi.jpegcheck import strict_decode
 
 __all__ = ("DicomBackend", "decode_frame")
 
@@ -125,8 +126,16 @@ class DicomBackend(Backend):
         from pydicom.encaps import get_frame
 
         try:
-            data = get_frame(self._ds.PixelData, i, number_of_frames=self._n_frames)
-            arr = decode_frame(bytes(data))
+            data = bytes(get_frame(self._ds.PixelData, i, number_of_frames=self._n_frames))
+        except Exception as exc:
+            raise CorruptSlideError(self._path, f"frame {i} cannot be read: {exc}") from exc
+        if data[:2] == b"\xff\xd8":  # JPEG: Pillow decodes damaged data silently, so check it first
+            try:
+                strict_decode(data)
+            except (ValueError, RuntimeError) as exc:
+                raise CorruptTilesError(self._path, f"corrupt JPEG frame {i} of {self._n_frames}: {exc}") from exc
+        try:
+            arr = decode_frame(data)
         except Exception as exc:
             raise CorruptSlideError(self._path, f"frame {i} cannot be decoded: {exc}") from exc
         with self._lock:

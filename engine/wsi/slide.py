@@ -38,6 +38,7 @@ from cellvit_optimus.engine.errors import (
     UnsupportedFormatError,
 )
 from cellvit_optimus.engine.wsi.backend import MPP_PLAUSIBLE, Backend, BackendName
+from cellvit_optimus.engine.wsi.jpegcheck import strict_decode
 
 # re-exported: callers (the triage tests) expand slide folders through the slide module
 from cellvit_optimus.engine.wsi.paths import iter_slide_paths
@@ -234,33 +235,12 @@ def _check_tiff_complete(path: Path) -> list[_JpegPage]:
     return pages
 
 
-def _strict_decode(data: bytes) -> np.ndarray:
-    """one JPEG stream at 1/8 scale, or ValueError when libjpeg warns or its entropy-coded syntax is off
-
-    ``simplejpeg.decode_jpeg(strict=True)`` raises on libjpeg's warnings; it decodes at 1/8 scale
-    (the whole entropy-coded stream is still parsed, only the DC term is transformed: about a fifth of
-    a full decode, 0.13 ms per 240^2 tile). libjpeg lets some damaged streams through without a warning
-    (a desynchronised stream that ends inside the last byte, AC runs past a block's end, DC terms out
-    of range): :func:`~cellvit_optimus.kernels.jpeg.jpeg_scan_check` walks the codes exactly (about
-    0.25 ms per tile). On 600 single-byte flips in the bundled slide's tiles the first check caught
-    380, the walk 57 more; the other 163 are valid JPEG streams (JPEG has no checksum).
-    """
-    import simplejpeg
-    from cellvit_optimus.kernels.jpeg import jpeg_scan_check
-
-    part = simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=8, min_height=1, min_width=1, strict=True)
-    found = jpeg_scan_check(data)
-    if found is not None and found[1]:
-        raise ValueError(f"{found[1]} (near byte {found[0]} of the tile)")
-    return part
-
-
 class _TileCheck:
     """strict re-decoding of the compressed JPEG tiles each read touches, once per tile
 
     libjpeg decodes damaged entropy-coded data with only a warning on stderr ("Corrupt JPEG data"),
     and every decoder here (imagecodecs, PIL, cuCIM) returns the damaged pixels: a slide with flipped
-    bytes in a tile was analysed as if nothing happened. Each tile goes through :func:`_strict_decode`.
+    bytes in a tile was analysed as if nothing happened. Each tile goes through :func:`~cellvit_optimus.engine.wsi.jpegcheck.strict_decode`.
     SVS tiles are abbreviated streams: the page's JPEGTables are spliced in (tables without their EOI +
     tile without its SOI). Only tiled JPEG levels are checked (other codecs: see the README)."""
 
@@ -311,7 +291,7 @@ class _TileCheck:
             if head:
                 data = head + data[2:]
             try:
-                _strict_decode(data)
+                strict_decode(data)
             except (ValueError, RuntimeError) as exc:
                 log.debug("%s: level %d tile %d: %s", self.path, level, i, exc)
                 bad.append((level, i % cols, i // cols))
@@ -349,7 +329,7 @@ class _TileCheck:
                 data = head + data[2:]
             r, c = divmod(i, cols)
             try:
-                part = _strict_decode(data)
+                part = strict_decode(data)
             except (ValueError, RuntimeError):
                 bad.append((level, c, r))
                 continue

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from cellvit_optimus.engine.errors import WeightsError
 from cellvit_optimus.engine.triage.engine import Engine, TriageConfig
 
@@ -39,7 +38,6 @@ def engine():
 def _flipped_cmu(path: Path, slides_dir: Path) -> Path:
     """another real image of the same kind: CMU-1's pixels mirrored, as a tiled JPEG TIFF with its MPP"""
     import tifffile
-
     from cellvit_optimus.engine.wsi.slide import open_slide
 
     with open_slide(slides_dir / CMU) as s:
@@ -187,7 +185,6 @@ def tiny_runner():
 @pytest.mark.parametrize("damage", ["values", "truncated", "shape"])
 def test_damaged_feature_file_is_moved_aside_and_recomputed(tmp_path, slides_dir, tiny_runner, caplog, damage):
     import h5py
-
     from cellvit_optimus.engine.pipeline.extract import ExtractConfig, extract_features
     from cellvit_optimus.engine.pipeline.features import read_features
     from cellvit_optimus.engine.wsi.tissue import TilingConfig
@@ -311,11 +308,10 @@ def test_two_concurrent_cli_runs_on_one_folder_compute_each_slide_once(tmp_path,
 
 def test_nan_or_inf_weights_are_refused_at_load(tmp_path):
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     from cellvit_optimus.engine.data import DATA_DIR
     from cellvit_optimus.heads.backbone import load_state_dict_file
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     bundled = DATA_DIR / "default_nuclei.safetensors"
     tensors = load_file(str(bundled))
@@ -367,9 +363,8 @@ def make_single_level_tiff(path: Path, side: int = 50_000, tile: int = 512, mpp:
 
 
 def test_blockwise_thumbnail_matches_a_one_piece_box_average(slides_dir):
-    from PIL import Image
-
     from cellvit_optimus.engine.wsi.slide import open_slide
+    from PIL import Image
 
     with open_slide(slides_dir / CMU) as s:
         full = s.read_region((0, 0), 0, s.dimensions)
@@ -467,6 +462,54 @@ def test_flipped_bytes_in_a_jpeg_tile_fail_the_slide_as_corrupt_tiles(tmp_path, 
     assert [r.name for r in batch.results] == ["cmu-1-small-region"]
     summary = json.loads(Path(batch.results[0].outputs["summary"]).read_text())
     assert summary["tile_check"] == {"checked": 130, "corrupt": 0, "positions": []}
+
+
+def test_a_dicom_frame_that_pillow_decodes_silently_fails_the_slide_as_corrupt_tiles(tmp_path, slides_dir, engine):
+    """DICOM JPEG frames get the same check as TIFF tiles: one byte changed inside a tissue frame's
+    entropy-coded data, chosen so that Pillow decodes the frame without an error (the damage would pass)"""
+    import io
+
+    import pydicom
+    from cellvit_optimus.engine.errors import CorruptTilesError
+    from cellvit_optimus.engine.wsi.jpegcheck import strict_decode
+    from cellvit_optimus.engine.wsi.slide import open_slide
+    from PIL import Image
+    from pydicom.encaps import generate_frames
+
+    src = slides_dir / "prostate-small.dcm"
+    ds = pydicom.dcmread(src)
+    frames = [bytes(f) for f in generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames))]
+    blob = bytearray(src.read_bytes())
+    k = max(range(len(frames)), key=lambda i: len(frames[i]))  # the busiest frame: tissue
+    at = bytes(blob).find(frames[k])
+    assert at > 0 and bytes(blob).count(frames[k]) == 1
+    rng = np.random.default_rng(3)
+    for _ in range(200):  # a flip that Pillow accepts (most flips also make libjpeg warn)
+        o = int(rng.integers(len(frames[k]) // 4, len(frames[k]) - 4))
+        bad = bytearray(frames[k])
+        bad[o] ^= int(rng.integers(1, 256))
+        try:
+            with Image.open(io.BytesIO(bytes(bad))) as im:
+                im.convert("RGB").load()
+        except OSError:
+            continue
+        try:  # and not one of the flips that leave a valid JPEG stream (no decoder can see those)
+            strict_decode(bytes(bad))
+        except ValueError:
+            break
+    else:
+        pytest.fail("no silently decoded damaged flip found")
+    blob[at + o] = bad[o]
+    path = tmp_path / "damaged.dcm"
+    path.write_bytes(bytes(blob))
+    # (opening already decodes frames: the reader checks their order by the seams between them)
+    want = rf"damaged\.dcm: corrupt tiles \(corrupt JPEG frame {k} of 42"
+    with pytest.raises(CorruptTilesError, match=want), open_slide(path) as s:
+        s.thumbnail(512)
+    with open_slide(src) as s:
+        s.thumbnail(512)  # every frame of the real file passes
+    batch = engine.run([path], tmp_path / "out")
+    assert [(Path(f.path).name, f.reason) for f in batch.failures] == [("damaged.dcm", "corrupt tiles")]
 
 
 def test_truncation_inside_the_first_directory_is_reported_as_truncated_not_no_mpp(tmp_path, slides_dir):
