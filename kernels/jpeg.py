@@ -262,6 +262,23 @@ def _fill(data, pos, acc, nbits, marker):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
+def _interval_end(data, pos, acc, nbits, marker):  # pragma: no cover - compiled
+    """an interval (restart interval or the scan) ends inside its last byte, padded with ones, and
+    ``marker`` follows after any fill bytes: 0, 7 (padding), 8 (whole bytes left) or 9 (another marker
+    or none), with the marker's offset"""
+    n = data.shape[0]
+    if nbits >= 8:
+        return 8, pos
+    if acc & ((1 << nbits) - 1) != (1 << nbits) - 1:
+        return 7, pos
+    while pos + 1 < n and data[pos] == 0xFF and data[pos + 1] == 0xFF:
+        pos += 1
+    if pos + 1 >= n or data[pos] != 0xFF or data[pos + 1] != marker:
+        return 9, pos
+    return 0, pos
+
+
+@njit(cache=True, nogil=True)
 def _walk(data, pos, mcus, restart, comp_h, comp_v, comp_dc, comp_ac, comp_q0,
           mincode, maxcode, valptr, huffval, lut_len, lut_sym):  # pragma: no cover - compiled
     """0 or a problem code (JPEG_PROBLEMS) and the byte offset where it was found"""
@@ -274,15 +291,9 @@ def _walk(data, pos, mcus, restart, comp_h, comp_v, comp_dc, comp_ac, comp_q0,
     rst = 0
     for mcu in range(mcus):
         if restart > 0 and mcu > 0 and mcu % restart == 0:
-            # the interval ends inside its last byte, padded with ones, at a marker
-            if nbits >= 8:
-                return 8, pos
-            if acc & ((1 << nbits) - 1) != (1 << nbits) - 1:
-                return 7, pos
-            while pos + 1 < n and data[pos] == 0xFF and data[pos + 1] == 0xFF:
-                pos += 1
-            if pos + 1 >= n or data[pos] != 0xFF or data[pos + 1] != 0xD0 + rst:
-                return 6, pos
+            status, pos = _interval_end(data, pos, acc, nbits, 0xD0 + rst)
+            if status:
+                return (6 if status == 9 else status), pos
             pos += 2
             rst = (rst + 1) & 7
             acc = np.int64(0)
@@ -356,16 +367,8 @@ def _walk(data, pos, mcus, restart, comp_h, comp_v, comp_dc, comp_ac, comp_q0,
                     k += 1
                     if k > 63:
                         break
-    # the scan ends inside its last byte, padded with ones, then only fill bytes and EOI
-    if nbits >= 8:
-        return 8, pos
-    if acc & ((1 << nbits) - 1) != (1 << nbits) - 1:
-        return 7, pos
-    while pos + 1 < n and data[pos] == 0xFF and data[pos + 1] == 0xFF:
-        pos += 1
-    if pos + 1 >= n or data[pos] != 0xFF or data[pos + 1] != 0xD9:
-        return 8, pos
-    return 0, pos
+    status, pos = _interval_end(data, pos, acc, nbits, 0xD9)  # then only fill bytes and EOI
+    return (8 if status == 9 else status), pos
 
 
 def jpeg_scan_check(data: bytes, tables: bytes | None = None) -> tuple[int, str] | None:
