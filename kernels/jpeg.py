@@ -282,7 +282,6 @@ def _interval_end(data, pos, acc, nbits, marker):  # pragma: no cover - compiled
 def _walk(data, pos, mcus, restart, comp_h, comp_v, comp_dc, comp_ac, comp_q0,
           mincode, maxcode, valptr, huffval, lut_len, lut_sym):  # pragma: no cover - compiled
     """0 or a problem code (JPEG_PROBLEMS) and the byte offset where it was found"""
-    n = data.shape[0]
     ncomp = comp_h.shape[0]
     pred = np.zeros(ncomp, np.int64)
     acc = np.int64(0)  # unread bits, the next one highest; nbits of them
