@@ -24,7 +24,6 @@ SRC = Path(__file__).resolve().parents[1] / "engine" / "data" / "cmu_small_regio
 def main() -> None:
     import simplejpeg
     import tifffile
-
     from cellvit_optimus.kernels import jpeg_scan_check
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
