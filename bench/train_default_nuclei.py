@@ -40,6 +40,7 @@ def splits():
 
 if __name__ == "__main__":
     from cellvit_optimus.engine.data import DATA_DIR
+    from cellvit_optimus.engine.training.augment import AugmentConfig
     from cellvit_optimus.engine.training.train_e2e import E2ETrainConfig, background_crops, train_nuclei_e2e
 
     ap = argparse.ArgumentParser()
@@ -55,18 +56,22 @@ if __name__ == "__main__":
     ap.add_argument("--nt-balanced", action="store_true", help="class-balanced typed cross-entropy")
     ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0, help="batch/augmentation seed (use a new one for a warm start)")
+    ap.add_argument("--lowres-p", type=float, default=0.0,
+                    help="probability of a 2x coarser scan (box down, bilinear up) per crop: 20x slides at 0.25 um/px")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     train, val, _ = splits()
     neg = background_crops([DATA_DIR / "cmu_small_region.svs"], a.mpp)
     cfg = E2ETrainConfig(nuclei_mpp=a.mpp, steps=a.steps, lr=a.lr, threads=a.threads, eval_every=a.eval_every,
-                         init_from=a.init_from, nt_balanced=a.nt_balanced, warmup_steps=a.warmup, seed=a.seed)
+                         init_from=a.init_from, nt_balanced=a.nt_balanced, warmup_steps=a.warmup, seed=a.seed,
+                         augment=AugmentConfig(lowres_p=a.lowres_p))
     t = time.time()
     r = train_nuclei_e2e(train, a.work_dir, a.out, cfg, val_samples=val, negatives=neg, resume=a.resume,
                          progress=lambda rec: print(json.dumps(rec), flush=True),
-                         extra_record={"command": "python bench/train_default_nuclei.py --mpp {} --steps {} --lr {} --seed {}{}{}"
+                         extra_record={"command": "python bench/train_default_nuclei.py --mpp {} --steps {} --lr {} --seed {}{}{}{}"
                                        .format(a.mpp, a.steps, a.lr, a.seed,
                                                f" --init-from {a.init_from}" if a.init_from else "",
-                                               " --nt-balanced" if a.nt_balanced else ""), "held_out": list(HELD_OUT), "val": list(VAL)})
+                                               " --nt-balanced" if a.nt_balanced else "",
+                                               f" --lowres-p {a.lowres_p}" if a.lowres_p else ""), "held_out": list(HELD_OUT), "val": list(VAL)})
     print(json.dumps({"wall_s": round(time.time() - t, 1), "finished": r.finished, "step": r.step,
                       "ckpt": str(r.checkpoint)}), flush=True)

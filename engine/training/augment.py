@@ -37,6 +37,11 @@ class AugmentConfig:
     blur_sigma_max: float = 1.2
     #: scale jitter: the crop is read at ``out * f`` pixels, f ~ U(1 - s, 1 + s), and resized to ``out``
     scale_jitter: float = 0.15
+    #: probability of a lower-resolution scan: the image box-downsampled by ``lowres_factor`` and
+    #: bilinearly upsampled back, as a 20x slide looks at a 40x model's resolution (0: off, and the
+    #: random stream of every other augmentation stays as it was)
+    lowres_p: float = 0.0
+    lowres_factor: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("hed_sigma", "brightness", "contrast", "scale_jitter"):
@@ -47,6 +52,10 @@ class AugmentConfig:
             raise ConfigError(f"blur_p={self.blur_p} must be a probability in [0, 1]")
         if self.blur_sigma_max < 0.3:
             raise ConfigError(f"blur_sigma_max={self.blur_sigma_max} must be >= 0.3")
+        if not 0.0 <= self.lowres_p <= 1.0:
+            raise ConfigError(f"lowres_p={self.lowres_p} must be a probability in [0, 1]")
+        if not 1.0 < self.lowres_factor <= 4.0:
+            raise ConfigError(f"lowres_factor={self.lowres_factor} must be in (1, 4]")
 
 
 def resize_crop(image: np.ndarray, inst: np.ndarray, types: np.ndarray, out: int) -> tuple[np.ndarray, ...]:
@@ -103,4 +112,18 @@ def augment(image: np.ndarray, inst: np.ndarray, types: np.ndarray, rng: np.rand
 
         s = rng.uniform(0.3, cfg.blur_sigma_max)
         image = gaussian_filter(image.astype(np.float32), sigma=(s, s, 0)).round().clip(0, 255).astype(np.uint8)
+    if cfg.lowres_p > 0 and rng.random() < cfg.lowres_p:
+        image = lower_resolution(image, cfg.lowres_factor)
     return image, inst, types
+
+
+def lower_resolution(image: np.ndarray, factor: float) -> np.ndarray:
+    """``image`` as a scan ``factor`` times coarser would give it after resampling back to this size:
+    box-downsampled (what a coarser sensor integrates), then bilinearly upsampled (what the engine's
+    resampling does); uint8 (H, W, 3) in and out"""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    small = Image.fromarray(image).resize((max(1, round(w / factor)), max(1, round(h / factor))),
+                                          Image.Resampling.BOX)
+    return np.ascontiguousarray(np.asarray(small.resize((w, h), Image.Resampling.BILINEAR)))

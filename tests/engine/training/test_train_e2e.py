@@ -63,6 +63,36 @@ def test_augment_keeps_labels_of_every_instance(consep):
 def test_augment_config_rejects_bad_values():
     with pytest.raises(ConfigError, match="hed_sigma"):
         AugmentConfig(hed_sigma=1.5)
+    with pytest.raises(ConfigError, match="lowres_p"):
+        AugmentConfig(lowres_p=1.5)
+    with pytest.raises(ConfigError, match="lowres_factor"):
+        AugmentConfig(lowres_factor=1.0)
+
+
+def test_lower_resolution_augmentation_looks_like_a_coarser_scan(consep):
+    from cellvit_optimus.engine.training.augment import lower_resolution
+
+    s = consep[5]
+    inst, typ = s.inst_map.astype(np.int32), s.type_map.astype(np.uint8)
+
+    def sharpness(img):  # variance of the grey Laplacian
+        g = img.astype(np.float32).mean(-1)
+        return float((g[1:-1, :-2] + g[1:-1, 2:] + g[:-2, 1:-1] + g[2:, 1:-1] - 4 * g[1:-1, 1:-1]).var())
+
+    # off (the default): the random stream and so every other augmentation is unchanged
+    a = augment(s.image, inst, typ, np.random.default_rng(3), AugmentConfig())
+    b = augment(s.image, inst, typ, np.random.default_rng(3), AugmentConfig(lowres_p=0.0))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    # on: labels untouched, the image loses fine detail like a real 2x coarser image does
+    img, inst2, typ2 = augment(s.image, inst, typ, np.random.default_rng(3),
+                               AugmentConfig(lowres_p=1.0, blur_p=0.0))
+    assert np.array_equal(inst2, a[1]) and np.array_equal(typ2, a[2])
+    sharp = augment(s.image, inst, typ, np.random.default_rng(3), AugmentConfig(blur_p=0.0))[0]
+    assert np.array_equal(img, lower_resolution(sharp, 2.0))  # applied last, on the same draws
+    low = lower_resolution(s.image, 2.0)
+    assert low.shape == s.image.shape and low.dtype == np.uint8
+    assert sharpness(low) < 0.5 * sharpness(s.image)
+    assert np.abs(low.astype(float).mean((0, 1)) - s.image.astype(float).mean((0, 1))).max() < 2  # same colour
 
 
 def test_batches_are_a_function_of_seed_and_step(consep):
