@@ -133,7 +133,8 @@ class DicomBackend(Backend):
             try:
                 strict_decode(data)
             except (ValueError, RuntimeError) as exc:
-                raise CorruptTilesError(self._path, f"corrupt JPEG frame {i} of {self._n_frames}: {exc}") from exc
+                raise CorruptTilesError(self._path,
+                                        f"corrupt JPEG frame {i} of {self._n_frames}: {exc}") from exc
         try:
             arr = decode_frame(data)
         except Exception as exc:

@@ -21,13 +21,15 @@ def strict_decode(data: bytes) -> np.ndarray:
     a full decode, 0.13 ms per 240^2 tile). libjpeg lets some damaged streams through without a warning
     (a desynchronised stream that ends inside the last byte, AC runs past a block's end, DC terms out
     of range): :func:`~cellvit_optimus.kernels.jpeg.jpeg_scan_check` walks the codes exactly (about
-    0.15 ms per 240^2 tile; bench group tile-check). On 600 single-byte flips in the bundled slide's tiles the first check caught
-    380, the walk 57 more; the other 163 are valid JPEG streams (JPEG has no checksum).
+    0.15 ms per 240^2 tile; bench group tile-check). On 600 single-byte flips in the bundled slide's
+    tiles the first check caught 380, the walk 57 more; the other 163 are valid JPEG streams (JPEG has
+    no checksum; bench/jpeg_flip_study.py).
     """
     import simplejpeg
     from cellvit_optimus.kernels.jpeg import jpeg_scan_check
 
-    part = simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=8, min_height=1, min_width=1, strict=True)
+    part = simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=8, min_height=1, min_width=1,
+                                  strict=True)
     found = jpeg_scan_check(data)
     if found is not None and found[1]:
         raise ValueError(f"{found[1]} (near byte {found[0]} of the tile)")
