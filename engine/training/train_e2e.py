@@ -80,6 +80,9 @@ class E2ETrainConfig:
     init_from: str | None = None
     #: weight the typed cross-entropy by inverse square-root class frequency (rare types count more)
     nt_balanced: bool = False
+    #: how images smaller than a crop are filled out to a 2 x 2 mosaic: ``"pool"`` with any images of
+    #: the same source, ``"image"`` with patches of the same source image only (one tissue, one stain)
+    mosaic: str = "pool"
 
     def __post_init__(self) -> None:
         if not (self.nuclei_mpp > 0 and math.isfinite(self.nuclei_mpp)):
@@ -95,6 +98,8 @@ class E2ETrainConfig:
             raise ConfigError("checkpoint_every, log_every and eval_every must be >= 1")
         if len(self.decoder_channels) != 4:
             raise ConfigError(f"decoder_channels={self.decoder_channels} must be 4 widths")
+        if self.mosaic not in ("pool", "image"):
+            raise ConfigError(f"mosaic={self.mosaic!r}: expected 'pool' or 'image'")
         if isinstance(self.augment, dict):  # from a saved state
             object.__setattr__(self, "augment", AugmentConfig(**self.augment))
 
@@ -110,6 +115,8 @@ class E2ETrainConfig:
             d["init_from"] = _init_weights_id(d["init_from"])
         if not d["nt_balanced"]:
             d.pop("nt_balanced")
+        if d["mosaic"] == "pool":  # identities saved before the field existed stay equal
+            d.pop("mosaic")
         return d
 
     def lr_at(self, step: int) -> float:
@@ -195,16 +202,19 @@ class _Pool:
     inst: list[np.ndarray]
     types: list[np.ndarray]
     typed: bool
+    #: source image (``NucleiSample.group``) of each image
+    groups: list[str] = field(default_factory=list)
 
 
 def _pools(samples: Sequence[NucleiSample], mpp: float) -> list[_Pool]:
     by: dict[str, _Pool] = {}
     for s in samples:
         r = resample_sample(s, mpp)
-        p = by.setdefault(r.source, _Pool(r.source, [], [], [], r.type_map is not None))
+        p = by.setdefault(r.source, _Pool(r.source, [], [], [], r.type_map is not None, []))
         if p.typed != (r.type_map is not None):
             raise ConfigError(f"{s.name}: source {r.source!r} mixes typed and untyped images")
         p.images.append(r.image)
+        p.groups.append(s.group)
         p.inst.append(r.inst_map.astype(np.int32))
         p.types.append(np.zeros(r.inst_map.shape, np.uint8) if r.type_map is None else r.type_map.astype(np.uint8))
     return [by[k] for k in sorted(by)]
@@ -246,13 +256,16 @@ def background_crops(paths: Sequence[str | os.PathLike[str]], mpp: float, size: 
     return out
 
 
-def _mosaic(pool: _Pool, rng: np.random.Generator, need: int) -> tuple[np.ndarray, ...]:
-    """A random image of ``pool``; small ones become a 2x2 mosaic of random images of the pool."""
+def _mosaic(pool: _Pool, rng: np.random.Generator, need: int, mode: str = "pool") -> tuple[np.ndarray, ...]:
+    """A random image of ``pool``; small ones become a 2x2 mosaic of random images of the pool (``mode``
+    ``"pool"``) or of the same source image (``"image"``)."""
     i = int(rng.integers(len(pool.images)))
     img, ins, typ = pool.images[i], pool.inst[i], pool.types[i]
     if min(img.shape[:2]) >= need:
         return img, ins, typ
-    picks = [i] + [int(v) for v in rng.integers(len(pool.images), size=3)]
+    cands = (np.flatnonzero(np.asarray(pool.groups) == pool.groups[i]) if mode == "image"
+             else np.arange(len(pool.images)))
+    picks = [i] + [int(cands[v]) for v in rng.integers(cands.size, size=3)]
     ch = max(pool.images[k].shape[0] for k in picks)
     cw = max(pool.images[k].shape[1] for k in picks)
     canvas = np.full((2 * ch, 2 * cw, 3), PAD_VALUE, np.uint8)
@@ -304,7 +317,7 @@ def make_batch(step: int, cfg: E2ETrainConfig, pools: Sequence[_Pool], negatives
             is_typed = True  # background is a correct type label for every class
         else:
             pool = pools[int(rng.integers(len(pools)))]
-            img, ins, typ = _crop(*_mosaic(pool, rng, side), side, rng)
+            img, ins, typ = _crop(*_mosaic(pool, rng, side, cfg.mosaic), side, rng)
             is_typed = pool.typed
         img, ins, typ = resize_crop(img, ins, typ, tile)
         img, ins, typ = augment(img, ins, typ, rng, cfg.augment)

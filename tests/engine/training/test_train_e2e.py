@@ -109,6 +109,28 @@ def test_batches_are_a_function_of_seed_and_step(consep):
     assert set(np.unique(a["nt"])) <= {0, 1, 2, 3, 4}
 
 
+def test_image_mosaics_fill_small_patches_from_their_own_source_image(consep):
+    from cellvit_optimus.engine.training.train_e2e import _mosaic
+
+    pool = _pools(consep[:48], 0.5)[0]  # three CoNSeP images, 16 patches of 128 px each at 0.5 um/px
+    assert len(set(pool.groups)) == 3
+
+    def quadrant_groups(img):
+        quads = [img[:128, :128], img[:128, 128:], img[128:, :128], img[128:, 128:]]
+        return [next(pool.groups[k] for k, im in enumerate(pool.images) if np.array_equal(im, q)) for q in quads]
+
+    rng = np.random.default_rng(0)
+    mixed = [len(set(quadrant_groups(_mosaic(pool, rng, 200, "pool")[0]))) for _ in range(30)]
+    same = [len(set(quadrant_groups(_mosaic(pool, rng, 200, "image")[0]))) for _ in range(30)]
+    assert max(mixed) > 1  # the default mixes images of the source
+    assert same == [1] * 30  # "image": one tissue, one stain
+    with pytest.raises(ConfigError, match="mosaic"):
+        E2ETrainConfig(mosaic="slide")
+    # the default keeps the identity of runs saved before the option existed, so they still resume
+    assert "mosaic" not in E2ETrainConfig().identity()
+    assert E2ETrainConfig(mosaic="image").identity()["mosaic"] == "image"
+
+
 def test_negatives_are_glass_and_carry_no_nuclei(consep):
     from cellvit_optimus.engine.data import DATA_DIR
 
