@@ -23,6 +23,7 @@ This module holds the :class:`Engine` (set-up, ``run`` and ``stream``) and re-ex
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -100,12 +101,12 @@ class Engine:
             self.mil = load_mil(mil_weights, backbone_id=self.model.runner.preset.name,
                                 backbone_hash=self.model.runner.weights_id).model
             check_finite(self.mil, mil_weights, " (MIL head)")
+        self._model_hash = _file_hash(self.model.path) if self.model.path else "in-memory"
         self.thresholds = self._load_thresholds()
         self.ood = self._load_ood()
         self.tiling = TilingConfig(tile_size=self.model.tile_size, target_mpp=self.nuclei_mpp,
                                    overlap=self.config.overlap_px / self.model.tile_size,
                                    min_tissue_fraction=self.config.min_tissue_fraction)
-        self._model_hash = _file_hash(self.model.path) if self.model.path else "in-memory"
         self.conformal = self._load_conformal()
         #: seconds to sleep before every backbone batch (0: none); see :meth:`forward`
         self.batch_delay_s = 0.0
@@ -133,14 +134,19 @@ class Engine:
         return TagThresholds(require_ood=False)  # conservative defaults; OOD judged when a state exists
 
     def _state_path(self, configured: str | None, bundled_name: str) -> str | None:
-        """a safety state file: the configured one, else the bundled one when the bundled model runs
-        (states are bound to their model; another model gets none by default)"""
+        """a safety state file: the configured one, else the bundled one when the bundled model runs, from
+        the package or as a copy of the same file elsewhere (states are bound to their model's content;
+        another model gets none by default)"""
         if configured is not None:
             return configured
         from cellvit_optimus.engine.data import DATA_DIR
+        from cellvit_optimus.engine.pipeline.nuclei import default_model_path
 
         bundled = DATA_DIR / bundled_name
-        if bundled.is_file() and self.model.path is not None and self.model.path.parent == DATA_DIR:
+        if not bundled.is_file() or self.model.path is None:
+            return None
+        same = self._model_hash == _bundled_model_hash(default_model_path())
+        if self.model.path.parent == DATA_DIR or same:
             return str(bundled)
         return None
 
@@ -177,8 +183,9 @@ class Engine:
 
     def run_key(self) -> str:
         """identity of everything that shapes a slide's outputs (a rerun with another key recomputes)"""
-        doc = {"model": self.model.metadata.get("sha256") or str(self.model.path),
-               "model_hash": self._model_hash,
+        # the model by content only: a copy of the same file elsewhere (another node's install, a moved
+        # cache) gives the same key, so finished slides are not recomputed and Ray actors agree
+        doc = {"model_hash": self._model_hash,
                "backbone": self.model.runner.weights_id, "tiling": asdict(self.tiling),
                "tissue": asdict(self.config.tissue), "mpp": self.config.mpp, "post": asdict(self.post),
                "thresholds": _key_thresholds(self.thresholds), "outputs": list(self.config.outputs),
@@ -373,6 +380,12 @@ def _key_thresholds(thresholds: Any) -> dict[str, Any]:
         if f.name in ("artefact_flag_fraction", "blur_flag_min") and doc[f.name] == f.default:
             del doc[f.name]
     return doc
+
+
+@functools.lru_cache(maxsize=4)
+def _bundled_model_hash(path: Path) -> str:
+    """:func:`_file_hash` of the bundled checkpoint (read once per process)"""
+    return _file_hash(path) if Path(path).is_file() else ""
 
 
 def _file_hash(path: Path | None) -> str:

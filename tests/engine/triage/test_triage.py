@@ -427,3 +427,31 @@ def test_quality_flags_follow_the_threshold_file(tmp_path, slides_dir, engine):
         strict.thresholds = replace(strict.thresholds, artefact_flag_fraction=art, blur_flag_min=blur)
         keys.add(strict.run_key())
     assert len(keys) == 4
+
+
+def test_the_run_key_follows_the_model_file_content_not_its_path(tmp_path, engine):
+    """a copy of the same checkpoint elsewhere (another node's install) keys the same run; other weights
+    key another"""
+    import shutil
+
+    from cellvit_optimus.engine.pipeline.nuclei import default_model_path
+
+    copies = []
+    for d in ("node-a", "node-b"):
+        (tmp_path / d).mkdir()
+        copies.append(shutil.copy(default_model_path(), tmp_path / d / "nuclei.safetensors"))
+    keys = {Engine(TriageConfig(**COARSE), nuclei_weights=c).run_key() for c in copies}
+    assert keys == {engine.run_key()}
+    # the same weights with another post-processing record are another model: another key
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(default_model_path()), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    extra = json.loads(meta["extra"])
+    extra["postprocess"]["np_threshold"] = 0.6
+    meta["extra"] = json.dumps(extra)
+    other = tmp_path / "other.safetensors"
+    save_file(tensors, str(other), metadata=meta)
+    assert Engine(TriageConfig(**COARSE), nuclei_weights=other).run_key() not in keys
