@@ -57,27 +57,32 @@ if __name__ == "__main__":
     ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0, help="batch/augmentation seed (use a new one for a warm start)")
     ap.add_argument("--lowres-p", type=float, default=0.0,
-                    help="probability of a 2x coarser scan (box down, bilinear up) per crop: 20x slides at 0.25 um/px")
-    ap.add_argument("--hed-sigma", type=float, default=0.05, help="HED stain jitter (Tellez et al.; 0.05 'light')")
+                    help="probability of a 2x coarser scan (box down, bilinear up) per crop: 20x slides at "
+                         "0.25 um/px")
+    ap.add_argument("--hed-sigma", type=float, default=0.05,
+                    help="HED stain jitter (Tellez et al.; 0.05 'light')")
     ap.add_argument("--mosaic", choices=("pool", "image"), default="pool",
-                    help="fill small patches out with patches of any image of the source, or of the same image")
+                    help="fill small patches out with patches of any image of the source, or of the same "
+                         "image")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     train, val, _ = splits()
     neg = background_crops([DATA_DIR / "cmu_small_region.svs"], a.mpp)
     cfg = E2ETrainConfig(nuclei_mpp=a.mpp, steps=a.steps, lr=a.lr, threads=a.threads, eval_every=a.eval_every,
                          init_from=a.init_from, nt_balanced=a.nt_balanced, warmup_steps=a.warmup, seed=a.seed,
-                         mosaic=a.mosaic, augment=AugmentConfig(lowres_p=a.lowres_p, hed_sigma=a.hed_sigma))
+                         mosaic=a.mosaic,
+                         augment=AugmentConfig(lowres_p=a.lowres_p, hed_sigma=a.hed_sigma))
+    # the record's command: the run's options, each optional flag only where it differs from its default
+    command = (f"python bench/train_default_nuclei.py --mpp {a.mpp} --steps {a.steps} --lr {a.lr} "
+               f"--seed {a.seed}")
+    for flag in ("--init-from", "--nt-balanced", "--lowres-p", "--hed-sigma", "--mosaic"):
+        dest = flag[2:].replace("-", "_")
+        value = getattr(a, dest)
+        if value != ap.get_default(dest):
+            command += f" {flag}" if value is True else f" {flag} {value}"
     t = time.time()
     r = train_nuclei_e2e(train, a.work_dir, a.out, cfg, val_samples=val, negatives=neg, resume=a.resume,
                          progress=lambda rec: print(json.dumps(rec), flush=True),
-                         extra_record={"command": "python bench/train_default_nuclei.py --mpp {} --steps {} --lr {} --seed {}{}{}{}{}{}"
-                                       .format(a.mpp, a.steps, a.lr, a.seed,
-                                               f" --init-from {a.init_from}" if a.init_from else "",
-                                               " --nt-balanced" if a.nt_balanced else "",
-                                               f" --lowres-p {a.lowres_p}" if a.lowres_p else "",
-                                               f" --hed-sigma {a.hed_sigma}" if a.hed_sigma != 0.05 else "",
-                                               f" --mosaic {a.mosaic}" if a.mosaic != "pool" else ""),
-                                       "held_out": list(HELD_OUT), "val": list(VAL)})
+                         extra_record={"command": command, "held_out": list(HELD_OUT), "val": list(VAL)})
     print(json.dumps({"wall_s": round(time.time() - t, 1), "finished": r.finished, "step": r.step,
                       "ckpt": str(r.checkpoint)}), flush=True)

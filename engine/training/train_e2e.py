@@ -203,7 +203,7 @@ class _Pool:
     types: list[np.ndarray]
     typed: bool
     #: source image (``NucleiSample.group``) of each image
-    groups: list[str] = field(default_factory=list)
+    groups: list[str]
 
 
 def _pools(samples: Sequence[NucleiSample], mpp: float) -> list[_Pool]:

@@ -145,8 +145,9 @@ class Engine:
         bundled = DATA_DIR / bundled_name
         if not bundled.is_file() or self.model.path is None:
             return None
-        same = self._model_hash == _bundled_model_hash(default_model_path())
-        if self.model.path.parent == DATA_DIR or same:
+        # the package's own file needs no second read; a copy elsewhere is compared by content
+        if (self.model.path.parent == DATA_DIR
+                or self._model_hash == _bundled_model_hash(default_model_path())):
             return str(bundled)
         return None
 

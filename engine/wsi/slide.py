@@ -241,8 +241,9 @@ class _TileCheck:
     libjpeg decodes damaged entropy-coded data with only a warning on stderr ("Corrupt JPEG data"),
     and every decoder here (imagecodecs, PIL, cuCIM) returns the damaged pixels: a slide with flipped
     bytes in a tile was analysed as if nothing happened. Each tile goes through
-    :func:`~cellvit_optimus.engine.wsi.jpegcheck.strict_decode`. SVS tiles are abbreviated streams: the page's JPEGTables are spliced in (tables without their EOI +
-    tile without its SOI). Only tiled JPEG levels are checked (other codecs: see the README)."""
+    :func:`~cellvit_optimus.engine.wsi.jpegcheck.strict_decode`. SVS tiles are abbreviated streams: the
+    page's JPEGTables are spliced in (tables without their EOI + tile without its SOI). Only tiled JPEG
+    levels are checked (other codecs: see the README)."""
 
     def __init__(self, path: Path, levels: dict[int, _JpegPage]) -> None:
         self.path = path
