@@ -2,8 +2,8 @@
 
 ``python bench/tune_postprocess.py CKPT [--json OUT.json] [--stamp DST]``
 
-The images are bench/train_default_nuclei.py's VAL groups (kept out of training, not the held-out set
-that bench/eval_nuclei.py scores). The model runs once per image (its maps are cached); then a grid
+The images are the validation groups of bench/train_default_nuclei.py (``VAL_SETS``: those the checkpoint's
+training record names, kept out of training; never the held-out set that bench/eval_nuclei.py scores). The model runs once per image (its maps are cached); then a grid
 over the marker rule (``optimus`` with ``marker_slope`` / ``hovernet`` with ``marker_threshold``),
 ``np_threshold`` and ``keep_unmarked`` is scored by the mean of the per-source bPQ (CoNSeP and MoNuSeg
 count alike), ties broken by detection F1. The minimum nucleus area (um^2) is chosen after that, on the best rule, by the
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_default_nuclei import splits  # noqa: E402
+from train_default_nuclei import VAL_SETS, splits  # noqa: E402
 
 #: each marker rule with the parameter that moves it (``marker_threshold`` is unused by "optimus",
 #: ``marker_slope`` by "hovernet")
@@ -109,6 +109,18 @@ def stamp(src: str, dst: str, post: dict, note: str) -> None:
                          tissue_profile=ld.tissue_profile, extra=extra, backbone_state=ld.backbone_state)
 
 
+def checkpoint_val_set(model) -> str:
+    """the VAL_SETS name of the images the checkpoint's training run kept out for validation (v1 when its
+    record names none, as older runs' records do); an unknown list is an error, not a silent v1"""
+    val = json.loads(model.metadata.get("extra", "{}")).get("val")
+    if not val:
+        return "v1"
+    for name, groups in VAL_SETS.items():
+        if sorted(groups) == sorted(val):
+            return name
+    raise SystemExit(f"the checkpoint's validation images {val} are none of VAL_SETS; pass --val-set")
+
+
 def main() -> None:
     import torch
 
@@ -119,12 +131,15 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--stamp", default=None, metavar="DST")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--val-set", default=None, choices=tuple(VAL_SETS),
+                    help="train_default_nuclei.VAL_SETS name; default: the checkpoint's own (its record's "
+                         "val images), else v1")
     ap.add_argument("--only-types", action="store_true",
                     help="keep the checkpoint's stamped post-processing, tune type_prior_tau only")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    train, val, _ = splits()
     model = NucleiModel(a.checkpoint)
+    train, val, _ = splits(a.val_set or checkpoint_val_set(model))
     counts, priors = type_priors(train, model.num_classes)
     print("training CoNSeP instances per class", counts, priors, flush=True)
     cache: dict[str, object] = {}

@@ -44,3 +44,23 @@ def test_missing_root_names_the_path(tmp_path):
         load_consep(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="monuseg-train"):
         load_monuseg(tmp_path)
+
+
+def test_the_default_model_splits_are_by_source_image_and_every_image_sits_in_one(consep, nuclei_dir):
+    """bench/train_default_nuclei.py's held-out and validation sets: real groups of the data, no image
+    on two sides, and the larger validation set v2 holds v1 plus more images of both sources"""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
+    from train_default_nuclei import HELD_OUT, VAL_SETS
+
+    groups = {s.group for s in consep} | {s.group for s in load_monuseg(nuclei_dir)}
+    assert len(groups) == 18
+    assert set(HELD_OUT) <= groups
+    for name, val in VAL_SETS.items():
+        assert set(val) <= groups and not set(val) & set(HELD_OUT), name
+        train = groups - set(val) - set(HELD_OUT)
+        assert {g.split("/")[0] for g in train} == {g.split("/")[0] for g in val} == {"consep", "monuseg"}
+    assert set(VAL_SETS["v1"]) < set(VAL_SETS["v2"])
+    assert len(VAL_SETS["v2"]) == 5 and sum(g.startswith("consep/") for g in VAL_SETS["v2"]) == 2
