@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-__all__ = ("JPEG_PROBLEMS", "JpegScan", "jpeg_scan_check", "parse_jpeg")
+__all__ = ("JPEG_PROBLEMS", "JpegScan", "jpeg_scan_check", "jpeg_segments", "parse_jpeg")
 
 #: what each non-zero status of the scan walk means
 JPEG_PROBLEMS: dict[int, str] = {
@@ -74,8 +74,9 @@ class JpegScan:
     start: int
 
 
-def _segments(data: bytes):
-    """(marker, payload start, payload end) for each marker segment up to and including SOS"""
+def jpeg_segments(data: bytes):
+    """(marker, payload start, payload end) for each marker segment of a JPEG stream, from SOI up to and
+    including SOS; ValueError where the header is corrupt or cut off"""
     i, n = 0, len(data)
     while i + 1 < n:
         if data[i] != 0xFF:
@@ -125,7 +126,7 @@ def parse_jpeg(data: bytes, tables: bytes | None = None) -> JpegScan | None:
     share their headers byte for byte, so the tables are built once per distinct header (cached).
     """
     end = 0
-    for m, _a, b in _segments(data):
+    for m, _a, b in jpeg_segments(data):
         end = b
         if m == 0xDA:
             break
@@ -146,7 +147,7 @@ def _parse_headers(tables: bytes | None, data: bytes) -> JpegScan | None:
     size = (0, 0)
     restart = 0
     for stream in ([tables] if tables else []) + [data]:
-        for m, a, b in _segments(stream):
+        for m, a, b in jpeg_segments(stream):
             seg = stream[a:b]
             if m == 0xDB:
                 j = 0

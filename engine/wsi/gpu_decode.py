@@ -80,23 +80,6 @@ MAX_MEAN_ABS_DIFF = 2.0
 # -- JPEG streams -----------------------------------------------------------------------------------
 
 
-def _segments(stream: bytes) -> list[int]:
-    """marker codes of the header segments of a JPEG stream, up to and including SOS (0xDA)"""
-    out, i, n = [], 2, len(stream)
-    while i + 4 <= n:
-        if stream[i] != 0xFF:
-            raise ValueError(f"JPEG header corrupt at byte {i}: expected a marker, got 0x{stream[i]:02x}")
-        marker = stream[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        out.append(marker)
-        if marker == 0xDA or marker == 0xD9:
-            break
-        i += 2 + int.from_bytes(stream[i + 2 : i + 4], "big")
-    return out
-
-
 def splice_jpeg_tables(tile: bytes, tables: bytes | None = None, *, rgb: bool = False) -> bytes:
     """a stand-alone JPEG file from an (abbreviated) TIFF tile stream.
 
@@ -119,7 +102,9 @@ def splice_jpeg_tables(tile: bytes, tables: bytes | None = None, *, rgb: bool = 
             raise ValueError(f"JPEGTables must be SOI ... EOI, got {tables[:2].hex()} ... {tables[-2:].hex()} "
                              f"({len(tables)} bytes)")
         body = tables[2:-2]
-    app14 = _ADOBE_RGB if rgb and 0xEE not in _segments(tile) else b""
+    from cellvit_optimus.kernels.jpeg import jpeg_segments
+
+    app14 = _ADOBE_RGB if rgb and all(m != 0xEE for m, _, _ in jpeg_segments(tile)) else b""
     return _SOI + app14 + body + tile[2:]
 
 
