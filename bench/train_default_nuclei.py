@@ -93,6 +93,7 @@ if __name__ == "__main__":
     t = time.time()
     r = train_nuclei_e2e(train, a.work_dir, a.out, cfg, val_samples=val, negatives=neg, resume=a.resume,
                          progress=lambda rec: print(json.dumps(rec), flush=True),
-                         extra_record={"command": command, "held_out": list(HELD_OUT), "val": list(VAL_SETS[a.val_set])})
+                         extra_record={"command": command, "held_out": list(HELD_OUT),
+                                       "val": list(VAL_SETS[a.val_set])})
     print(json.dumps({"wall_s": round(time.time() - t, 1), "finished": r.finished, "step": r.step,
                       "ckpt": str(r.checkpoint)}), flush=True)

@@ -2,8 +2,9 @@
 
 ``python bench/tune_postprocess.py CKPT [--json OUT.json] [--stamp DST]``
 
-The images are the validation groups of bench/train_default_nuclei.py (``VAL_SETS``: those the checkpoint's
-training record names, kept out of training; never the held-out set that bench/eval_nuclei.py scores). The model runs once per image (its maps are cached); then a grid
+The images are the validation groups of bench/train_default_nuclei.py (``VAL_SETS``: those the
+checkpoint's training record names, kept out of training; never the held-out set that
+bench/eval_nuclei.py scores). The model runs once per image (its maps are cached); then a grid
 over the marker rule (``optimus`` with ``marker_slope`` / ``hovernet`` with ``marker_threshold``),
 ``np_threshold`` and ``keep_unmarked`` is scored by the mean of the per-source bPQ (CoNSeP and MoNuSeg
 count alike), ties broken by detection F1. The minimum nucleus area (um^2) is chosen after that, on the best rule, by the

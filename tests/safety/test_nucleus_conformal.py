@@ -8,25 +8,17 @@ Calibrated by ``bench/fit_nucleus_conformal.py`` on the CoNSeP image the bundled
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_scripts import bench_script
 from cellvit_optimus.engine.errors import StateMismatchError
 from cellvit_optimus.safety import SplitConformal, TagThresholds, TileSignals, tag_tiles, type_probabilities
 
 REPO = Path(__file__).resolve().parents[2]
 STATE = REPO / "engine" / "data" / "default_nuclei_conformal.json"
 MODEL = REPO / "engine" / "data" / "default_nuclei.safetensors"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("fit_nucleus_conformal", REPO / "bench" / "fit_nucleus_conformal.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_shipped_calibration_is_bound_to_model_and_backbone():
@@ -52,7 +44,7 @@ def test_calibration_reproduces_and_covers_held_out_nuclei(nuclei_dir, report):
     from cellvit_optimus.engine.training.datasets import load_consep
     from cellvit_optimus.engine.pipeline.nuclei import NucleiModel
 
-    mod = _script()
+    mod = bench_script("fit_nucleus_conformal")
     model = NucleiModel()
     patches = [s for s in load_consep(nuclei_dir) if s.group == mod.CALIBRATION_GROUP]
     got = [mod.pairs(model, s) for s in patches]

@@ -9,12 +9,12 @@ sit under the figures measured there (shifted sets are smaller here, 60 tiles, t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_scripts import bench_script
 from cellvit_optimus.engine.errors import StateMismatchError
 from cellvit_optimus.engine.io import atomic_write_bytes
 from cellvit_optimus.safety import MahalanobisOOD
@@ -31,14 +31,6 @@ from ood_tiles import (
 REPO = Path(__file__).resolve().parents[2]
 STATE = REPO / "engine" / "data" / "default_ood.npz"
 N_SHIFTED = 60
-
-
-def _fit_script():
-    spec = importlib.util.spec_from_file_location("fit_default_ood", REPO / "bench" / "fit_default_ood.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _auroc(s_in: np.ndarray, s_out: np.ndarray) -> float:
@@ -137,7 +129,7 @@ def test_shipped_state_is_bound_small_and_reproducible(data, model):
         MahalanobisOOD.load(STATE, backbone_id=bid, weights_hash="random:tiny:seed=1")
     # the fitting script's own fit on the same tiles reproduces it (else: the tiles or the backbone
     # changed, and the state must be refitted with `python bench/fit_default_ood.py`)
-    refit = _fit_script().reference_fit(f_in[EMBEDDING_TILE_STATS], ind.groups)
+    refit = bench_script("fit_default_ood").reference_fit(f_in[EMBEDDING_TILE_STATS], ind.groups)
     np.testing.assert_allclose([refit.thresholds.review, refit.thresholds.out_of_domain],
                                [ood.thresholds.review, ood.thresholds.out_of_domain], rtol=1e-3)
     np.testing.assert_allclose(refit.score(f_in[EMBEDDING_TILE_STATS][:50]),

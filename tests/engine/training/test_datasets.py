@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench_scripts import bench_script
 from cellvit_optimus.engine.training.datasets import CONSEP_CLASSES, load_consep, load_monuseg
 
 
@@ -49,12 +50,8 @@ def test_missing_root_names_the_path(tmp_path):
 def test_the_default_model_splits_are_by_source_image_and_every_image_sits_in_one(consep, nuclei_dir):
     """bench/train_default_nuclei.py's held-out and validation sets: real groups of the data, no image
     on two sides, and the larger validation set v2 holds v1 plus more images of both sources"""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
-    from train_default_nuclei import HELD_OUT, VAL_SETS
-
+    script = bench_script("train_default_nuclei")
+    HELD_OUT, VAL_SETS = script.HELD_OUT, script.VAL_SETS
     groups = {s.group for s in consep} | {s.group for s in load_monuseg(nuclei_dir)}
     assert len(groups) == 18
     assert set(HELD_OUT) <= groups
