@@ -444,6 +444,15 @@ def _register_model_commands() -> None:
 _register_model_commands()
 
 
+def _register_doctor() -> None:
+    from cellvit_optimus.engine.doctor import doctor_command
+
+    cli.add_command(doctor_command())
+
+
+_register_doctor()
+
+
 def _keep_stdout_for_results() -> None:
     """Send what native libraries print to file descriptor 1 to stderr instead; Python's stdout keeps the
     real standard output.

@@ -133,7 +133,7 @@ def _wing(module: str) -> str:
         return "base"
     if parts[0] in ("wsi", "pipeline", "triage", "training"):
         return parts[0]
-    if parts[0] == "cli":
+    if parts[0] in ("cli", "doctor"):  # the command line and its environment check
         return "cli"
     raise AssertionError(f"{module}: not in any wing of docs/architecture.md")
 
