@@ -19,29 +19,51 @@ import json
 import logging
 import time
 
-#: whole source images held out for the final evaluation (never tiled into training or validation)
+#: whole source images held out for the final evaluation (never tiled into training or validation, never
+#: used to tune or choose): all five CoNSeP test images in shared/data and three MoNuSeg images
 HELD_OUT = (
-    "consep/test_2",
+    "consep/test_1", "consep/test_2", "consep/test_3", "consep/test_4", "consep/test_5",
     "monuseg/TCGA-A7-A13E-01Z-00-DX1",
     "monuseg/TCGA-B0-5710-01Z-00-DX1",
     "monuseg/TCGA-G9-6362-01Z-00-DX1",
 )
-#: source images kept out of training for monitoring and post-processing tuning
-VAL = ("consep/test_5", "monuseg/TCGA-21-5786-01Z-00-DX1")
-#: validation sets by name. "v1" (one image per source) is the bundled run's. "v2" adds CoNSeP test_4 and
-#: two MoNuSeg images drawn with ``random.Random(0).sample(sorted(training MoNuSeg images), 2)``, so that
-#: validation can rank two training recipes (on v1 it disagreed in sign with the held-out set).
-VAL_SETS = {
-    "v1": VAL,
-    "v2": VAL + ("consep/test_4", "monuseg/TCGA-CH-5767-01Z-00-DX1", "monuseg/TCGA-NH-A8F7-01A-01-TS1"),
-}
+#: the validation rule, written down before the run that trained on it (issue 27): four CoNSeP
+#: *training* images drawn with ``random.Random(0).sample(sorted(train_1..train_27), 4)`` and two
+#: MoNuSeg training images, the earlier validation image TCGA-21-5786 and TCGA-CH-5767 (the first of the
+#: ``Random(0)`` draw of the previous rule). Everything else of consep-train and monuseg-train trains.
+CONSEP_VAL_DRAW = (0, 4)
+VAL = ("consep/train_20", "consep/train_7", "consep/train_21", "consep/train_10",
+       "monuseg/TCGA-21-5786-01Z-00-DX1", "monuseg/TCGA-CH-5767-01Z-00-DX1")
+#: validation sets by name ("v3": the one above). The earlier v1/v2 sets held the CoNSeP *test* images
+#: that are all held out now; their runs' logs in bench/checkpoints name them.
+VAL_SETS = {"v3": VAL}
 
 
-def splits(val_set: str = "v1"):
-    """(train, val, held-out) samples; ``val_set`` names a :data:`VAL_SETS` entry"""
-    from cellvit_optimus.engine.training.datasets import load_consep, load_monuseg, split_by_group
+def consep_val_draw() -> list[str]:
+    """The CoNSeP part of :data:`VAL`, drawn again by its written rule."""
+    import random
 
-    rest, test = split_by_group(load_consep() + load_monuseg(), HELD_OUT)
+    seed, k = CONSEP_VAL_DRAW
+    return random.Random(seed).sample(sorted(f"consep/train_{i}" for i in range(1, 28)), k)
+
+
+def all_samples(held_out: bool = True) -> list:
+    """Every annotated image: CoNSeP train and test as whole 1000x1000 images, and MoNuSeg; with
+    ``held_out=False`` the held-out images are not even read (training, tuning and fitting scripts)."""
+    from cellvit_optimus.engine.training.datasets import load_consep, load_monuseg
+
+    if not held_out:
+        return load_consep(split="train", whole=True) + load_monuseg(exclude=HELD_OUT)
+    return load_consep(split="train", whole=True) + load_consep(split="test", whole=True) + load_monuseg()
+
+
+def splits(val_set: str = "v3", held_out: bool = True):
+    """(train, val, held-out) samples; ``val_set`` names a :data:`VAL_SETS` entry; with ``held_out=False``
+    the held-out images are never read and the third list is empty"""
+    from cellvit_optimus.engine.training.datasets import split_by_group
+
+    samples = all_samples(held_out)
+    rest, test = split_by_group(samples, HELD_OUT) if held_out else (samples, [])
     train, val = split_by_group(rest, VAL_SETS[val_set])
     return train, val, test
 
@@ -69,14 +91,14 @@ if __name__ == "__main__":
                          "0.25 um/px")
     ap.add_argument("--hed-sigma", type=float, default=0.05,
                     help="HED stain jitter (Tellez et al.; 0.05 'light')")
-    ap.add_argument("--val-set", choices=tuple(VAL_SETS), default="v1",
-                    help="validation images (kept out of training): v1 one per source, v2 five")
+    ap.add_argument("--val-set", choices=tuple(VAL_SETS), default="v3",
+                    help="validation images (kept out of training)")
     ap.add_argument("--mosaic", choices=("pool", "image"), default="pool",
                     help="fill small patches out with patches of any image of the source, or of the same "
                          "image")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    train, val, _ = splits(a.val_set)
+    train, val, _ = splits(a.val_set, held_out=False)
     neg = background_crops([DATA_DIR / "cmu_small_region.svs"], a.mpp)
     cfg = E2ETrainConfig(nuclei_mpp=a.mpp, steps=a.steps, lr=a.lr, threads=a.threads, eval_every=a.eval_every,
                          init_from=a.init_from, nt_balanced=a.nt_balanced, warmup_steps=a.warmup, seed=a.seed,

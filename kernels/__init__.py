@@ -19,6 +19,8 @@ __all__: tuple[str, ...] = (
     "sobel_range",
     # slide tiles
     "jpeg_scan_check",
+    # outlines
+    "smooth_ring",
     # stitching
     "TileInstances",
     "stitch_tiles",
@@ -45,6 +47,7 @@ _WHERE: dict[str, str] = {
     "sobel_range": "hovernet",
     "instances_to_hv": "targets",
     "jpeg_scan_check": "jpeg",
+    "smooth_ring": "contours",
     "TileInstances": "stitch",
     "stitch_tiles": "stitch",
     **{
@@ -68,6 +71,7 @@ _WHERE: dict[str, str] = {
 
 if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers
     from .hovernet import InstanceTable, hv_to_instances, hv_to_instances_batch, instance_table, sobel_range
+    from .contours import smooth_ring
     from .jpeg import jpeg_scan_check
     from .metrics import (
         DetectionScores,

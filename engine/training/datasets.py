@@ -42,6 +42,7 @@ from cellvit_optimus.engine.pipeline.nuclei import MPP_TOLERANCE
 
 __all__ = (
     "CONSEP_CLASSES",
+    "CONSEP_FOLDERS",
     "IMAGE_SUFFIXES",
     "NucleiSample",
     "PUMA_NAME_MAP",
@@ -150,13 +151,56 @@ def relabel(inst: np.ndarray) -> np.ndarray:
     return relabel_ids(inst)[0]
 
 
-def load_consep(root: Path | None = None) -> list[NucleiSample]:
-    """Load all CoNSeP patches (sorted by name).
+#: CoNSeP folders under the ``nuclei`` root, by split
+CONSEP_FOLDERS = {"train": "consep-train", "test": "consep-patches"}
+#: side of a whole CoNSeP image and of its patches; patch ``k`` of an image sits at :data:`CONSEP_PATCH_ORIGINS`
+CONSEP_IMAGE_SIZE, CONSEP_PATCH_SIZE = 1000, 256
+#: (row, col) of patch k = 0..15: a 3x3 grid at {0, 256, 512}, then row 744 at cols 0/256/512, col 744 at
+#: rows 0/256/512, and (744, 744); together they cover the image (shared/data/README.md)
+CONSEP_PATCH_ORIGINS: tuple[tuple[int, int], ...] = (
+    tuple((r, c) for r in (0, 256, 512) for c in (0, 256, 512))
+    + tuple((744, c) for c in (0, 256, 512)) + tuple((r, 744) for r in (0, 256, 512)) + ((744, 744),)
+)
+
+
+def _consep_patch(base: Path, stem: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, original instance ids, per-pixel type) of one CoNSeP patch; ids as in the source image."""
+    import scipy.io as sio
+
+    npy = base / "inst" / f"{stem}.npy"
+    img_path = base / "images" / f"{stem}.jpg"
+    mat_path = base / "type_mat" / f"{stem}.mat"
+    for p in (npy, img_path, mat_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"CoNSeP patch {stem}: missing {p}")
+    raw = np.load(npy).astype(np.int32, copy=False)
+    _, old_ids = relabel_ids(raw)
+    types = np.asarray(sio.loadmat(str(mat_path))["inst_type"]).reshape(-1).astype(np.int32)
+    if types.size != old_ids.size:
+        raise ValueError(f"{mat_path}: inst_type has {types.size} entries but {npy} has {old_ids.size} instances")
+    lut = np.zeros(int(raw.max()) + 1, dtype=np.int32)
+    lut[old_ids] = types
+    image = _read_rgb(img_path)
+    if image.shape[:2] != raw.shape:
+        raise ValueError(f"{img_path}: image shape {image.shape[:2]} != instance map shape {raw.shape}")
+    return image, raw, lut[raw]
+
+
+def load_consep(root: Path | None = None, split: str = "test", whole: bool = False) -> list[NucleiSample]:
+    """Load CoNSeP images (sorted by name).
 
     Parameters
     ----------
     root : Path, optional
-        The ``nuclei`` folder (holding ``consep-patches/``); default :func:`default_nuclei_root`.
+        The ``nuclei`` folder (holding ``consep-patches/`` and ``consep-train/``); default
+        :func:`default_nuclei_root`.
+    split : {"test", "train"}
+        ``"test"``: the 5 official test images of ``consep-patches/`` (``test_1`` .. ``test_5``);
+        ``"train"``: the 27 official training images of ``consep-train/``.
+    whole : bool
+        False: one sample per 256-pixel patch (``consep/test_3_007``). True: each image stitched back to
+        1000x1000 from its 16 patches (``consep/test_3``; name == group), as HoVer-Net and its peers score
+        CoNSeP. Instance ids agree across overlapping patches, so an image's nuclei are whole.
 
     Returns
     -------
@@ -168,46 +212,46 @@ def load_consep(root: Path | None = None) -> list[NucleiSample]:
     FileNotFoundError
         The folder or one of a patch's files is missing (the message names the path).
     """
-    import scipy.io as sio
-
-    base = _require_dir(Path(root) if root is not None else default_nuclei_root()) / "consep-patches"
+    if split not in CONSEP_FOLDERS:
+        raise ConfigError(f"split={split!r}: expected one of {sorted(CONSEP_FOLDERS)}")
+    base = _require_dir(Path(root) if root is not None else default_nuclei_root()) / CONSEP_FOLDERS[split]
     _require_dir(base)
     inst_dir = _require_dir(base / "inst")
-    out: list[NucleiSample] = []
-    for npy in sorted(inst_dir.glob("*.npy")):
-        stem = npy.stem
-        img_path = base / "images" / f"{stem}.jpg"
-        mat_path = base / "type_mat" / f"{stem}.mat"
-        for p in (img_path, mat_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"CoNSeP patch {stem}: missing {p}")
-        raw = np.load(npy).astype(np.int32, copy=False)
-        inst, old_ids = relabel_ids(raw)
-        types = np.asarray(sio.loadmat(str(mat_path))["inst_type"]).reshape(-1).astype(np.int32)
-        if types.size != old_ids.size:
-            raise ValueError(
-                f"{mat_path}: inst_type has {types.size} entries but {npy} has {old_ids.size} instances"
-            )
-        lut = np.zeros(old_ids.size + 1, dtype=np.int32)
-        lut[1:] = types
-        type_map = lut[inst]
-        image = _read_rgb(img_path)
-        if image.shape[:2] != inst.shape:
-            raise ValueError(f"{img_path}: image shape {image.shape[:2]} != instance map shape {inst.shape}")
-        group = "consep/" + "_".join(stem.split("_")[:2])  # test_<image>_<patch> -> test_<image>
-        out.append(
-            NucleiSample(
-                name=f"consep/{stem}",
-                source="consep",
-                image=image,
-                inst_map=inst,
-                type_map=type_map,
-                mpp=CONSEP_MPP,
-                group=group,
-            )
-        )
-    if not out:
+    stems = sorted(p.stem for p in inst_dir.glob("*.npy"))
+    if not stems:
         raise FileNotFoundError(f"no CoNSeP patches (*.npy) in {inst_dir}")
+    by_image: dict[str, list[str]] = {}
+    for stem in stems:  # <split>_<image>_<patch> -> <split>_<image>
+        by_image.setdefault("_".join(stem.split("_")[:2]), []).append(stem)
+    out: list[NucleiSample] = []
+    if not whole:
+        for stem in stems:
+            image, raw, type_map = _consep_patch(base, stem)
+            out.append(NucleiSample(name=f"consep/{stem}", source="consep", image=image, inst_map=relabel(raw),
+                                    type_map=type_map, mpp=CONSEP_MPP, group="consep/" + "_".join(stem.split("_")[:2])))
+        return out
+    for image_id in sorted(by_image, key=lambda k: (len(k), k)):  # train_2 before train_10
+        group = f"consep/{image_id}"
+        n, s = CONSEP_IMAGE_SIZE, CONSEP_PATCH_SIZE
+        img = np.zeros((n, n, 3), np.uint8)
+        raw_full = np.zeros((n, n), np.int32)
+        typ = np.zeros((n, n), np.int32)
+        covered = np.zeros((n, n), bool)
+        for stem in by_image[image_id]:
+            k = int(stem.rsplit("_", 1)[1])
+            if not 0 <= k < len(CONSEP_PATCH_ORIGINS):
+                raise ValueError(f"CoNSeP patch {stem}: index {k} outside 0..{len(CONSEP_PATCH_ORIGINS) - 1}")
+            r, c = CONSEP_PATCH_ORIGINS[k]
+            image, raw, type_map = _consep_patch(base, stem)
+            img[r:r + s, c:c + s] = image
+            raw_full[r:r + s, c:c + s] = raw
+            typ[r:r + s, c:c + s] = type_map
+            covered[r:r + s, c:c + s] = True
+        if not covered.all():
+            raise FileNotFoundError(f"{group}: its patches in {base} do not cover the {n}x{n} image "
+                                    f"({int((~covered).sum())} pixels missing)")
+        out.append(NucleiSample(name=group, source="consep", image=img, inst_map=relabel(raw_full),
+                                type_map=typ, mpp=CONSEP_MPP, group=group))
     return out
 
 
@@ -239,13 +283,15 @@ def rasterise_polygons(polys: list[np.ndarray], shape: tuple[int, int]) -> np.nd
     return relabel(inst)
 
 
-def load_monuseg(root: Path | None = None) -> list[NucleiSample]:
+def load_monuseg(root: Path | None = None, exclude: Sequence[str] = ()) -> list[NucleiSample]:
     """Load the MoNuSeg training images with their XML polygons rasterised (sorted by name).
 
     Parameters
     ----------
     root : Path, optional
         The ``nuclei`` folder (holding ``monuseg-train/``); default :func:`default_nuclei_root`.
+    exclude : sequence of str
+        Groups (``monuseg/<image id>``) not to read at all, e.g. held-out images in a fitting script.
 
     Returns
     -------
@@ -262,7 +308,10 @@ def load_monuseg(root: Path | None = None) -> list[NucleiSample]:
     img_dir = _require_dir(base / "images")
     ann_dir = _require_dir(base / "annotations")
     out: list[NucleiSample] = []
+    skip = set(exclude)
     for png in sorted(img_dir.glob("*.png")):
+        if f"monuseg/{png.stem}" in skip:
+            continue
         xml_path = ann_dir / f"{png.stem}.xml"
         if not xml_path.is_file():
             raise FileNotFoundError(f"MoNuSeg image {png.name}: missing annotation {xml_path}")

@@ -19,6 +19,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellvit_optimus.engine.pipeline.scheduler import SlideJob, TileBatch
+from cellvit_optimus.kernels import smooth_ring
+
+#: level-0 px per nuclei-grid px above which outlines are smoothed before scaling (a 40x slide under a
+#: 0.5 um/px model: 2); at about 1 (a 20x slide) the traced outline is already at the slide's resolution
+SMOOTH_ABOVE_SCALE = 1.25
 
 if TYPE_CHECKING:
     from cellvit_optimus.engine.pipeline.extract import FeatureConsumer
@@ -126,7 +131,10 @@ class NucleiConsumer:
                     continue  # another tile's core owns it
                 if table.areas[i] < self.min_px:
                     continue
-                rec.contours.append(np.asarray(table.contours[i], np.float64) * self.scale + (x0, y0))
+                ring = np.asarray(table.contours[i], np.float64)
+                if self.scale > SMOOTH_ABOVE_SCALE:  # a finer slide than the model's grid: no staircase
+                    ring = smooth_ring(ring)
+                rec.contours.append(ring * self.scale + (x0, y0))
                 rec.centroids.append((x0 + cx * self.scale, y0 + cy * self.scale))
                 rec.types.append(int(table.types[i]))
                 rec.type_probs.append(float(table.type_probs[i]))
