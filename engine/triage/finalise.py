@@ -8,8 +8,10 @@ flags (the safety thresholds' limits), trust tags per tile / region / slide (sha
 site), the MIL score or the fallback priority, and writes the outputs (:mod:`.outputs`), ``summary.json``
 last: it marks the slide finished.
 
-Fallback priority (no MIL checkpoint): from ``d``, the density of nuclei typed as epithelial or
-inflammatory per mm^2 of analysed tissue (a crude proxy for cellular, inflamed or neoplastic tissue),
+Fallback priority (no MIL checkpoint): from ``d``, the density of nuclei of the focus classes per mm^2
+of analysed tissue (:data:`FOCUS_CLASSES`: epithelial and inflammatory in the CoNSeP profile, plus
+neoplastic, tumour and lymphocyte in profiles that have them; a crude proxy for cellular, inflamed or
+neoplastic tissue),
 ``priority = d / (d + 5,000)``: 0 without such nuclei, 0.5 at 5,000 / mm^2, strictly increasing and
 never 1, so dense slides still rank among themselves (the former ``d / 5,000`` clipped to 1 put the
 bundled slide, 8,160 / mm^2, level with every denser one). ``summary.json`` keeps ``d`` itself
@@ -40,12 +42,15 @@ from cellvit_optimus.engine.triage.results import PrioritySource, SlideResult
 if TYPE_CHECKING:
     from cellvit_optimus.safety import MahalanobisOOD, SplitConformal, TagThresholds
 
-__all__ = ("FALLBACK_DENSITY_HALF", "PRIORITY_RULE", "FinaliseContext", "fallback_priority", "mean_per_tile",
+__all__ = ("FALLBACK_DENSITY_HALF", "FOCUS_CLASSES", "PRIORITY_RULE", "FinaliseContext", "fallback_priority", "mean_per_tile",
            "ood_score", "type_set_sizes", "finalise_slide")
 
 log = logging.getLogger(__name__)
 
-#: epithelial + inflammatory nuclei per mm^2 that map to priority 0.5 in the fallback rule
+#: class names counted by the fallback priority, over the class profiles the engine ships (CoNSeP,
+#: PanNuke-like, PUMA): a profile counts those of its classes that appear here
+FOCUS_CLASSES = ("epithelial", "inflammatory", "neoplastic", "tumour", "lymphocyte")
+#: focus-class nuclei per mm^2 that map to priority 0.5 in the fallback rule
 FALLBACK_DENSITY_HALF = 5000.0
 #: names the fallback rule in the run key: a rerun after the rule changes recomputes the priority
 PRIORITY_RULE = "density/(density+5000)"
@@ -154,8 +159,7 @@ def finalise_slide(ctx: FinaliseContext, state: SlideState, timings: dict[str, f
         attention = np.asarray(pred.attention[0], np.float32)
         source = "mil"
     else:
-        focus = sum(v for k, v in counts.items() if k in ("epithelial", "inflammatory", "neoplastic",
-                                                           "tumour", "lymphocyte"))
+        focus = sum(v for k, v in counts.items() if k in FOCUS_CLASSES)
         density = focus / max(tissue_mm2, 1e-9)
         priority = fallback_priority(density)
         source = "fallback"
