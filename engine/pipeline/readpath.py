@@ -82,7 +82,7 @@ class TileReadPath:
             why = "asked for" if self.decoder == "slide" else "no tiles" if not len(grid) else "backbone not on CUDA"
             job.info.update(decoder="slide", decoder_reason=why)
             return
-        name = {"auto": "auto", "dali": "dali", "cucim": "cucim", "nvjpeg": "nvjpeg", "reference": "cpu"}[self.decoder]
+        name = "cpu" if self.decoder == "reference" else self.decoder  # GpuTileReader's decoder names
         try:
             reader = GpuTileReader(slide, decoder=name, device=self.device)  # type: ignore[arg-type]
         except UnsupportedFormatError as exc:

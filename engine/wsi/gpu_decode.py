@@ -4,8 +4,9 @@ An optional alternative to :meth:`Slide.read_tiles <cellvit_optimus.engine.wsi.s
 for GPU runs whose bottleneck is CPU JPEG decoding. The compressed tile streams are read with tifffile
 (``page.dataoffsets`` / ``databytecounts``), completed into stand-alone JPEG files
 (:func:`splice_jpeg_tables`), decoded in batches by nvJPEG, through DALI (``fn.decoders.image`` on the
-``mixed`` device) or through torchvision (``torchvision.io.decode_jpeg(device="cuda")``, which needs nothing
-beyond torch's own image), copied into the requested regions on the GPU (:func:`assemble_regions`), and resampled
+``mixed`` device) or through torchvision (``torchvision.io.decode_jpeg(device="cuda")``, which needs
+nothing beyond torch's own image), copied into the requested regions on the GPU
+(:func:`assemble_regions`), and resampled
 with antialiasing to the tile size (:func:`resample`: Pillow's filters as matrices). The result is a
 ``(N, size, size, 3)`` uint8 torch tensor on the GPU, the CPU path's pixels up to decoder rounding.
 
@@ -401,7 +402,8 @@ class _DaliDecoder:
     """
 
     def __init__(self, device_id: int, max_batch: int, num_threads: int = 2, *, pipe: Any = None,
-                 feed: Callable[..., Any] | None = None, copy_stream: Any = None, device: str | None = None) -> None:
+                 feed: Callable[..., Any] | None = None, copy_stream: Any = None,
+                 device: str | None = None) -> None:
         self.max_batch = int(max_batch)
         self.device_id = int(device_id)
         self.device = device or f"cuda:{self.device_id}"
@@ -476,7 +478,8 @@ class _NvjpegDecoder:
         parts = []
         for s in range(0, len(streams), self.max_batch):
             # host uint8 tensors, as nvJPEG reads its input from the host (a copy: bytes are read-only)
-            data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in streams[s : s + self.max_batch]]
+            chunk = streams[s : s + self.max_batch]
+            data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in chunk]
             imgs = self._decode(data, mode=self._mode, device=self.device)
             shapes = {tuple(i.shape) for i in imgs}
             if len(shapes) != 1:

@@ -7,6 +7,7 @@ CUDA) compare CUDA-graph replays with the eager path, check padding and the OOM 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -192,7 +193,7 @@ def test_bf16_on_cpu_is_close_to_fp32() -> None:
         torch.testing.assert_close(s.float(), t, rtol=0.05, atol=0.05)
 
 
-def _real_tiles(slides_dir, n: int = 16) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _real_tiles(slides_dir: Path, n: int = 16) -> np.ndarray:
     from cellvit_optimus.engine.wsi.slide import open_slide
     from cellvit_optimus.engine.wsi.tissue import tile_grid
 
@@ -201,7 +202,7 @@ def _real_tiles(slides_dir, n: int = 16) -> np.ndarray:  # type: ignore[no-untyp
         return s.read_tiles(coords, 224, 0.5)
 
 
-def test_half_residual_runs_everything_in_the_compute_type_and_stays_close_on_real_tiles(slides_dir) -> None:  # type: ignore[no-untyped-def]
+def test_half_residual_is_all_in_the_compute_type_and_close_on_real_tiles(slides_dir: Path) -> None:
     """``residual="half"``: no fp32 tensor left, no autocast; bf16 (the CPU's half type) against fp32 on
     real H&E tiles. Tolerance: cosine >= 0.99 per tile for the random-init tiny model (bf16 keeps 8
     bits of mantissa; the GPU check measures fp16/bf16 on H-optimus-0)."""
@@ -415,8 +416,9 @@ def fake_graph_runner(monkeypatch: pytest.MonkeyPatch) -> BackboneRunner:
             pass
 
     @contextlib.contextmanager
-    def fake_graph(graph: _FakeGraph, pool: object = None, stream: object = None,  # type: ignore[no-untyped-def]
-                   capture_error_mode: str = "global"):
+    def fake_graph(  # type: ignore[no-untyped-def]
+        graph: _FakeGraph, pool: object = None, stream: object = None, capture_error_mode: str = "global"
+    ):
         _FakeGraph.capturing = graph
         graph.stream = stream  # type: ignore[attr-defined]
         try:

@@ -368,8 +368,12 @@ def _pretend_cuda(monkeypatch, dali=False, cucim=False, torchvision=True):
     found = {"nvidia": dali, "nvidia.dali": dali, "cucim": cucim, "cupy": cucim, "torchvision": torchvision}
     real = gd.importlib.util.find_spec
     monkeypatch.setattr(gd, "_cuda_ok", lambda: True)
-    monkeypatch.setattr(gd.importlib.util, "find_spec",
-                        lambda name, *a: object() if found.get(name) else (None if name in found else real(name, *a)))
+    def find_spec(name, *a):
+        if name in found:
+            return object() if found[name] else None
+        return real(name, *a)
+
+    monkeypatch.setattr(gd.importlib.util, "find_spec", find_spec)
 
 
 @pytest.mark.parametrize("packages,expect", [
@@ -384,7 +388,8 @@ def test_nvjpeg_is_chosen_where_dali_and_cucim_are_absent(monkeypatch, packages,
     assert gd.gpu_decoders_available() == expect
 
 
-def test_auto_reader_on_a_torch_only_machine_is_nvjpeg_and_reads_the_slide_pixels(slide, locations, monkeypatch):
+def test_auto_reader_on_a_torch_only_machine_is_nvjpeg_and_reads_the_slide_pixels(slide, locations,
+                                                                                  monkeypatch):
     pytest.importorskip("torchvision")
     _pretend_cuda(monkeypatch)  # the GPU image: torch and torchvision, neither DALI nor cuCIM
     with gd.GpuTileReader(slide, decoder="auto", device="cpu", max_batch=16) as r:
