@@ -103,6 +103,10 @@ data_dir() {  # the tests' data folder: the carried one, completed with the bund
 # its log is PREFIX.log (the caller redirects). RUN_DIR, OUT and the data folder come from the caller.
 bench_step() {  # PREFIX, then pytest arguments
   local prefix=$1; shift
+  if [ -n "${GPU_CHECK_COLLECT_ONLY:-}" ]; then  # the dry run: what this step would run
+    OPTIMUS_BENCH_GPU_BATCHES=$BATCHES "${PYTEST[@]}" -m gpu --benchmark-disable --collect-only "$@"
+    return
+  fi
   OPTIMUS_BENCH_GPU_BATCHES=$BATCHES "${PYTEST[@]}" -m gpu --benchmark-only \
     --benchmark-json="$prefix.bench.json" --junitxml="$prefix.xml" "$@"
 }
@@ -141,6 +145,9 @@ run_step_body() {
     residual)
       bench_step "$prefix" bench/test_bench_residual.py ;;
     gpu-tests)
+      if [ -n "${GPU_CHECK_COLLECT_ONLY:-}" ]; then
+        "${PYTEST[@]}" -m gpu --benchmark-disable --collect-only "${GPU_TESTS[@]}"; return
+      fi
       "${PYTEST[@]}" -m gpu --benchmark-disable --junitxml="$prefix.xml" "${GPU_TESTS[@]}" ;;
     budget)
       bench_step "$prefix" bench/test_bench_backbone.py -k budget ;;
@@ -223,6 +230,16 @@ if [ "$MODE" = dry-run ]; then
   else
     steps+=("collect gpu tests and bench=FAILED:$(grep -m1 -E 'Error|error' "$RUN_DIR/collect.log")"); status=1
   fi
+  # what each pytest step of the device run selects (a -k typo would waste the one run)
+  for s in backbone e2e residual gpu-tests budget decode; do
+    GPU_CHECK_MODE=run GPU_CHECK_COLLECT_ONLY=1 bash bench/gpu_check.sh --step "$s" "$RUN_DIR/collect-$s" \
+      >"$RUN_DIR/collect-$s.log" 2>&1
+    n=$(grep -cE '::' "$RUN_DIR/collect-$s.log")
+    if [ "$n" -ge 1 ]; then steps+=("step $s selects=dry-run:$n tests")
+    else
+      steps+=("step $s selects=FAILED:nothing collected ($(tail -1 "$RUN_DIR/collect-$s.log"))"); status=1
+    fi
+  done
   "${PYTEST[@]}" --benchmark-disable tests/engine/wsi/test_gpu_decode.py -k "spliced_streams_decode" \
     --junitxml="$RUN_DIR/tests.xml" >"$RUN_DIR/tests.log" 2>&1 || status=1
   names=$(for l in "${PLAN[@]}"; do read -r n _ <<<"$l"; printf '%s ' "$n"; done)

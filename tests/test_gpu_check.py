@@ -4,8 +4,9 @@
 the carried size (60 MiB at most, under the device tool's 64), that every requirement of the package
 and of the carried wheels is met on the GPU image (CPython 3.12), that the wheels resolve for that
 interpreter, that the package installs without build isolation, that every gpu test and bench is
-collected with the test data taken from OPTIMUS_SHARED_DATA, and that the results file is written. It
-builds the carried wheelhouse when missing (from the package index, as CI can).
+collected with the test data taken from OPTIMUS_SHARED_DATA, that each pytest step of the device run
+selects tests, and that the results file is written. It builds the carried wheelhouse when missing
+(from the package index, as CI can).
 
 ``--simulate``: the device run's own machinery (timeouts, per-step files in $OUT, the aggregate after
 every step, the signal trap) with stand-in steps, killed with SIGTERM at a random step: every step that
@@ -59,6 +60,8 @@ def test_gpu_check_dry_run_prints_the_timeline_and_carries_under_60_mib(tmp_path
         assert f"gpu_check: {line}" in out, line
     n = int(re.search(r"collect gpu tests and bench: (\d+) collected", out).group(1))
     assert n >= 30  # the gpu tests and benches, each parametrisation counted
+    for step in ("backbone", "e2e", "residual", "gpu-tests", "budget", "decode"):  # each selects something
+        assert int(re.search(rf"dry-run  step {step} selects: (\d+) tests", out).group(1)) >= 1, step
     [res] = tmp_path.glob("*.json")
     data = json.loads(res.read_text())
     assert data["steps"]["install package"]["status"] == "dry-run"
