@@ -42,19 +42,21 @@ def hoptimus0_cpu():  # type: ignore[no-untyped-def]
     return hoptimus0_gpu_init()
 
 
-def hoptimus0_gpu_init():  # type: ignore[no-untyped-def]
-    """H-optimus-0, random init made on the GPU (seeded), returned fp32 on the CPU"""
+def hoptimus0_gpu_init(preset: str = "hoptimus0", device: str = "cuda"):  # type: ignore[no-untyped-def]
+    """a preset's backbone, random init made on ``device`` (seeded), returned fp32 on the CPU"""
     import torch
     from cellvit_optimus.heads import PRESETS, Backbone
     from cellvit_optimus.heads._timm_compat import import_timm
 
-    p = PRESETS["hoptimus0"]
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+    p = PRESETS[preset]
+    gpus = [torch.cuda.current_device()] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(0)
-        with torch.device("cuda"):
+        with torch.device(device):
             model = import_timm().create_model(p.timm_name, pretrained=False, **p.timm_kwargs)
     model = model.eval().requires_grad_(False).cpu()
-    torch.cuda.empty_cache()
+    if gpus:
+        torch.cuda.empty_cache()
     return Backbone(model, p).eval()
 
 

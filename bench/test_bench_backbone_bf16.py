@@ -44,6 +44,6 @@ def test_gpu_hoptimus0_runner_bf16(benchmark, hopt_bf16, batch, graphs):
     if tps == tps:  # not NaN: the same number under the suite-wide key
         benchmark.extra_info["flops_fraction"] = benchmark.extra_info.get("fraction_of_fp16_peak")
     runner.release_graphs()
-    del runner
+    runner = None  # (not del: the benchmarked lambda refers to the name)
     gc.collect()
     torch.cuda.empty_cache()

@@ -14,10 +14,11 @@ ViT-g size about as much memory traffic per tile as the matmuls' own). ``residua
 runs everything in the half type, without autocast; the GPU check (bench/test_bench_residual.py)
 measures both against fp32 on real tiles, accuracy and tiles/s.
 
-On CUDA the runner works on a stream of its own: the host-to-device copy, the probe, the warm-ups, the
-graph captures and every forward run there, so its cuBLAS workspace is allocated once (each stream has
-its own, 32 MiB on Hopper, kept until :meth:`BackboneRunner.release_graphs`), and the caller's stream
-only waits for the work of its own call. The forward is captured in CUDA graphs at the batch sizes in
+On CUDA the runner works on a stream of its own (:func:`runner_stream`, one per device): the
+host-to-device copy, the probe, the warm-ups, the graph captures and every forward run there, so one
+cuBLAS workspace serves them all (each stream has its own, 32 MiB on Hopper, kept until
+:meth:`BackboneRunner.release_graphs`), and the caller's stream only waits for the work of its own
+call. The forward is captured in CUDA graphs at the batch sizes in
 :data:`CAPTURE_SIZES` (vLLM's scheme): a batch is padded up to the next captured size, copied into the
 graphs' shared static input, the graph is replayed and the outputs sliced. Every size is warmed up before
 the first capture, so no warm-up's activations sit beside the graphs' memory pool. The batch size comes
@@ -57,6 +58,7 @@ __all__ = (
     "apply_precision",
     "is_out_of_memory",
     "next_capture_size",
+    "runner_stream",
 )
 
 logger = logging.getLogger(__name__)
@@ -102,6 +104,24 @@ def is_out_of_memory(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+_RUNNER_STREAMS: dict[torch.device, Any] = {}
+_RUNNER_STREAMS_LOCK = threading.Lock()
+
+
+def runner_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one CUDA stream every runner on ``device`` works on.
+
+    cuBLAS keeps a workspace per (handle, stream), 32 MiB on Hopper, allocated through the caching
+    allocator and kept after ``empty_cache``. One stream per device, made once and shared, keeps that at
+    one workspace however many runners a process makes (tests and benchmarks make dozens; torch's pool
+    would hand them up to 32 different streams). Runners on one device serialise there, which they would
+    on the GPU anyway."""
+    with _RUNNER_STREAMS_LOCK:
+        if device not in _RUNNER_STREAMS:
+            _RUNNER_STREAMS[device] = torch.cuda.Stream(device)
+        return _RUNNER_STREAMS[device]
 
 
 def next_capture_size(n: int, sizes: Sequence[int] = CAPTURE_SIZES) -> int | None:
@@ -406,8 +426,8 @@ class BackboneRunner:
         #: device time per stage (CUDA events on the runner's stream; the wall clock on the CPU)
         self.stage_times = StageTimes()
         self._lock = threading.Lock()
-        # the runner's own CUDA stream: copies, probe, warm-ups, captures and forwards (one workspace)
-        self._stream: Any = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # the runners' CUDA stream: copies, probe, warm-ups, captures and forwards (one workspace)
+        self._stream: Any = runner_stream(self.device) if self.device.type == "cuda" else None
 
         if backbone is None:
             backbone = build_backbone(

@@ -221,6 +221,17 @@ def test_half_residual_is_all_in_the_compute_type_and_close_on_real_tiles(slides
     assert cos_mixed.min() >= 0.99 and not torch.equal(mixed.embedding, out.embedding)
 
 
+def test_runners_on_a_device_share_one_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cellvit_optimus.engine.pipeline import runner as runner_module
+
+    made: list[object] = []
+    monkeypatch.setattr(runner_module, "_RUNNER_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: made.append(device) or object())
+    a = runner_module.runner_stream(torch.device("cuda", 0))
+    assert runner_module.runner_stream(torch.device("cuda", 0)) is a and len(made) == 1
+    assert runner_module.runner_stream(torch.device("cuda", 1)) is not a and len(made) == 2
+
+
 def test_residual_validation() -> None:
     with pytest.raises(ConfigError, match="residual='bf16'"):
         BackboneRunner("tiny", dtype="bf16", residual="bf16")  # type: ignore[arg-type]
@@ -368,14 +379,48 @@ def test_oom_fallback_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert max(size for size, _ in r.captured_graphs) == 4
 
 
+def _settle() -> None:
+    """what earlier tests left goes: garbage, cached blocks, cuBLAS workspaces (per stream, kept by
+    empty_cache), so that a memory check measures this test's runner and not the test order"""
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize()
+    getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
+    torch.cuda.empty_cache()
+
+
 @pytest.mark.gpu
 def test_batch_size_fitted_to_budget() -> None:
+    _settle()
+    base = torch.cuda.memory_allocated()
     r = BackboneRunner("small", device="cuda", vram_budget_gb=1.5)
     assert r.probe is not None and r.batch_size in CAPTURE_SIZES
     assert r.probe["predicted_peak_bytes"] <= 1.5 * 2**30
     torch.cuda.reset_peak_memory_stats()
     r(make_tiles(r.batch_size))
-    assert torch.cuda.max_memory_allocated() <= 1.5 * 2**30
+    assert torch.cuda.max_memory_allocated() - base <= 1.5 * 2**30
+
+
+@pytest.mark.gpu
+def test_release_returns_graph_and_workspace_memory() -> None:
+    """after release_graphs only the weights stay: graph pool, static buffers and the cuBLAS workspace
+    (32 MiB on Hopper, which empty_cache alone keeps) are returned"""
+    import gc
+
+    _settle()
+    base = torch.cuda.memory_allocated()
+    r = BackboneRunner("tiny", device="cuda", batch_size=64, backbone=_scaled())
+    other = BackboneRunner("tiny", device="cuda", batch_size=8, backbone=_scaled())
+    assert r._stream is other._stream  # one stream (one workspace) for every runner on the device
+    r(make_tiles(64, seed=31))
+    assert len(r.captured_graphs) == 8  # 1, 2, 4, 8, 16, 32, 48, 64
+    params = [*r.backbone.parameters(), *other.backbone.parameters()]
+    weights = sum(t.numel() * t.element_size() for t in params)
+    r.release_graphs()
+    gc.collect()
+    left = torch.cuda.memory_allocated() - base - weights
+    assert left <= 1 * 2**20, f"{left / 2**20:.1f} MiB left after release_graphs"
 
 
 @pytest.mark.gpu
@@ -637,7 +682,7 @@ def test_real_oom_during_graph_capture_falls_back() -> None:
 def test_batch_fit_counts_reserved_memory() -> None:
     """the device pays for what the caching allocator reserves, graphs and workspaces included"""
     budget = 1.5 * 2**30
-    torch.cuda.empty_cache()
+    _settle()
     base = torch.cuda.memory_reserved()
     r = BackboneRunner("small", device="cuda", vram_budget_gb=1.5)
     assert r.probe is not None and len(r.probe["probe_reserved_bytes"]) == 2
