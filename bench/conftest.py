@@ -27,11 +27,37 @@ sys.path.append(str(Path(__file__).resolve().parent))
 
 @pytest.fixture(scope="session")
 def hoptimus0_cpu():  # type: ignore[no-untyped-def]
-    """H-optimus-0's architecture, seeded random init, fp32 on the CPU: built once per session (a 1.1 B
-    parameter init takes tens of seconds) and shared; users deep-copy it before casting or moving it."""
+    """H-optimus-0's architecture, random init, fp32 on the CPU: built once per session and shared;
+    users deep-copy it before casting or moving it.
+
+    On a CUDA machine timm initialises it on the GPU and it is moved back (a few seconds; the seeded CPU
+    init takes ~90 s, which the GPU check cannot spare once per pytest step): the numbers differ from
+    the CPU init's, the distributions do not, and only speed and fp16/bf16-vs-fp32 agreement are
+    measured with it. Without CUDA: the seeded CPU init (``build_backbone("hoptimus0", seed=0)``)."""
+    import torch
     from cellvit_optimus.heads import build_backbone
 
-    return build_backbone("hoptimus0", seed=0)
+    if not torch.cuda.is_available():
+        return build_backbone("hoptimus0", seed=0)
+    return hoptimus0_gpu_init()
+
+
+def hoptimus0_gpu_init(preset: str = "hoptimus0", device: str = "cuda"):  # type: ignore[no-untyped-def]
+    """a preset's backbone, random init made on ``device`` (seeded), returned fp32 on the CPU"""
+    import torch
+    from cellvit_optimus.heads import PRESETS, Backbone
+    from cellvit_optimus.heads._timm_compat import import_timm
+
+    p = PRESETS[preset]
+    gpus = [torch.cuda.current_device()] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = import_timm().create_model(p.timm_name, pretrained=False, **p.timm_kwargs)
+    model = model.eval().requires_grad_(False).cpu()
+    if gpus:
+        torch.cuda.empty_cache()
+    return Backbone(model, p).eval()
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):  # type: ignore[no-untyped-def]

@@ -40,9 +40,10 @@ def test_gpu_hoptimus0_runner_bf16(benchmark, hopt_bf16, batch, graphs):
     benchmark.pedantic(lambda: (runner(x), torch.cuda.synchronize()), rounds=10, warmup_rounds=2, iterations=1)
     benchmark.extra_info["peak_vram_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     tps = _record(benchmark, batch, PRESETS["hoptimus0"].flops_per_tile(), torch.cuda.get_device_name())
+    benchmark.extra_info.update(mode="runner", dtype="bf16", graphs=graphs)
     if tps == tps:  # not NaN: the same number under the suite-wide key
         benchmark.extra_info["flops_fraction"] = benchmark.extra_info.get("fraction_of_fp16_peak")
     runner.release_graphs()
-    del runner
+    runner = None  # (not del: the benchmarked lambda refers to the name)
     gc.collect()
     torch.cuda.empty_cache()

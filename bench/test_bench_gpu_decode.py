@@ -1,11 +1,12 @@
-"""GPU read path (``gpu`` marker): CPU decode (the slide's backend + Pillow resample) beside nvJPEG/DALI
-and cuCIM GPU decode (+ matrix resample on the GPU), same real tiles, in tiles/s.
+"""GPU read path (``gpu`` marker): CPU decode (the slide's backend + Pillow resample) beside nvJPEG (DALI,
+torchvision) and cuCIM GPU decode (+ matrix resample on the GPU), same real tiles, in tiles/s.
 
 Group ``read-tiles-decode-<mpp>``: 0.5 um/px (no resampling on the CMU slide) and 0.7 um/px (a
 1.4x antialiased reduction). The GPU rounds end with ``torch.cuda.synchronize()``. ``extra_info`` has
 the mean absolute difference to the CPU pixels (must stay <= 1 grey level) and what
-:func:`choose_decoder` would pick. The slide is small (130 JPEG tiles), so the tile set is repeated to
-1,024 reads to give the GPU batches of realistic size.
+:func:`choose_decoder` would pick, with the host path's tiles/s it measured (so the GPU check can leave
+the ``cpu-backend`` rows out and still compare). The slide is small (130 JPEG tiles), so the tile set
+is repeated to 1,024 reads to give the GPU batches of realistic size.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def test_read_tiles_decode(benchmark, slide, locations, decoder, mpp):
         choice = gd.choose_decoder(slide, locations, 224, mpp, gpu_reader=reader, batch_size=256)
         benchmark.extra_info.update(decoder=decoder, device=torch.cuda.get_device_name(),
                                     mean_abs_diff_vs_cpu=round(diff, 4), choose_decoder=choice.decoder,
-                                    choose_reason=choice.reason)
+                                    choose_reason=choice.reason, cpu_tiles_per_s=choice.cpu_tiles_per_s,
+                                    fallbacks=reader.fallbacks)
         assert diff <= 1.0
         reader.close()
     assert out.shape == (N_TILES, 224, 224, 3)

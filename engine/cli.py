@@ -48,7 +48,7 @@ def _exit_code(n_ok: int, n_failed: int) -> int:
 _TARGET_MPP = click.FloatRange(0.01, 50)
 _FRACTION = click.FloatRange(0.0, 1.0)
 #: readpath.DECODERS, repeated so that parsing the command line imports no numpy (a test keeps them equal)
-_DECODERS = ("auto", "slide", "dali", "cucim", "reference")
+_DECODERS = ("auto", "slide", "dali", "cucim", "nvjpeg", "reference")
 
 
 def _outputs(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
@@ -208,7 +208,8 @@ def _print_skipped(skipped: list[tuple[str, str]]) -> None:
 
 
 _DECODER_HELP = ("tile read path: auto (GPU JPEG decode when the backbone is on CUDA and it measures faster), "
-                 "slide (host reader), dali, cucim (that GPU decoder), reference (host decoder, GPU-path logic)")
+                 "slide (host reader), dali, cucim, nvjpeg (that GPU decoder; nvjpeg is torchvision's), "
+                 "reference (host decoder, GPU-path logic)")
 
 
 def _backbone_options(f):

@@ -203,7 +203,8 @@ async def aextract_features(paths: Sequence[str | os.PathLike[str]], out_dir: st
     read_path = TileReadPath(config.decoder, str(runner.device))
 
     def compute(tiles: np.ndarray) -> BatchOutput:
-        return BatchOutput(runner(tiles, tokens=False).embedding)
+        out = runner(tiles, tokens=False)
+        return BatchOutput(out.embedding, spans=getattr(out, "spans", ()))
 
     lock = folder_lock(out, lock_timeout_s)
     await anyio.to_thread.run_sync(lock.__enter__)  # waiting for another run never blocks the host's loop

@@ -28,12 +28,13 @@ __all__ = ("DECODERS", "Decoder", "SlideOpening", "TileReadPath", "job_fingerpri
 
 log = logging.getLogger(__name__)
 
-#: tile read paths: "auto" (the GPU path when the backbone runs on CUDA, a GPU decoder is installed, the
+#: tile read paths: "auto" (the GPU path when the backbone runs on CUDA, a GPU decoder is usable, the
 #: slide's tiles are JPEG and the GPU path measures faster on the first such slide; else the slide
-#: reader), "slide" (the slide reader on the host: cuCIM, tiffslide, ...), "dali" / "cucim" (that GPU
-#: decoder, for every slide it can read), "reference" (the GPU path's logic with the host JPEG decoder:
-#: raw tile streams, assembly and resampling in torch, on the backbone's device; for tests)
-Decoder = Literal["auto", "slide", "dali", "cucim", "reference"]
+#: reader), "slide" (the slide reader on the host: cuCIM, tiffslide, ...), "dali" / "cucim" / "nvjpeg"
+#: (that GPU decoder, for every slide it can read; "nvjpeg" is torchvision's, in every CUDA torch
+#: image), "reference" (the GPU path's logic with the host JPEG decoder: raw tile streams, assembly and
+#: resampling in torch, on the backbone's device; for tests)
+Decoder = Literal["auto", "slide", "dali", "cucim", "nvjpeg", "reference"]
 DECODERS: tuple[Decoder, ...] = get_args(Decoder)
 
 
@@ -81,7 +82,7 @@ class TileReadPath:
             why = "asked for" if self.decoder == "slide" else "no tiles" if not len(grid) else "backbone not on CUDA"
             job.info.update(decoder="slide", decoder_reason=why)
             return
-        name = {"auto": "auto", "dali": "dali", "cucim": "cucim", "reference": "cpu"}[self.decoder]
+        name = "cpu" if self.decoder == "reference" else self.decoder  # GpuTileReader's decoder names
         try:
             reader = GpuTileReader(slide, decoder=name, device=self.device)  # type: ignore[arg-type]
         except UnsupportedFormatError as exc:
@@ -117,19 +118,30 @@ class TileReadPath:
                         decoder_reason=why)
 
     def read(self, job: SlideJob, idx: np.ndarray) -> tuple[Any, dict[str, np.ndarray]]:
+        """the scheduler's ``read_tiles``: ``(tiles, quality)`` of the grid tiles ``idx``
+
+        On the GPU path the decode, assembly, resampling and tile quality run on the reader thread's own
+        CUDA stream, which is waited for before returning (:class:`~.gpu_decode.reader_stream`): the
+        reader waits for its own work, never behind the backbone's graph replays, and the tiles it hands
+        on are complete."""
+        from cellvit_optimus.engine.wsi.gpu_decode import reader_stream
         from cellvit_optimus.engine.wsi.tissue import tile_quality
 
         grid = job.grid
         assert job.slide is not None and grid is not None
         locs = [tuple(c) for c in grid.coords[idx].tolist()]
-        source = job.reader if job.reader is not None else job.slide
-        if job.reader is not None:  # GPU decoders return damaged pixels silently too: same strict check
-            job.slide.check_tiles(locs, grid.tile_size, grid.target_mpp)
-        tiles = source.read_tiles(locs, grid.tile_size, grid.target_mpp)
+        if job.reader is None:
+            tiles = job.slide.read_tiles(locs, grid.tile_size, grid.target_mpp)
+            return tiles, tile_quality(tiles)
+        # GPU decoders return damaged pixels silently too: the slide reader's strict check first
+        job.slide.check_tiles(locs, grid.tile_size, grid.target_mpp)
+        with reader_stream(getattr(job.reader, "device", "cpu")):
+            tiles = job.reader.read_tiles(locs, grid.tile_size, grid.target_mpp)
+            quality = tile_quality(tiles)
         fallback = getattr(job.reader, "fallback_reason", None)
         if fallback is not None:  # the GPU decoder failed on some batches: the host reader read them
             job.info.update(decoder_fallback=fallback, decoder_fallbacks=job.reader.fallbacks)
-        return tiles, tile_quality(tiles)
+        return tiles, quality
 
 
 def job_fingerprint(job: SlideJob) -> str:

@@ -6,16 +6,27 @@ copies on CUDA), normalises them there, and runs the frozen backbone from
 :mod:`cellvit_optimus.heads.backbone` under ``torch.inference_mode``.
 
 Precision: in ``fp16``/``bf16`` mode the matmul weights (every ``Linear`` and the patch ``Conv2d``) are
-stored in the half type and the rest (norms, LayerScale, tokens, position embedding) in fp32, and the
-forward runs under autocast. Matmuls are half precision at half the weight memory (2.3 GB instead of
-4.5 GB for H-optimus-0), while the residual stream and the norms stay fp32, exactly as autocast over
-an fp32 model would keep them.
+stored in the half type. With ``residual="fp32"`` (the default) the rest (norms, LayerScale, tokens,
+position embedding) stays fp32 and the forward runs under autocast: half-precision matmuls at half the
+weight memory (2.3 GB instead of 4.5 GB for H-optimus-0), the residual stream and norms in fp32, exactly
+as autocast over an fp32 model keeps them, at the price of casts around every norm and LayerScale (at
+ViT-g size about as much memory traffic per tile as the matmuls' own). ``residual="half"`` stores and
+runs everything in the half type, without autocast; the GPU check (bench/test_bench_residual.py)
+measures both against fp32 on real tiles, accuracy and tiles/s.
 
-On CUDA the forward is captured in CUDA graphs at the batch sizes in :data:`CAPTURE_SIZES` (vLLM's
-scheme): a batch is padded up to the next captured size, copied into the graph's static input, the graph
-is replayed and the outputs sliced. The batch size comes from a VRAM budget, fitted from the peak memory
-of two probe batches; a CUDA out-of-memory error drops to the next smaller size instead of failing.
-The CPU path has the same API and runs eagerly in fp32 or bf16. Nothing here needs CUDA to import.
+On CUDA the runner works on a stream of its own (:func:`runner_stream`, one per device): the
+host-to-device copy, the probe, the warm-ups, the graph captures and every forward run there, so one
+cuBLAS workspace serves them all (each stream has its own, 32 MiB on Hopper, kept until
+:meth:`BackboneRunner.release_graphs`), and the caller's stream only waits for the work of its own
+call. The forward is captured in CUDA graphs at the batch sizes in
+:data:`CAPTURE_SIZES` (vLLM's scheme): a batch is padded up to the next captured size, copied into the
+graphs' shared static input, the graph is replayed and the outputs sliced. Every size is warmed up before
+the first capture, so no warm-up's activations sit beside the graphs' memory pool. The batch size comes
+from a VRAM budget, fitted from the peak memory of two probe batches run on the runner's stream (its
+workspace included) plus the captured graphs' outputs; a CUDA out-of-memory error drops to the next
+smaller size instead of failing. Device time per stage (``h2d``, ``backbone``) is measured with CUDA
+events (:attr:`BackboneRunner.stage_times`). The CPU path has the same API and runs eagerly in fp32 or
+bf16. Nothing here needs CUDA to import.
 """
 
 from __future__ import annotations
@@ -34,17 +45,20 @@ from cellvit_optimus.heads.backbone import Backbone, BackbonePreset, build_backb
 from torch import nn
 
 from cellvit_optimus.engine.errors import BackendUnavailableError, ConfigError
+from cellvit_optimus.engine.pipeline.timing import DeviceSpan, StageTimes
 
 __all__ = (
     "CAPTURE_SIZES",
     "DEFAULT_CPU_BATCH_SIZE",
     "PROBE_SIZES",
+    "RESIDUALS",
     "BackboneOutput",
     "BackboneRunner",
     "RunnerStats",
     "apply_precision",
     "is_out_of_memory",
     "next_capture_size",
+    "runner_stream",
 )
 
 logger = logging.getLogger(__name__)
@@ -61,11 +75,15 @@ PROBE_SIZES: tuple[int, int] = (4, 8)
 BUDGET_HEADROOM = 0.9
 #: batch size on the CPU when none is given
 DEFAULT_CPU_BATCH_SIZE = 32
-#: memory the probe cannot see, added to the fitted peak: the cuBLAS workspace of each extra stream
-#: (graph warm-up runs on a side stream; 32 MiB per handle on Hopper) and the graph pool's rounding
-GRAPH_OVERHEAD_BYTES = 128 * 2**20
+#: memory the probe cannot see, added to the fitted peak when graphs are captured: the graph pool's
+#: segment rounding (the probe runs on the runner's own stream, so its cuBLAS workspace is counted)
+GRAPH_OVERHEAD_BYTES = 64 * 2**20
 
 DType = Literal["fp16", "bf16", "fp32"]
+#: where the residual stream, norms and LayerScale live in fp16/bf16 mode: "fp32" (autocast, casts
+#: around them) or "half" (everything in the compute type)
+Residual = Literal["fp32", "half"]
+RESIDUALS: tuple[str, ...] = ("fp32", "half")
 _DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 Tiles = np.ndarray | torch.Tensor
 StainNorm = Callable[[torch.Tensor], torch.Tensor]
@@ -88,6 +106,24 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return False
 
 
+_RUNNER_STREAMS: dict[torch.device, Any] = {}
+_RUNNER_STREAMS_LOCK = threading.Lock()
+
+
+def runner_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one CUDA stream every runner on ``device`` works on.
+
+    cuBLAS keeps a workspace per (handle, stream), 32 MiB on Hopper, allocated through the caching
+    allocator and kept after ``empty_cache``. One stream per device, made once and shared, keeps that at
+    one workspace however many runners a process makes (tests and benchmarks make dozens; torch's pool
+    would hand them up to 32 different streams). Runners on one device serialise there, which they would
+    on the GPU anyway."""
+    with _RUNNER_STREAMS_LOCK:
+        if device not in _RUNNER_STREAMS:
+            _RUNNER_STREAMS[device] = torch.cuda.Stream(device)
+        return _RUNNER_STREAMS[device]
+
+
 def next_capture_size(n: int, sizes: Sequence[int] = CAPTURE_SIZES) -> int | None:
     """The smallest captured size that holds ``n`` tiles, or None when ``n`` exceeds them all."""
     for s in sizes:
@@ -99,14 +135,20 @@ def next_capture_size(n: int, sizes: Sequence[int] = CAPTURE_SIZES) -> int | Non
 _M = TypeVar("_M", bound=nn.Module)
 
 
-def apply_precision(model: _M, compute_dtype: torch.dtype) -> _M:
-    """Store matmul weights (Linear, Conv2d) in ``compute_dtype`` and everything else in fp32, in place.
+def apply_precision(model: _M, compute_dtype: torch.dtype, residual: Residual = "fp32") -> _M:
+    """Store matmul weights (Linear, Conv2d) in ``compute_dtype`` and everything else in fp32 (or, with
+    ``residual="half"``, everything in ``compute_dtype``), in place.
 
     Only tensors not already in their target dtype are converted, so re-applying it to a shared,
     already cast model on the GPU allocates nothing.
     """
+    if residual not in RESIDUALS:
+        raise ConfigError(f"residual={residual!r}: must be one of {', '.join(RESIDUALS)}")
     for m in model.modules():
-        target = compute_dtype if isinstance(m, (nn.Linear, nn.Conv2d)) else torch.float32
+        if residual == "half":
+            target = compute_dtype
+        else:
+            target = compute_dtype if isinstance(m, (nn.Linear, nn.Conv2d)) else torch.float32
         own = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
         if any(t.is_floating_point() and t.dtype != target for t in own):
             m._apply(lambda t, target=target: t.to(target) if t.is_floating_point() else t, recurse=False)
@@ -120,10 +162,13 @@ class BackboneOutput:
     ``embedding``: ``(B, D)`` float32 tile embeddings (CLS token after the final norm).
     ``tokens``: one ``(B, D, g, g)`` patch-token map per configured block (g = 16 for 224/14), float32 in
     fp32 mode and the half type otherwise; empty when token maps were not asked for.
+    ``spans``: the call's device-timed stages on CUDA (``h2d``, ``backbone``; read them where waiting
+    for the work costs nothing, e.g. after the outputs were copied to the host), empty on the CPU.
     """
 
     embedding: torch.Tensor
     tokens: tuple[torch.Tensor, ...]
+    spans: tuple[DeviceSpan, ...] = ()
 
     def __len__(self) -> int:
         return int(self.embedding.shape[0])
@@ -154,27 +199,26 @@ class RunnerStats:
 
 
 class _CapturedForward:
-    """One CUDA graph of a forward function at a fixed batch size, with static input and outputs."""
+    """One CUDA graph of a forward function at a fixed batch size, with static input and outputs.
+
+    ``static_in`` is a prefix view of the dispatcher's one input buffer (the graphs replay one after
+    another on the runner's stream, so they can share it); the forward must have been warmed up at this
+    size on ``stream`` already (the dispatcher warms every size up before the first capture).
+    """
 
     def __init__(
         self,
         fn: Callable[[torch.Tensor], tuple[torch.Tensor, tuple[torch.Tensor, ...]]],
-        input_shape: tuple[int, ...],
-        device: torch.device,
+        static_in: torch.Tensor,
         pool: Any,
+        stream: Any,
     ) -> None:
-        self.batch = input_shape[0]
-        self.static_in = torch.zeros(input_shape, dtype=torch.float32, device=device)
-        # warm up on a side stream, as torch.cuda.graph's documentation asks for whole-network capture
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_ITERS):
-                fn(self.static_in)
-        torch.cuda.current_stream(device).wait_stream(side)
+        self.batch = int(static_in.shape[0])
+        self.static_in = static_in
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: loader threads may keep using CUDA while the backbone is being captured
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+        # the runner's stream: capture there too, not on torch's default side stream, so that no other
+        # stream (and cuBLAS workspace) is involved; thread_local: loader threads may keep using CUDA
+        with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             self.static_out = fn(self.static_in)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -195,6 +239,7 @@ class _Dispatcher:
         self._runner = runner
         self._graphs: dict[tuple[int, bool], _CapturedForward] = {}
         self._pool: Any = None
+        self._input: torch.Tensor | None = None  # the graphs' shared static input (largest size)
 
     @property
     def captured(self) -> tuple[tuple[int, bool], ...]:
@@ -206,22 +251,37 @@ class _Dispatcher:
             del self._graphs[key]
         if not self._graphs:
             self._pool = None
+            self._input = None
 
     def capture(self, tokens: bool) -> None:
         """Capture every size up to the batch size for one output mode, largest first (vLLM's order:
-        the smaller graphs then fit in the memory pool the largest one left)."""
+        the smaller graphs then fit in the memory pool the largest one left).
+
+        Every missing size is warmed up (eager, on the runner's stream) before the first capture: cuBLAS
+        and cuDNN set up and choose kernels there, and the eager activations are back in the cache, which
+        ``torch.cuda.graph`` empties, before the graphs' pool takes its memory. (A warm-up between two
+        captures would hold its activations beside the pool of the graphs captured before it.)"""
         r = self._runner
+        todo = [c for c in sorted(r.capture_sizes, reverse=True) if (c, tokens) not in self._graphs]
+        if not todo:
+            return
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        s = r.preset.tile_size
-        for size in sorted(r.capture_sizes, reverse=True):
-            if (size, tokens) in self._graphs:
-                continue
-            self._graphs[(size, tokens)] = _CapturedForward(
-                lambda x: r._forward(x, tokens), (size, 3, s, s), r.device, self._pool
-            )
-            r.stats.graphs_captured += 1
-        logger.debug("captured %d CUDA graphs (tokens=%s)", len(r.capture_sizes), tokens)
+        s, biggest = r.preset.tile_size, max(r.capture_sizes)
+
+        def fn(x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            return r._forward(x, tokens)
+
+        with torch.cuda.stream(r._stream):
+            if self._input is None or self._input.shape[0] < biggest:
+                self._input = torch.zeros((biggest, 3, s, s), dtype=torch.float32, device=r.device)
+            for size in todo:
+                for _ in range(WARMUP_ITERS):
+                    fn(self._input[:size])
+            for size in todo:
+                self._graphs[(size, tokens)] = _CapturedForward(fn, self._input[:size], self._pool, r._stream)
+                r.stats.graphs_captured += 1
+        logger.debug("captured %d CUDA graphs (tokens=%s)", len(todo), tokens)
 
     def __call__(self, x: torch.Tensor, tokens: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         r, n = self._runner, x.shape[0]
@@ -278,6 +338,9 @@ class BackboneRunner:
         normalisation; must return the same shape. Placeholder for stain normalisation.
     tokens
         Default for returning token maps; pass ``tokens=False`` to a call when only embeddings are needed.
+    residual
+        ``"fp32"`` (default: residual stream, norms and LayerScale in fp32, matmuls under autocast) or
+        ``"half"`` (everything in the fp16/bf16 compute type); only with ``dtype`` fp16 or bf16.
     seed, hf_cache_dir
         Passed to :func:`build_backbone`.
     capture_sizes
@@ -307,6 +370,7 @@ class BackboneRunner:
         hf_cache_dir: str | os.PathLike[str] | None = None,
         backbone: Backbone | None = None,
         capture_sizes: Sequence[int] | None = None,
+        residual: Residual = "fp32",
     ) -> None:
         self.preset = get_preset(preset)
         if backbone is not None and (backbone.preset != self.preset or weights is not None):
@@ -344,8 +408,13 @@ class BackboneRunner:
             raise ConfigError(f"stain_norm={stain_norm!r}: must be a callable or None")
         if blocks is not None:
             self.preset.validate_blocks(blocks)  # fail before building a large model
+        if residual not in RESIDUALS:
+            raise ConfigError(f"residual={residual!r}: must be one of {', '.join(RESIDUALS)}")
+        if residual == "half" and dtype == "fp32":
+            raise ConfigError("residual='half' needs dtype 'fp16' or 'bf16' (fp32 has no half residual)")
 
         self.dtype: DType = dtype
+        self.residual: Residual = residual
         self.compute_dtype = _DTYPES[dtype]
         self.tokens_dtype = self.compute_dtype  # raw block outputs, stored at compute precision
         self.use_cuda_graphs = bool(use_cuda_graphs) and self.device.type == "cuda"
@@ -354,14 +423,18 @@ class BackboneRunner:
         self.tokens = bool(tokens)
         self.stats = RunnerStats()
         self.probe: dict[str, Any] | None = None  # memory fit from the batch-size probe (CUDA)
+        #: device time per stage (CUDA events on the runner's stream; the wall clock on the CPU)
+        self.stage_times = StageTimes()
         self._lock = threading.Lock()
+        # the runners' CUDA stream: copies, probe, warm-ups, captures and forwards (one workspace)
+        self._stream: Any = runner_stream(self.device) if self.device.type == "cuda" else None
 
         if backbone is None:
             backbone = build_backbone(
                 self.preset, weights, blocks=blocks, seed=seed, hf_cache_dir=hf_cache_dir
             )
         # a shared prebuilt backbone is converted in place (runners on one device and dtype may share one)
-        self.backbone: Backbone = apply_precision(backbone, self.compute_dtype).to(self.device)
+        self.backbone: Backbone = apply_precision(backbone, self.compute_dtype, residual).to(self.device)
         self.blocks: tuple[int, ...] = self.backbone.blocks if blocks is None else tuple(blocks)
         self._mean = torch.tensor(self.preset.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.preset.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
@@ -415,24 +488,51 @@ class BackboneRunner:
         with self._lock, torch.inference_mode():
             if b == 0:
                 return self._empty(want_tokens)
-            embs: list[torch.Tensor] = []
-            toks: list[tuple[torch.Tensor, ...]] = []
-            start = 0
-            while start < b:
-                n = min(self.batch_size, b - start)
-                try:
-                    x = self._normalise(self._to_device(tiles[start : start + n]))
-                    emb, tk = self._dispatch(x, want_tokens)
-                except RuntimeError as exc:  # OOM, also as the RuntimeError of a failed graph capture
-                    if not is_out_of_memory(exc) or not self._shrink_batch():
-                        raise
-                    continue  # same tiles, smaller batch
-                embs.append(emb)
-                toks.append(tk)
-                start += n
-        if len(embs) == 1:
-            return BackboneOutput(embs[0], toks[0])
-        return BackboneOutput(torch.cat(embs), tuple(torch.cat(parts) for parts in zip(*toks)))
+            with self._on_stream(tiles) as caller:
+                embs: list[torch.Tensor] = []
+                toks: list[tuple[torch.Tensor, ...]] = []
+                spans: list[DeviceSpan] = []
+                start = 0
+                while start < b:
+                    n = min(self.batch_size, b - start)
+                    try:
+                        with self.stage_times.span("h2d", self._stream) as h2d:
+                            x = self._to_device(tiles[start : start + n])
+                        with self.stage_times.span("backbone", self._stream) as fwd:
+                            emb, tk = self._dispatch(self._normalise(x), want_tokens)
+                    except RuntimeError as exc:  # OOM, also as the RuntimeError of a failed graph capture
+                        if not is_out_of_memory(exc) or not self._shrink_batch():
+                            raise
+                        continue  # same tiles, smaller batch
+                    embs.append(emb)
+                    toks.append(tk)
+                    spans += [sp for sp in (h2d, fwd) if sp is not None]
+                    start += n
+                if len(embs) == 1:
+                    out = BackboneOutput(embs[0], toks[0], tuple(spans))
+                else:
+                    out = BackboneOutput(torch.cat(embs), tuple(torch.cat(parts) for parts in zip(*toks)),
+                                         tuple(spans))
+                if caller is not None:  # used on the caller's stream: not reused before its work there
+                    for t in (out.embedding, *out.tokens):
+                        t.record_stream(caller)
+        return out
+
+    @contextlib.contextmanager
+    def _on_stream(self, tiles: Tiles) -> Any:
+        """run the block on the runner's stream (CUDA): it starts after what the caller queued so far
+        (tiles decoded on the device), and the caller's stream waits, on the device, for exactly the
+        block's work. Yields the caller's stream (None on the CPU)."""
+        if self._stream is None:
+            yield None
+            return
+        caller = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(caller)
+        if isinstance(tiles, torch.Tensor) and tiles.is_cuda:  # read on our stream, maybe freed on theirs
+            tiles.record_stream(self._stream)
+        with torch.cuda.stream(self._stream):
+            yield caller
+        caller.wait_stream(self._stream)
 
     def embed(self, tiles: Tiles) -> torch.Tensor:
         """Tile embeddings only ``(B, D)`` float32 (skips the token maps)."""
@@ -444,22 +544,36 @@ class BackboneRunner:
         with torch.inference_mode():
             return self._normalise(self._to_device(tiles))
 
+    def time_stage(self, name: str) -> contextlib.AbstractContextManager[DeviceSpan | None]:
+        """time the work the caller queues in the block, on its current stream, as stage ``name`` of
+        :attr:`stage_times` (CUDA events; the wall clock on the CPU), e.g. the heads after the backbone"""
+        stream = torch.cuda.current_stream(self.device) if self._stream is not None else None
+        return self.stage_times.span(name, stream)
+
     def capture(self, tokens: bool | None = None) -> None:
         """Capture the CUDA graphs now instead of at the first call (no-op without graphs)."""
         if self.use_cuda_graphs:
             with self._lock, torch.inference_mode():
                 self._dispatch.capture(self.tokens if tokens is None else bool(tokens))
+                if self._stream is not None:
+                    torch.cuda.current_stream(self.device).wait_stream(self._stream)
 
     def release_graphs(self) -> None:
-        """Drop every captured graph and return the cached memory to the device."""
+        """Drop every captured graph and return the cached memory to the device, cuBLAS workspaces
+        included (they are per stream and survive ``empty_cache``; they come back on the next forward)."""
         self._dispatch.drop()
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear is not None:
+                clear()
             torch.cuda.empty_cache()
 
     def __repr__(self) -> str:
         return (
             f"BackboneRunner(preset={self.preset.name!r}, device='{self.device}', dtype={self.dtype!r}, "
-            f"blocks={self.blocks}, batch_size={self.batch_size}, cuda_graphs={self.use_cuda_graphs})"
+            f"residual={self.residual!r}, blocks={self.blocks}, batch_size={self.batch_size}, "
+            f"cuda_graphs={self.use_cuda_graphs})"
         )
 
     # -- internals ----------------------------------------------------------------------------------------
@@ -467,6 +581,9 @@ class BackboneRunner:
         """The function that is run eagerly or captured: normalised fp32 input -> final outputs."""
         if self.compute_dtype == torch.float32:
             ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        elif self.residual == "half":  # the whole model is in the compute type: no casts at all
+            ctx = contextlib.nullcontext()
+            x = x.to(self.compute_dtype)
         else:  # cache off: required inside graph capture, and the weights are already cast
             ctx = torch.autocast(self.device.type, dtype=self.compute_dtype, cache_enabled=False)
         with ctx:
@@ -541,7 +658,8 @@ class BackboneRunner:
         total = torch.cuda.get_device_properties(dev).total_memory
         limit = BUDGET_HEADROOM * min(budget, total)
         peaks, reserved = [], []
-        with torch.inference_mode():
+        # on the runner's stream, as every later forward: its cuBLAS workspace is in the probe's peak
+        with torch.inference_mode(), torch.cuda.stream(self._stream):
             for b in PROBE_SIZES:
                 torch.cuda.synchronize(dev)
                 torch.cuda.empty_cache()  # so that the reserved peak is this probe's, not the cache's
@@ -566,9 +684,10 @@ class BackboneRunner:
         # the device pays for what the caching allocator reserves (rounded segments, fragmentation), not
         # only for what tensors hold: fit on the larger of the two, plus what the probe cannot see
         fixed = max(p1, reserved[0]) - per_tile * b1 + (GRAPH_OVERHEAD_BYTES if self.use_cuda_graphs else 0)
-        # every captured graph keeps its static input and outputs: count the smaller graphs' too
+        # every captured graph keeps its static outputs (the input buffer is shared, the largest graph's
+        # size, and in the probe's peak): count the smaller graphs' outputs too
         g = self.grid_size
-        static_per_tile = 4 * (3 * s * s + self.embed_dim) + torch.finfo(self.tokens_dtype).bits // 8 * (
+        static_per_tile = 4 * self.embed_dim + torch.finfo(self.tokens_dtype).bits // 8 * (
             len(self.blocks) * self.embed_dim * g * g
         )
 

@@ -20,6 +20,12 @@ event-loop round trip sits between two forward passes.
 
 Consumers implement :class:`SlideConsumer`. The feature writer is one; the nuclei head, post-processing
 and safety plug into the same fan-out.
+
+Per-slide timings (``SlideDone.timings``, seconds): ``open_s``, ``read_s`` (reader threads, summed),
+``compute_s`` (host time in ``compute``: on CUDA that is the launch of queued work unless ``compute``
+waits for it), ``consume_s`` (the consumers: writers, post-processing, stitching), ``total_s``, and the
+device-timed stages a batch's output carries (``BatchOutput.spans``, CUDA events: ``h2d_s``,
+``backbone_s``), read in the consumer thread after the consumers, when the work is done.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -49,6 +56,12 @@ __all__ = ("SchedulerConfig", "SlideJob", "BatchOutput", "TileBatch", "SlideCons
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often a thread blocked on a full/empty hand-off queue checks for cancellation
+_TIMINGS_LOCK = threading.Lock()  # reader threads add to one slide's timings at once
+
+
+def _add_time(job: SlideJob, key: str, seconds: float) -> None:
+    with _TIMINGS_LOCK:
+        job.timings[key] = job.timings.get(key, 0.0) + seconds
 
 
 @dataclass(frozen=True)
@@ -99,12 +112,15 @@ class BatchOutput:
 
     ``embedding``: ``(n, D)`` tile embeddings (numpy float32, or a torch tensor on the backbone's
     device: consumers convert what they keep); ``tokens``: the backbone's token maps when they were
-    asked for; ``nuclei``: the nuclei head's maps (:class:`~.nuclei.NucleiMaps`) when a head ran.
+    asked for; ``nuclei``: the nuclei head's maps (:class:`~.nuclei.NucleiMaps`) when a head ran;
+    ``spans``: device-timed stages of the batch (:class:`~.timing.DeviceSpan`, e.g. the runner's
+    ``BackboneOutput.spans``), added to the slide's timings once the consumers are done with it.
     """
 
     embedding: Any
     tokens: tuple[Any, ...] = ()
     nuclei: Any = None
+    spans: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -305,7 +321,7 @@ class _Pipeline:
                     await self.drop(job, len(idx))
                     continue
                 try:
-                    tiles, quality = await anyio.to_thread.run_sync(self.reader, job, idx,
+                    tiles, quality = await anyio.to_thread.run_sync(self.timed_read, job, idx,
                                                                     limiter=self.read_limiter)
                 except Exception as exc:
                     log.info("%s", exc if isinstance(exc, OptimusError) else f"{job.path}: {exc!r}")
@@ -314,6 +330,13 @@ class _Pipeline:
                     await self.drop(job, len(idx))
                     continue
                 await send.send(TileBatch(job, idx, tiles, quality))
+
+    def timed_read(self, job: SlideJob, idx: np.ndarray) -> tuple[Any, dict[str, np.ndarray]]:
+        t = time.perf_counter()
+        try:
+            return self.reader(job, idx)
+        finally:
+            _add_time(job, "read_s", time.perf_counter() - t)
 
     def compute_loop(self) -> None:
         """the backbone thread: one batch after another until the end marker"""
@@ -412,13 +435,22 @@ def _get(q: queue.Queue[Any]) -> Any:
 
 
 def _consume(batch: TileBatch) -> None:
-    """every consumer of the batch's slide; the first to raise fails that slide only"""
+    """every consumer of the batch's slide; the first to raise fails that slide only. Then the batch's
+    device-timed stages go into the slide's timings (waiting for them costs nothing here: the
+    consumers have copied the outputs to the host, and this is a consumer thread, not the backbone's)"""
+    t = time.perf_counter()
     try:
         for c in batch.job.consumers:
             c.on_batch(batch)
     except Exception as exc:
         log.warning("%s: consumer failed: %s", batch.job.path, exc)
         batch.job.failed = exc
+    _add_time(batch.job, "consume_s", time.perf_counter() - t)
+    for sp in getattr(batch.output, "spans", ()):
+        try:
+            _add_time(batch.job, f"{sp.name}_s", sp.seconds())
+        except Exception as exc:  # a timing is never worth a slide
+            log.debug("%s: stage timing %s unreadable: %s", batch.job.path, sp.name, exc)
 
 
 @asynccontextmanager

@@ -3,8 +3,10 @@
 An optional alternative to :meth:`Slide.read_tiles <cellvit_optimus.engine.wsi.slide.Slide.read_tiles>`
 for GPU runs whose bottleneck is CPU JPEG decoding. The compressed tile streams are read with tifffile
 (``page.dataoffsets`` / ``databytecounts``), completed into stand-alone JPEG files
-(:func:`splice_jpeg_tables`), decoded in batches by nvJPEG through DALI (``fn.decoders.image`` on the
-``mixed`` device), copied into the requested regions on the GPU (:func:`assemble_regions`), and resampled
+(:func:`splice_jpeg_tables`), decoded in batches by nvJPEG, through DALI (``fn.decoders.image`` on the
+``mixed`` device) or through torchvision (``torchvision.io.decode_jpeg(device="cuda")``, which needs
+nothing beyond torch's own image), copied into the requested regions on the GPU
+(:func:`assemble_regions`), and resampled
 with antialiasing to the tile size (:func:`resample`: Pillow's filters as matrices). The result is a
 ``(N, size, size, 3)`` uint8 torch tensor on the GPU, the CPU path's pixels up to decoder rounding.
 
@@ -17,8 +19,15 @@ tiles with untransformed RGB components (TIFF photometric RGB) but with componen
 Adobe marker, which decoders read as YCbCr, giving false colours; an Adobe APP14 segment with
 transform 0 tells every conforming decoder (libjpeg-turbo, Pillow, nvJPEG) the components are RGB.
 
-DALI, cuCIM and cupy are imported only when a GPU decoder is built: importing this module needs none
-of them, and asking for one that is missing raises :class:`BackendUnavailableError` naming the package.
+DALI, cuCIM, cupy and torchvision are imported only when a GPU decoder is built: importing this module
+needs none of them, and asking for one that is missing raises :class:`BackendUnavailableError` naming the
+package.
+
+Streams: a decoder hands out tensors that are complete on the stream current at the call (DALI's copy runs
+on a stream of its own and is waited for before DALI may reuse its buffer; torchvision makes the current
+stream wait for its decoder's stream). Callers that must not wait behind other work on the device (the
+read path's reader threads, whose default stream the backbone's hand-offs also use) run the reader under a
+stream of their own (:func:`reader_stream`).
 """
 
 from __future__ import annotations
@@ -57,13 +66,15 @@ __all__ = (
     "resample_matrix",
     "choose_decoder",
     "gpu_array_to_tensor",
+    "reader_stream",
 )
 
 log = logging.getLogger(__name__)
 
-DecoderName = Literal["auto", "dali", "cucim", "cpu"]
-#: GPU decoders in preference order ("cpu" is imagecodecs on the host: the reference, and for tests)
-GPU_DECODERS: tuple[str, ...] = ("dali", "cucim")
+DecoderName = Literal["auto", "dali", "cucim", "nvjpeg", "cpu"]
+#: GPU decoders in preference order ("cpu" is imagecodecs on the host: the reference, and for tests);
+#: "nvjpeg" (torchvision's) comes last: it is in every CUDA torch image, so "auto" falls back on it
+GPU_DECODERS: tuple[str, ...] = ("dali", "cucim", "nvjpeg")
 #: TIFF compression code of JPEG ("new-style" JPEG, tag value 7)
 _TIFF_JPEG = 7
 _PHOTOMETRIC_RGB = 2
@@ -332,6 +343,8 @@ def gpu_decoders_available() -> tuple[str, ...]:
         names.append("dali")
     if importlib.util.find_spec("cucim") is not None and importlib.util.find_spec("cupy") is not None:
         names.append("cucim")
+    if importlib.util.find_spec("torchvision") is not None:
+        names.append("nvjpeg")
     return tuple(names)
 
 
@@ -339,32 +352,83 @@ def _require(decoder: str) -> None:
     if not _cuda_ok():
         raise BackendUnavailableError(f"decoder={decoder!r} needs a CUDA device; torch.cuda.is_available() is False")
     if decoder not in gpu_decoders_available():
-        pkg = {"dali": "nvidia-dali-cuda130", "cucim": "cucim-cu13 and cupy-cuda13x"}[decoder]
+        pkg = {"dali": "nvidia-dali-cuda130", "cucim": "cucim-cu13 and cupy-cuda13x",
+               "nvjpeg": "torchvision (with its CUDA build)"}[decoder]
         raise BackendUnavailableError(
             f"decoder={decoder!r} needs {pkg}: pip install 'cellvit-optimus[gpu]'")
 
 
-class _DaliDecoder:
-    """nvJPEG batch decode through a synchronous DALI pipeline (external source -> decoders.image, mixed)"""
+class _CopyStream:
+    """the CUDA stream a decoder copies out of a producer's buffer on, and the events that say when a copy
+    is done: waiting for them waits for that copy only, not for the backbone's work queued elsewhere"""
 
-    def __init__(self, device_id: int, max_batch: int, num_threads: int = 2) -> None:
-        try:
-            from nvidia.dali import fn, pipeline_def, types
-            from nvidia.dali.plugin.pytorch import feed_ndarray
-        except ImportError as exc:
-            raise BackendUnavailableError(f"nvidia.dali is not importable: {exc}") from exc
-        self._feed = feed_ndarray
+    def __init__(self, device: torch.device) -> None:
+        import torch
+
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    @property
+    def handle(self) -> int:
+        return int(self.stream.cuda_stream)
+
+    def context(self) -> Any:
+        import torch
+
+        return torch.cuda.stream(self.stream)
+
+    def record(self) -> Any:
+        return self.stream.record_event()
+
+    def hand_over(self, tensors: Sequence[torch.Tensor]) -> None:
+        """make the caller's current stream wait for the copies (a device-side wait) and tell the caching
+        allocator it uses the outputs, so their memory is not reused under it"""
+        import torch
+
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.stream)
+        for t in tensors:
+            t.record_stream(current)
+
+
+class _DaliDecoder:
+    """nvJPEG batch decode through a synchronous DALI pipeline (external source -> decoders.image, mixed)
+
+    ``run()`` returns DALI's own output buffer, which its next ``run()`` overwrites; ``feed_ndarray`` only
+    *queues* the copy out of it on the stream it is given. So every copy goes on a stream of the
+    decoder's own and is waited for (its event) before DALI runs again: without that wait a batch can be
+    overwritten by the next one before it is copied, and two chunks come out the same.
+    ``pipe``, ``feed`` and ``copy_stream`` stand in for DALI and CUDA in tests.
+    """
+
+    def __init__(self, device_id: int, max_batch: int, num_threads: int = 2, *, pipe: Any = None,
+                 feed: Callable[..., Any] | None = None, copy_stream: Any = None,
+                 device: str | None = None) -> None:
         self.max_batch = int(max_batch)
         self.device_id = int(device_id)
+        self.device = device or f"cuda:{self.device_id}"
+        if pipe is None or feed is None:
+            try:
+                from nvidia.dali import fn, pipeline_def, types
+                from nvidia.dali.plugin.pytorch import feed_ndarray
+            except ImportError as exc:
+                raise BackendUnavailableError(f"nvidia.dali is not importable: {exc}") from exc
 
-        @pipeline_def(batch_size=self.max_batch, num_threads=num_threads, device_id=self.device_id,
-                      exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
-        def pipe():  # type: ignore[no-untyped-def]
-            jpegs = fn.external_source(name="jpegs", dtype=types.UINT8)
-            return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB)
+            @pipeline_def(batch_size=self.max_batch, num_threads=num_threads, device_id=self.device_id,
+                          exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+            def build():  # type: ignore[no-untyped-def]
+                jpegs = fn.external_source(name="jpegs", dtype=types.UINT8)
+                return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB)
 
-        self._pipe = pipe()
-        self._pipe.build()
+            pipe = build()
+            pipe.build()
+            feed = feed_ndarray
+        if copy_stream is None:
+            import torch
+
+            copy_stream = _CopyStream(torch.device(self.device))
+        self._pipe, self._feed, self._copies = pipe, feed, copy_stream
+        self._copied: Any = None  # event of the last copy out of DALI's buffer
         self._lock = threading.Lock()
 
     def __call__(self, streams: Sequence[bytes]) -> torch.Tensor:
@@ -374,12 +438,53 @@ class _DaliDecoder:
         with self._lock:  # a DALI pipeline runs one batch at a time
             for s in range(0, len(streams), self.max_batch):
                 chunk = [np.frombuffer(b, np.uint8) for b in streams[s : s + self.max_batch]]
+                if self._copied is not None:  # DALI may not overwrite its buffer before the last copy is done
+                    self._copied.synchronize()
                 self._pipe.feed_input("jpegs", chunk)
                 (tl,) = self._pipe.run()
                 t = tl.as_tensor()  # equal tile sizes: one dense (n, h, w, 3) tensor
-                dst = torch.empty(tuple(t.shape()), dtype=torch.uint8, device=f"cuda:{self.device_id}")
-                self._feed(t, dst, cuda_stream=torch.cuda.current_stream(self.device_id).cuda_stream)
+                with self._copies.context():  # allocated on the copy stream, written by it
+                    dst = torch.empty(tuple(t.shape()), dtype=torch.uint8, device=self.device)
+                    self._feed(t, dst, cuda_stream=self._copies.handle)
+                    self._copied = self._copies.record()
                 parts.append(dst)
+            self._copies.hand_over(parts)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+class _NvjpegDecoder:
+    """nvJPEG batch decode through torchvision: ``torchvision.io.decode_jpeg(list, device="cuda")``.
+
+    torchvision is part of every CUDA torch image, so this GPU decoder needs nothing installed or carried.
+    Its batched call decodes baseline JPEGs on the hardware decoder where the GPU has one (A100, H100)
+    and with CUDA kernels otherwise; the outputs are ``(3, h, w)`` tensors, made ready for the current
+    stream by torchvision. ``device="cpu"`` runs the same call on torchvision's libjpeg-turbo (tests).
+    """
+
+    def __init__(self, device: str | torch.device, max_batch: int) -> None:
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg
+        except ImportError as exc:
+            raise BackendUnavailableError(f"torchvision is not importable: {exc}") from exc
+        import torch
+
+        self._decode, self._mode = decode_jpeg, ImageReadMode.RGB
+        self.device = torch.device(device)
+        self.max_batch = int(max_batch)
+
+    def __call__(self, streams: Sequence[bytes]) -> torch.Tensor:
+        import torch
+
+        parts = []
+        for s in range(0, len(streams), self.max_batch):
+            # host uint8 tensors, as nvJPEG reads its input from the host (a copy: bytes are read-only)
+            chunk = streams[s : s + self.max_batch]
+            data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in chunk]
+            imgs = self._decode(data, mode=self._mode, device=self.device)
+            shapes = {tuple(i.shape) for i in imgs}
+            if len(shapes) != 1:
+                raise ValueError(f"decoded tiles differ in size: {sorted(shapes)}")
+            parts.append(torch.stack(imgs).permute(0, 2, 3, 1))  # (n, h, w, 3) views, assembled by copy
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
@@ -437,6 +542,49 @@ def _cpu_decoder(device: str) -> _StreamDecoder:
     return decode
 
 
+_reader_streams = threading.local()
+
+
+class reader_stream:  # noqa: N801  (a context manager used like a function)
+    """run GPU reads under a CUDA stream of the calling thread's own and wait for it on leaving.
+
+    The scheduler's reader threads use it: their decodes, copies and ``.cpu()`` calls then wait for their
+    own work only, not for graph replays or hand-offs that other threads queued on the default stream.
+    On leaving, the host waits for the stream, so what was read is complete when handed on. A no-op
+    for a CPU ``device``.
+    """
+
+    def __init__(self, device: str | torch.device) -> None:
+        self.device = str(device)
+        self._ctx: Any = None
+        self.stream: Any = None
+
+    def __enter__(self) -> reader_stream:
+        if not self.device.startswith("cuda"):
+            return self
+        import torch
+
+        dev = torch.device(self.device)
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        streams = _reader_streams.__dict__.setdefault("by_device", {})
+        if dev not in streams:
+            streams[dev] = torch.cuda.Stream(dev)
+        self.stream = streams[dev]
+        self._ctx = torch.cuda.stream(self.stream)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ctx is None:
+            return
+        try:
+            self.stream.synchronize()
+        finally:
+            self._ctx.__exit__(*exc)
+            self._ctx = None
+
+
 # -- the reader -------------------------------------------------------------------------------------
 
 
@@ -447,9 +595,9 @@ class GpuTileReader:
     Parameters
     ----------
     slide : the open slide (its levels, MPP and level choice are reused)
-    decoder : ``"dali"`` (nvJPEG through DALI), ``"cucim"`` (cuCIM's GPU batch read), ``"cpu"``
-        (libjpeg-turbo on the host; the reference, for tests), or ``"auto"``: the first GPU decoder
-        available
+    decoder : ``"dali"`` (nvJPEG through DALI), ``"cucim"`` (cuCIM's GPU batch read), ``"nvjpeg"``
+        (nvJPEG through ``torchvision.io.decode_jpeg``), ``"cpu"`` (libjpeg-turbo on the host; the
+        reference, for tests), or ``"auto"``: the first GPU decoder available (:data:`GPU_DECODERS`)
     device : torch device of the output (``"cuda"``, ``"cuda:1"``, ``"cpu"`` with ``decoder="cpu"``)
     max_batch : tiles per decoder call
 
@@ -459,8 +607,8 @@ class GpuTileReader:
 
     def __init__(self, slide: Slide, decoder: DecoderName = "auto", device: str = "cuda",
                  max_batch: int = 256) -> None:
-        if decoder not in ("auto", "dali", "cucim", "cpu"):
-            raise ConfigError(f"decoder={decoder!r} is not one of 'auto', 'dali', 'cucim', 'cpu'")
+        if decoder not in ("auto", "dali", "cucim", "nvjpeg", "cpu"):
+            raise ConfigError(f"decoder={decoder!r} is not one of 'auto', 'dali', 'cucim', 'nvjpeg', 'cpu'")
         if max_batch < 1:
             raise ConfigError(f"max_batch={max_batch} must be >= 1")
         if decoder == "auto":
@@ -495,6 +643,8 @@ class GpuTileReader:
             dev = torch.device(device)
             self._decode = _DaliDecoder(dev.index if dev.index is not None else torch.cuda.current_device(),
                                         self.max_batch)
+        elif decoder == "nvjpeg":
+            self._decode = _NvjpegDecoder(device, self.max_batch)
         else:
             self._decode = _cpu_decoder(device)
 

@@ -7,6 +7,7 @@ CUDA) compare CUDA-graph replays with the eager path, check padding and the OOM 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -192,6 +193,65 @@ def test_bf16_on_cpu_is_close_to_fp32() -> None:
         torch.testing.assert_close(s.float(), t, rtol=0.05, atol=0.05)
 
 
+def _real_tiles(slides_dir: Path, n: int = 16) -> np.ndarray:
+    from cellvit_optimus.engine.wsi.slide import open_slide
+    from cellvit_optimus.engine.wsi.tissue import tile_grid
+
+    with open_slide(slides_dir / "cmu-1-small-region.svs") as s:
+        coords = [tuple(map(int, c)) for c in tile_grid(s).coords[:n]]
+        return s.read_tiles(coords, 224, 0.5)
+
+
+def test_half_residual_is_all_in_the_compute_type_and_close_on_real_tiles(slides_dir: Path) -> None:
+    """``residual="half"``: no fp32 tensor left, no autocast; bf16 (the CPU's half type) against fp32 on
+    real H&E tiles. Tolerance: cosine >= 0.99 per tile for the random-init tiny model (bf16 keeps 8
+    bits of mantissa; the GPU check measures fp16/bf16 on H-optimus-0)."""
+    x = _real_tiles(slides_dir)
+    ref = BackboneRunner("tiny", backbone=_scaled())(x)
+    half = BackboneRunner("tiny", dtype="bf16", residual="half", backbone=_scaled())
+    m = half.backbone.model
+    assert {t.dtype for t in [*m.parameters(), *m.buffers()] if t.is_floating_point()} == {torch.bfloat16}
+    assert half.residual == "half" and "residual='half'" in repr(half)
+    out = half(x)
+    assert out.embedding.dtype == torch.float32 and out.tokens[0].dtype == torch.bfloat16
+    cos = torch.nn.functional.cosine_similarity(out.embedding, ref.embedding, dim=1)
+    assert cos.min() >= 0.99, cos
+    mixed = BackboneRunner("tiny", dtype="bf16", backbone=_scaled())(x)  # the fp32-residual default
+    cos_mixed = torch.nn.functional.cosine_similarity(mixed.embedding, ref.embedding, dim=1)
+    assert cos_mixed.min() >= 0.99 and not torch.equal(mixed.embedding, out.embedding)
+
+
+def test_runners_on_a_device_share_one_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cellvit_optimus.engine.pipeline import runner as runner_module
+
+    made: list[object] = []
+    monkeypatch.setattr(runner_module, "_RUNNER_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: made.append(device) or object())
+    a = runner_module.runner_stream(torch.device("cuda", 0))
+    assert runner_module.runner_stream(torch.device("cuda", 0)) is a and len(made) == 1
+    assert runner_module.runner_stream(torch.device("cuda", 1)) is not a and len(made) == 2
+
+
+def test_residual_validation() -> None:
+    with pytest.raises(ConfigError, match="residual='bf16'"):
+        BackboneRunner("tiny", dtype="bf16", residual="bf16")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="residual='half' needs dtype"):
+        BackboneRunner("tiny", residual="half")
+    with pytest.raises(ConfigError, match="residual='x'"):
+        apply_precision(build_backbone("tiny"), torch.bfloat16, "x")  # type: ignore[arg-type]
+
+
+def test_stage_times_count_every_forward_on_the_cpu() -> None:
+    r = BackboneRunner("tiny", batch_size=4, backbone=_scaled())
+    out = r(make_tiles(10, seed=3))
+    assert out.spans == ()  # device spans exist on CUDA only
+    counts, totals = r.stage_times.counts(), r.stage_times.totals()
+    assert counts == {"h2d": 3, "backbone": 3}  # 4 + 4 + 2 tiles
+    assert totals["backbone_s"] > 0 and set(totals) == {"h2d_s", "backbone_s"}
+    r.stage_times.reset()
+    assert r.stage_times.totals() == {}
+
+
 def test_stain_norm_hook(runner: BackboneRunner) -> None:
     seen = []
 
@@ -319,14 +379,48 @@ def test_oom_fallback_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert max(size for size, _ in r.captured_graphs) == 4
 
 
+def _settle() -> None:
+    """what earlier tests left goes: garbage, cached blocks, cuBLAS workspaces (per stream, kept by
+    empty_cache), so that a memory check measures this test's runner and not the test order"""
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize()
+    getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
+    torch.cuda.empty_cache()
+
+
 @pytest.mark.gpu
 def test_batch_size_fitted_to_budget() -> None:
+    _settle()
+    base = torch.cuda.memory_allocated()
     r = BackboneRunner("small", device="cuda", vram_budget_gb=1.5)
     assert r.probe is not None and r.batch_size in CAPTURE_SIZES
     assert r.probe["predicted_peak_bytes"] <= 1.5 * 2**30
     torch.cuda.reset_peak_memory_stats()
     r(make_tiles(r.batch_size))
-    assert torch.cuda.max_memory_allocated() <= 1.5 * 2**30
+    assert torch.cuda.max_memory_allocated() - base <= 1.5 * 2**30
+
+
+@pytest.mark.gpu
+def test_release_returns_graph_and_workspace_memory() -> None:
+    """after release_graphs only the weights stay: graph pool, static buffers and the cuBLAS workspace
+    (32 MiB on Hopper, which empty_cache alone keeps) are returned"""
+    import gc
+
+    _settle()
+    base = torch.cuda.memory_allocated()
+    r = BackboneRunner("tiny", device="cuda", batch_size=64, backbone=_scaled())
+    other = BackboneRunner("tiny", device="cuda", batch_size=8, backbone=_scaled())
+    assert r._stream is other._stream  # one stream (one workspace) for every runner on the device
+    r(make_tiles(64, seed=31))
+    assert len(r.captured_graphs) == 8  # 1, 2, 4, 8, 16, 32, 48, 64
+    params = [*r.backbone.parameters(), *other.backbone.parameters()]
+    weights = sum(t.numel() * t.element_size() for t in params)
+    r.release_graphs()
+    gc.collect()
+    left = torch.cuda.memory_allocated() - base - weights
+    assert left <= 1 * 2**20, f"{left / 2**20:.1f} MiB left after release_graphs"
 
 
 @pytest.mark.gpu
@@ -367,8 +461,11 @@ def fake_graph_runner(monkeypatch: pytest.MonkeyPatch) -> BackboneRunner:
             pass
 
     @contextlib.contextmanager
-    def fake_graph(graph: _FakeGraph, pool: object = None, capture_error_mode: str = "global"):  # type: ignore[no-untyped-def]
+    def fake_graph(  # type: ignore[no-untyped-def]
+        graph: _FakeGraph, pool: object = None, stream: object = None, capture_error_mode: str = "global"
+    ):
         _FakeGraph.capturing = graph
+        graph.stream = stream  # type: ignore[attr-defined]
         try:
             yield
         except torch.OutOfMemoryError:
@@ -429,6 +526,73 @@ def test_dispatcher_pads_replays_and_slices(fake_graph_runner: BackboneRunner) -
     torch.testing.assert_close(lean.embedding, ref.embedding, rtol=1e-4, atol=1e-5)
     r.release_graphs()
     assert r.captured_graphs == ()
+
+
+def test_one_stream_for_warm_ups_captures_and_replays_and_warm_ups_first(
+    fake_graph_runner: BackboneRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """each stream has its own cuBLAS workspace (32 MiB on Hopper, kept after empty_cache): a runner
+    must use one stream for everything, create none while capturing, and warm every size up before
+    the first capture so no warm-up's activations sit beside the graphs' pool"""
+    import contextlib
+
+    r = fake_graph_runner
+    own = object()
+    r._stream = own  # what a CUDA runner creates once, in __init__
+    current: list[object] = [None]
+    created: list[object] = []
+    calls: list[tuple[int, bool, object]] = []  # (batch, capturing, stream current at the call)
+
+    @contextlib.contextmanager
+    def on(stream):  # type: ignore[no-untyped-def]
+        before, current[0] = current[0], stream
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: created.append(device) or object())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0] or "caller")
+    events: list[object] = []
+
+    class Event:  # the runner times h2d and backbone with events on its stream
+        def __init__(self, enable_timing: bool = False) -> None:
+            pass
+
+        def record(self, stream: object) -> None:
+            events.append(stream)
+
+        def query(self) -> bool:
+            return True
+
+        def synchronize(self) -> None:
+            pass
+
+        def elapsed_time(self, end: object) -> float:
+            return 1.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    recording = r._forward
+
+    def watched(x: torch.Tensor, tokens: bool):  # type: ignore[no-untyped-def]
+        calls.append((x.shape[0], _FakeGraph.capturing is not None, current[0]))
+        return recording(x, tokens)
+
+    r._forward = watched  # type: ignore[method-assign]
+    r._on_stream = lambda tiles: on(own)  # type: ignore[method-assign]  (its CUDA-only hand-off aside)
+    r(make_tiles(5, seed=30))
+    assert created == []  # no stream (and no workspace) per captured size
+    assert events and all(e is own for e in events)  # stage events on the runner's stream
+    assert all(stream is own for _, _, stream in calls), calls
+    capturing = [c for _, c, _ in calls]
+    assert capturing == [False] * 8 + [True] * 4 + [False] * 0, calls  # 2 warm-ups x 4 sizes, then captures
+    assert [b for b, c, _ in calls if not c] == [8, 8, 4, 4, 2, 2, 1, 1]
+    graphs = r._dispatch._graphs
+    assert all(g.graph.stream is own for g in graphs.values())  # type: ignore[attr-defined]
+    shared = r._dispatch._input
+    assert shared is not None and shared.shape[0] == 8
+    assert {g.static_in.data_ptr() for g in graphs.values()} == {shared.data_ptr()}  # one input buffer
 
 
 def test_oom_inside_graph_capture_drops_to_a_smaller_batch(fake_graph_runner: BackboneRunner) -> None:
@@ -518,7 +682,7 @@ def test_real_oom_during_graph_capture_falls_back() -> None:
 def test_batch_fit_counts_reserved_memory() -> None:
     """the device pays for what the caching allocator reserves, graphs and workspaces included"""
     budget = 1.5 * 2**30
-    torch.cuda.empty_cache()
+    _settle()
     base = torch.cuda.memory_reserved()
     r = BackboneRunner("small", device="cuda", vram_budget_gb=1.5)
     assert r.probe is not None and len(r.probe["probe_reserved_bytes"]) == 2

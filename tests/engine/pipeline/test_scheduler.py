@@ -259,3 +259,35 @@ def test_leaving_early_cancels_every_stage_and_aborts_open_slides():
 def test_scheduler_config_rejects_bad_sizes():
     with pytest.raises(Exception, match="reader_threads=0"):
         SchedulerConfig(reader_threads=0)
+
+
+def test_stage_timings_per_slide_with_device_spans_read_after_the_consumers():
+    """read and consumer time per slide, and each batch's device spans (CUDA events on a GPU; stand-ins
+    here that count when they are read) added to the slide after its consumers ran"""
+    sizes = {"a.svs": 40, "b.svs": 9}
+    rec = Recorder()
+    reads_after_consume: list[bool] = []
+
+    class Span:
+        name = "backbone"
+
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def seconds(self) -> float:
+            reads_after_consume.append(len(rec.outputs) > 0)
+            return 0.001 * self.n
+
+    def compute(tiles):
+        return BatchOutput(tiles.mean(axis=(1, 2, 3)), spans=(Span(len(tiles)),))
+
+    cfg = SchedulerConfig(batch_tiles=8, reader_threads=2)
+    res = anyio.run(lambda: _collect([Path(p) for p in sizes], open_job=_opener(sizes), factory=rec,
+                                     compute=compute, config=cfg, read_tiles=_reader(delay=0.01)))
+    by = {Path(r.path).name: r.timings for r in res}
+    for name, n in sizes.items():
+        t = by[name]
+        assert {"open_s", "read_s", "compute_s", "consume_s", "backbone_s", "total_s"} <= set(t), t
+        assert t["backbone_s"] == pytest.approx(0.001 * n)  # every batch's span, once
+        assert t["read_s"] >= 0.01 * -(-n // 8) * 0.9  # the readers' sleeps, summed over threads
+    assert reads_after_consume and all(reads_after_consume)

@@ -1,6 +1,7 @@
 """GPU read path: JPEG stream splicing, region assembly and resampling checked on the CPU against the
-CPU readers (real SVS tiles); GPU decoders (DALI/nvJPEG, cuCIM) checked for pixel agreement under the
-``gpu`` marker."""
+CPU readers (real SVS tiles); the torchvision nvJPEG path's batching, wiring and fallback choice on the
+CPU (the same torchvision call, decoding on the host); DALI's buffer hand-off with a fake pipeline; GPU
+decoders (DALI/nvJPEG, cuCIM, torchvision/nvJPEG) checked for pixel agreement under the ``gpu`` marker."""
 
 from __future__ import annotations
 
@@ -172,8 +173,8 @@ def test_non_jpeg_slides_are_refused(slides_dir, name):
 
 
 def test_reader_config_errors(slide):
-    with pytest.raises(ConfigError, match="decoder='nvjpeg'"):
-        gd.GpuTileReader(slide, decoder="nvjpeg", device="cpu")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="decoder='nvidia'"):
+        gd.GpuTileReader(slide, decoder="nvidia", device="cpu")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max_batch=0"):
         gd.GpuTileReader(slide, decoder="cpu", device="cpu", max_batch=0)
     with gd.GpuTileReader(slide, decoder="cpu", device="cpu") as r, pytest.raises(ConfigError, match="level=3"):
@@ -183,7 +184,7 @@ def test_reader_config_errors(slide):
 def test_gpu_decoders_missing_give_a_clear_error(slide, monkeypatch):
     monkeypatch.setattr(gd, "_cuda_ok", lambda: False)
     assert gd.gpu_decoders_available() == ()
-    for decoder in ("auto", "dali", "cucim"):
+    for decoder in ("auto", "dali", "cucim", "nvjpeg"):
         with pytest.raises(BackendUnavailableError, match="needs a CUDA device"):
             gd.GpuTileReader(slide, decoder=decoder)
 
@@ -318,6 +319,227 @@ def test_a_failing_dali_decode_falls_back_too(slide, locations):
         got = r.read_regions(locations[:10], 0, (224, 224))
         assert np.array_equal(got.numpy(), slide.read_regions(locations[:10], 0, (224, 224)))
         assert "NVJPEG_STATUS_BAD_JPEG" in r.fallback_reason
+
+
+# -- torchvision's nvJPEG path, on the CPU: everything but the device ------------------------------------
+# (decode_jpeg(list, device="cpu") is the same batched call on libjpeg-turbo; only device="cuda" needs a GPU)
+
+
+def _all_streams(slides_dir):
+    raw = gd.RawJpegTiles(slides_dir / SVS)
+    try:
+        g = raw.check_level(0)
+        return raw.streams(0, list(range(g.cols * g.rows)))
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("max_batch", [256, 7], ids=["one-call", "chunked"])
+def test_nvjpeg_decoder_batches_spliced_tiles_into_one_dense_batch(slides_dir, max_batch, monkeypatch):
+    pytest.importorskip("torchvision")
+    streams = _all_streams(slides_dir)  # 130 real spliced tiles (Adobe RGB marker included)
+    dec = gd._NvjpegDecoder("cpu", max_batch)
+    calls = []
+    real = dec._decode
+
+    def counting(data, mode, device):
+        calls.append((len(data), str(device)))
+        assert all(d.dtype == torch.uint8 and d.ndim == 1 and not d.is_cuda for d in data)  # host bytes in
+        return real(data, mode=mode, device=device)
+
+    monkeypatch.setattr(dec, "_decode", counting)
+    got = dec(streams)
+    assert tuple(got.shape) == (130, 240, 240, 3) and got.dtype == torch.uint8
+    assert [n for n, _ in calls] == [min(max_batch, 130 - s) for s in range(0, 130, max_batch)]
+    assert np.array_equal(got.numpy(), gd.decode_jpeg_cpu(streams))  # the libjpeg-turbo reference
+
+
+def test_nvjpeg_decoder_refuses_tiles_of_different_sizes(slides_dir):
+    pytest.importorskip("torchvision")
+    import imagecodecs
+
+    small = imagecodecs.jpeg8_encode(np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="differ in size"):
+        gd._NvjpegDecoder("cpu", 8)([_all_streams(slides_dir)[0], bytes(small)])
+
+
+def _pretend_cuda(monkeypatch, dali=False, cucim=False, torchvision=True):
+    """a CUDA machine with the given decoder packages, as gpu_decoders_available sees it"""
+    found = {"nvidia": dali, "nvidia.dali": dali, "cucim": cucim, "cupy": cucim, "torchvision": torchvision}
+    real = gd.importlib.util.find_spec
+    monkeypatch.setattr(gd, "_cuda_ok", lambda: True)
+    def find_spec(name, *a):
+        if name in found:
+            return object() if found[name] else None
+        return real(name, *a)
+
+    monkeypatch.setattr(gd.importlib.util, "find_spec", find_spec)
+
+
+@pytest.mark.parametrize("packages,expect", [
+    ({}, ("nvjpeg",)),
+    ({"dali": True}, ("dali", "nvjpeg")),
+    ({"cucim": True}, ("cucim", "nvjpeg")),
+    ({"dali": True, "cucim": True}, ("dali", "cucim", "nvjpeg")),
+    ({"torchvision": False}, ()),
+], ids=["torch-only", "dali", "cucim", "both", "no-torchvision"])
+def test_nvjpeg_is_chosen_where_dali_and_cucim_are_absent(monkeypatch, packages, expect):
+    _pretend_cuda(monkeypatch, **packages)
+    assert gd.gpu_decoders_available() == expect
+
+
+def test_auto_reader_on_a_torch_only_machine_is_nvjpeg_and_reads_the_slide_pixels(slide, locations,
+                                                                                  monkeypatch):
+    pytest.importorskip("torchvision")
+    _pretend_cuda(monkeypatch)  # the GPU image: torch and torchvision, neither DALI nor cuCIM
+    with gd.GpuTileReader(slide, decoder="auto", device="cpu", max_batch=16) as r:
+        assert r.decoder == "nvjpeg" and isinstance(r._decode, gd._NvjpegDecoder)
+        got = r.read_regions(locations, 0, (224, 224))
+        assert np.array_equal(got.numpy(), slide.read_regions(locations, 0, (224, 224)))
+        tiles = r.read_tiles(locations, 224, 0.7).numpy()
+        assert r.fallbacks == 0
+    d = np.abs(tiles.astype(int) - slide.read_tiles(locations, 224, 0.7))
+    assert d.max() <= 1 and d.mean() < 0.01
+
+
+def test_a_failing_nvjpeg_decode_falls_back_to_the_host_reader(slide, locations, monkeypatch):
+    pytest.importorskip("torchvision")
+    _pretend_cuda(monkeypatch)
+    with gd.GpuTileReader(slide, decoder="nvjpeg", device="cpu") as r:
+        def broken(data, mode, device):  # what torchvision raises for a stream nvJPEG cannot read
+            raise RuntimeError("Error while decoding JPEG images: Failed to get image info: 2")
+
+        r._decode._decode = broken
+        got = r.read_regions(locations[:6], 0, (224, 224))
+        assert np.array_equal(got.numpy(), slide.read_regions(locations[:6], 0, (224, 224)))
+        assert r.fallbacks == 1 and "nvjpeg failed" in r.fallback_reason and "image info" in r.fallback_reason
+
+
+def test_nvjpeg_by_name_without_torchvision_names_the_package(slide, monkeypatch):
+    _pretend_cuda(monkeypatch, torchvision=False)
+    with pytest.raises(BackendUnavailableError, match=r"decoder='nvjpeg' needs torchvision"):
+        gd.GpuTileReader(slide, decoder="nvjpeg", device="cpu")
+
+
+def test_extraction_through_the_nvjpeg_path_matches_the_slide_reader(tmp_path, slides_dir, monkeypatch):
+    """``--decoder nvjpeg`` wired through the read path and the scheduler (decoding on the host here)"""
+    pytest.importorskip("torchvision")
+    from cellvit_optimus.engine.pipeline.extract import ExtractConfig, extract_features
+    from cellvit_optimus.engine.pipeline.runner import BackboneRunner
+    from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig, SlideDone
+
+    _pretend_cuda(monkeypatch)
+    runner = BackboneRunner("tiny", device="cpu")
+    got = {}
+    for dec in ("slide", "nvjpeg"):
+        cfg = ExtractConfig(decoder=dec, scheduler=SchedulerConfig(batch_tiles=16), backend="tiffslide")
+        [res] = extract_features([slides_dir / SVS], tmp_path / dec, runner, cfg)
+        assert isinstance(res, SlideDone), res
+        got[dec] = (res.info, *_h5(res.info["features"]))
+    assert got["nvjpeg"][0]["decoder"] == "nvjpeg" and got["nvjpeg"][3]["decoder"] == "nvjpeg"
+    assert "decoder_fallback" not in got["nvjpeg"][0]
+    assert np.array_equal(got["slide"][2], got["nvjpeg"][2]) and len(got["slide"][2]) == 64
+    assert np.allclose(got["slide"][1], got["nvjpeg"][1], atol=1e-5)
+
+
+def test_reader_stream_is_a_no_op_on_the_cpu():
+    with gd.reader_stream("cpu") as rs:
+        assert rs.stream is None
+
+
+# -- DALI's buffer hand-off: the copy out of DALI's buffer must finish before DALI runs again ---------------
+
+
+class _FakeDaliPipe:
+    """DALI's synchronous pipeline as the decoder uses it: ``run()`` decodes the fed batch into one
+    output buffer that every run reuses (as DALI does), and returns a view of it"""
+
+    def __init__(self, max_batch: int) -> None:
+        self.buf: np.ndarray | None = None
+        self.fed: list = []
+        self.runs = 0
+
+    def feed_input(self, name, chunk):
+        self.fed = [bytes(c) for c in chunk]
+
+    def run(self):
+        dec = gd.decode_jpeg_cpu(self.fed)
+        if self.buf is None or self.buf.shape[1:] != dec.shape[1:] or len(self.buf) < len(dec):
+            self.buf = np.empty((max(len(dec), 8), *dec.shape[1:]), np.uint8)
+        self.buf[: len(dec)] = dec
+        self.runs += 1
+        view = self.buf[: len(dec)]
+
+        class TL:
+            def as_tensor(self):
+                class T:
+                    data = view
+
+                    def shape(self):
+                        return view.shape
+
+                return T()
+
+        return (TL(),)
+
+
+class _FakeCopyStream:
+    """a CUDA stream whose copies happen only when it is waited for (asynchronous, like the real one)"""
+
+    handle = 12345
+
+    def __init__(self) -> None:
+        self.pending: list = []
+        self.waits = 0
+
+    def context(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def flush(self) -> None:
+        while self.pending:
+            self.pending.pop(0)()
+
+    def record(self):
+        stream = self
+
+        class Event:
+            def synchronize(self):
+                stream.waits += 1
+                stream.flush()
+
+        return Event()
+
+    def hand_over(self, tensors):
+        self.flush()  # the caller's stream waits for every queued copy
+
+
+def _fake_feed(stream: _FakeCopyStream):
+    def feed(t, dst, cuda_stream):
+        assert cuda_stream == stream.handle  # queued on the decoder's own stream, not the caller's
+        src = t.data  # a view of DALI's buffer: read when the copy runs, not now
+        stream.pending.append(lambda: dst.copy_(torch.from_numpy(src.copy())))
+
+    return feed
+
+
+def test_dali_copies_finish_before_dali_reuses_its_buffer(slides_dir):
+    """three chunks through one reused DALI buffer: every chunk must come out as itself. Without the
+    wait for the copy before the next ``run()``, the queued copies read the buffer after later runs
+    overwrote it and all chunks come out as the last one."""
+    streams = _all_streams(slides_dir)[:20]
+    copies = _FakeCopyStream()
+    pipe = _FakeDaliPipe(8)
+    dec = gd._DaliDecoder(0, 8, pipe=pipe, feed=_fake_feed(copies), copy_stream=copies, device="cpu")
+    got = dec(streams).numpy()
+    ref = gd.decode_jpeg_cpu(streams)
+    assert not np.array_equal(ref[:4], ref[16:])  # the chunks differ, so a reused buffer shows
+    for k in range(0, 20, 8):
+        assert np.array_equal(got[k : k + 8], ref[k : k + 8]), f"chunk at {k} overwritten before its copy"
+    assert pipe.runs == 3 and copies.waits == 2  # a wait before each run after the first
+    again = dec(streams[:5]).numpy()  # the next call waits for the last copy of this one too
+    assert copies.waits == 3 and np.array_equal(again, ref[:5])
 
 
 # -- choosing a decoder (fakes with a fake clock) --------------------------------------------------------
@@ -464,15 +686,48 @@ def test_cuda_array_interface_hand_off_on_a_gpu():
 
 
 @pytest.mark.gpu
-def test_nvjpeg_honours_the_adobe_rgb_marker(slides_dir):
-    """nvJPEG must read Aperio's RGB components as RGB (APP14 transform 0), as libjpeg-turbo does"""
-    if "dali" not in gd.gpu_decoders_available():
-        pytest.skip("dali not installed")
+@pytest.mark.parametrize("decoder", ["dali", "nvjpeg"])
+def test_nvjpeg_honours_the_adobe_rgb_marker(slides_dir, decoder):
+    """nvJPEG (through DALI or torchvision) must read Aperio's RGB components as RGB (APP14 transform 0),
+    as libjpeg-turbo does; tolerance: one grey level on average (IDCT rounding), where YCbCr read as RGB
+    is tens of levels off"""
+    if decoder not in gd.gpu_decoders_available():
+        pytest.skip(f"{decoder} not installed")
     raws, tables, *_ = _raw_tiles(slides_dir / SVS, [0, 17, 40, 89])
     streams = [gd.splice_jpeg_tables(r, tables, rgb=True) for r in raws]
-    got = gd._DaliDecoder(torch.cuda.current_device(), 4)(streams).cpu().numpy().astype(int)
+    dev = torch.cuda.current_device()
+    make = gd._DaliDecoder(dev, 4) if decoder == "dali" else gd._NvjpegDecoder(f"cuda:{dev}", 4)
+    got = make(streams).cpu().numpy().astype(int)
     d = np.abs(got - gd.decode_jpeg_cpu(streams))
+    print(f"\n{decoder} vs libjpeg-turbo: mean abs diff {d.mean():.4f}, max {d.max()}")
     assert d.mean() <= 1.0, f"nvJPEG vs libjpeg-turbo: mean abs diff {d.mean():.2f} (YCbCr read as RGB?)"
+
+
+@pytest.mark.gpu
+def test_dali_chunks_are_not_overwritten_on_a_gpu(slides_dir):
+    """the real DALI pipeline, several chunks per call: each chunk equals its own host decode"""
+    if "dali" not in gd.gpu_decoders_available():
+        pytest.skip("dali not installed")
+    streams = _all_streams(slides_dir)[:40]
+    got = gd._DaliDecoder(torch.cuda.current_device(), 8)(streams).cpu().numpy().astype(int)
+    ref = gd.decode_jpeg_cpu(streams)
+    for k in range(0, 40, 8):
+        assert np.abs(got[k : k + 8] - ref[k : k + 8]).mean() <= 1.0, f"chunk at {k}"
+
+
+@pytest.mark.gpu
+def test_reader_stream_hands_over_complete_tiles(slide, locations):
+    """a GPU read under the reader's own stream, then used on another stream: the pixels are complete"""
+    if "nvjpeg" not in gd.gpu_decoders_available():
+        pytest.skip("torchvision not installed")
+    with gd.GpuTileReader(slide, decoder="nvjpeg", device="cuda") as r, gd.reader_stream("cuda") as rs:
+        tiles = r.read_tiles(locations, 224, 0.5)
+        assert rs.stream is not None and torch.cuda.current_stream() == rs.stream
+    other = torch.cuda.Stream()
+    with torch.cuda.stream(other):
+        host = tiles.cpu().numpy()
+    d = np.abs(host.astype(int) - slide.read_tiles(locations, 224, 0.5))
+    assert d.mean() <= 1.0
 
 
 @pytest.mark.gpu
@@ -556,10 +811,10 @@ def test_decoder_config_is_validated():
     from cellvit_optimus.engine.pipeline.extract import ExtractConfig
     from cellvit_optimus.engine.triage.engine import TriageConfig
 
-    with pytest.raises(ConfigError, match="decoder='nvjpeg'"):
-        ExtractConfig(decoder="nvjpeg")
-    with pytest.raises(ConfigError, match="decoder='nvjpeg'"):
-        TriageConfig(decoder="nvjpeg")
+    with pytest.raises(ConfigError, match="decoder='nvidia'"):
+        ExtractConfig(decoder="nvidia")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="decoder='nvidia'"):
+        TriageConfig(decoder="nvidia")  # type: ignore[arg-type]
 
 
 @pytest.mark.gpu
@@ -577,7 +832,16 @@ def test_gpu_extraction_with_gpu_decode_matches_the_slide_reader(tmp_path, slide
         [res] = extract_features([slides_dir / SVS], tmp_path / dec, runner, ExtractConfig(decoder=dec))
         assert isinstance(res, SlideDone), res
         out[dec] = (res.info, *_h5(res.info["features"]))
-    print(f"\n{decoder}: {out[decoder][0]['decoder']} ({out[decoder][0]['decoder_reason']})")
+    info = out[decoder][0]
+    print(f"\n{decoder}: {info['decoder']} ({info['decoder_reason']})")
+    assert "decoder_fallback" not in info, info["decoder_fallback"]
+    if decoder == "auto":
+        # torchvision is in every CUDA torch image: "auto" must have timed a GPU decoder, not skipped it
+        assert gd.gpu_decoders_available() and "tiles/s" in info["decoder_reason"], info["decoder_reason"]
+        if info["decoder"] == "slide":  # measured slower: the comparison below would be the host with itself
+            pytest.skip(f"auto kept the host reader: {info['decoder_reason']}")
+    else:
+        assert info["decoder"] == decoder
     assert np.array_equal(out["slide"][2], out[decoder][2])
     # nvJPEG rounds a grey level differently here and there: features agree closely, not bit for bit
     cos = (out["slide"][1] * out[decoder][1]).sum(1) / (
