@@ -182,12 +182,14 @@ def inspect(slides, mpp, target_mpp, tile_size, overlap, min_tissue, backend, re
 
 
 def _print_table(ok, bad, target_mpp: float) -> None:
+    from cellvit_optimus.engine.io import escape_path  # a file name need not be UTF-8; stdout must be
+
     head = ("slide", "backend", "vendor", "dimensions", "levels", "mpp", f"tiles@{target_mpp:g}")
     rows = []
     for r in ok:
         mpp = f"{r.mpp[0]:.3f}" + ("*" if r.mpp_source == "override" else "") if r.mpp else "-"
-        rows.append((Path(r.path).name, r.backend, r.vendor or "-", f"{r.dimensions[0]}x{r.dimensions[1]}",
-                     str(r.level_count), mpp, str(r.tissue_tiles)))
+        rows.append((escape_path(Path(r.path).name), r.backend, r.vendor or "-",
+                     f"{r.dimensions[0]}x{r.dimensions[1]}", str(r.level_count), mpp, str(r.tissue_tiles)))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     click.echo(fmt.format(*head))
@@ -306,10 +308,13 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
         _batch_failed(exc)
     finally:
         bars.close()
+    from cellvit_optimus.engine.io import escape_path  # a file name need not be UTF-8; stdout must be
+
     ok = [r for r in results if not isinstance(r, Failure)]
     bad = [r for r in results if isinstance(r, Failure)]
     for r in ok:
-        click.echo(f"{'cached' if r.cached else 'done  '} {r.path}: {r.tiles} tiles -> {r.info.get('features')}")
+        click.echo(f"{'cached' if r.cached else 'done  '} {escape_path(r.path)}: {r.tiles} tiles -> "
+                   f"{escape_path(r.info.get('features') or '')}")
     for f in bad:
         click.echo(f"FAILED {f.message}", err=True)
     if clam_layout and ok:

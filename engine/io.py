@@ -7,8 +7,10 @@ plus at most a ``.tmp-*`` file that the next run removes. Temporaries carry this
 so one run never deletes another live run's files.
 
 Also here: the output name of a slide (:func:`output_names`), which must never leave the output
-folder or land on one of its reserved names, and :func:`write_guard`, which turns a full disk or
-another OS error while writing into a named :class:`~.errors.OutputWriteError`.
+folder, land on one of its reserved names or on another input's outputs; :func:`write_guard`, which
+turns a full disk or another OS error while writing into a named :class:`~.errors.OutputWriteError`;
+:func:`file_digest`, the checksum a finished slide records of each file it delivers; and
+:func:`escape_path`, a file name as text any reader takes (names need not be UTF-8).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import secrets
 import socket
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,8 @@ from cellvit_optimus.engine.errors import OutputLockedError, OutputWriteError
 
 __all__ = ("AtomicFile", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "atomic_write_png", "clean_stale_temporaries", "TMP_PREFIX", "RUN_ID", "RESERVED_NAMES",
-           "LOCK_NAME", "output_name", "output_names", "folder_lock", "move_aside", "write_guard")
+           "LOCK_NAME", "output_name", "output_names", "folder_lock", "move_aside", "write_guard",
+           "escape_path", "file_digest", "digest_problem")
 
 log = logging.getLogger(__name__)
 
@@ -171,17 +174,18 @@ _MAX_NAME = 120  # well under NAME_MAX (255 bytes) with ".h5", the temporary pre
 
 
 def _path_tag(path: Path) -> str:
-    return hashlib.sha256(os.fsencode(os.path.abspath(path))).hexdigest()[:8]
+    # the path as the OS resolves it (links followed), never as text: "a/lnk/../x" is not "a/x"
+    return hashlib.sha256(os.fsencode(os.path.realpath(path))).hexdigest()[:8]
 
 
 def output_name(path: str | os.PathLike[str], *, clash: bool = False) -> str:
     """the folder / file name of a slide's outputs: its stem when that is a safe, ordinary name,
-    else the cleaned stem plus a tag of the slide's absolute path
+    else the cleaned stem plus a tag of the slide's real path
 
     Safe means: only ``[A-Za-z0-9._+-]``, not starting with ``.`` (so never ``.``/``..``, a hidden
     file or a temporary), not a reserved name of the output folder (case-insensitively: some file
-    systems fold case). ``clash=True`` (another input of the batch has the same name) also adds the tag,
-    so two slides never share outputs; the tag depends only on the path, so the name is stable.
+    systems fold case). ``clash=True`` (another input has the same name) also adds the tag, so two
+    slides never share outputs; the tag depends only on the path, so the name is stable.
     """
     p = Path(path)
     stem = p.stem
@@ -194,17 +198,104 @@ def output_name(path: str | os.PathLike[str], *, clash: bool = False) -> str:
     return f"{base}-{_path_tag(p)}"
 
 
-def output_names(paths: Sequence[str | os.PathLike[str]]) -> dict[str, str]:
-    """``{str(path): output name}`` for a batch (see :func:`output_name`): names that two different
-    inputs would share (case-insensitively) get every such input's path tag, whatever their order"""
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """whether two recorded paths name the same file (compared resolved and escaped: a feature file
+    records its slide's path escaped, see :func:`escape_path`)"""
+    return escape_path(os.path.realpath(a)) == escape_path(os.path.realpath(b))
+
+
+def output_names(paths: Sequence[str | os.PathLike[str]],
+                 owner: Callable[[str], str | None] | None = None) -> dict[str, str]:
+    """``{str(path): output name}`` for a batch (see :func:`output_name`)
+
+    Names that two different inputs would share (case-insensitively) get every such input's path tag,
+    whatever their order. ``owner(name)`` says which slide the outputs already under ``name`` belong
+    to (None: nothing there): a name held by another slide, from an earlier batch into the same output
+    folder, is not taken over; this input gets its tagged name, with a warning that says so. Of inputs
+    that share a name, the one whose outputs already carry it keeps it (so a later batch naming both
+    still finds the earlier one's results).
+    """
     first = {str(p): output_name(p) for p in paths}
     seen: dict[str, set[str]] = {}
     for p, n in first.items():
-        seen.setdefault(n.lower(), set()).add(os.path.abspath(p))
-    names = {p: (output_name(p, clash=True) if len(seen[n.lower()]) > 1 else n) for p, n in first.items()}
-    if len(set(n.lower() for n in names.values())) < len({os.path.abspath(p) for p in names}):
+        seen.setdefault(n.lower(), set()).add(os.path.realpath(p))
+    held: dict[str, str | None] = {}
+
+    def holder(n: str) -> str | None:
+        if n not in held:
+            held[n] = owner(n) if owner is not None else None
+        return held[n]
+
+    names: dict[str, str] = {}
+    kept: set[str] = set()  # (lower-case) names an input of a clash keeps because its outputs are there
+    for p in sorted(first):
+        n = first[p]
+        if len(seen[n.lower()]) == 1:
+            names[p] = n
+        elif n.lower() not in kept and (h := holder(n)) is not None and _same_file(h, p):
+            names[p] = n  # in a clash, the input whose outputs already carry the name keeps it
+            kept.add(n.lower())
+        else:
+            names[p] = output_name(p, clash=True)
+    for p in first:
+        n = names[p]
+        if n != first[p] or len(seen[n.lower()]) > 1:
+            continue  # tagged, or kept as its holder's: a tag is the path's own
+        h = holder(n)
+        if h is not None and not _same_file(h, p):
+            names[p] = output_name(p, clash=True)
+            log.warning("%s: the outputs named %r are another slide's (%s); this one is written as %r",
+                        escape_path(p), n, escape_path(h), names[p])
+    names = {p: names[p] for p in first}  # in input order
+    if len(set(n.lower() for n in names.values())) < len({os.path.realpath(p) for p in names}):
         raise AssertionError("output names are not unique")  # path tags collide: 2**-32 per pair
     return names
+
+
+def escape_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as text that every UTF-8 reader takes: a name the OS accepted but that is not UTF-8
+    (Python holds its bytes as lone surrogates) has those bytes written as ``\\xNN``; any other
+    name is returned as it is"""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+# --------------------------------------------------------------------------------------------------
+# checksums of delivered files
+# --------------------------------------------------------------------------------------------------
+
+
+def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 20) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex}`` of a file, read in chunks (bounded memory)"""
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            n += len(block)
+    return {"bytes": n, "sha256": h.hexdigest()}
+
+
+def digest_problem(path: str | os.PathLike[str], want: Any) -> str | None:
+    """what is wrong with ``path`` against its recorded :func:`file_digest` ``want`` (missing, another
+    size, another checksum), or None when it matches"""
+    ok = isinstance(want, dict) and isinstance(want.get("bytes"), int) and isinstance(want.get("sha256"), str)
+    if not ok:
+        return "no usable checksum recorded for it"
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if size != want["bytes"]:
+        return f"{size} bytes where {want['bytes']} were written"
+    try:
+        got = file_digest(path)["sha256"]
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if got != want["sha256"]:
+        return "content does not match the checksum recorded when it was written"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,19 +364,21 @@ def _lock_holder(path: Path) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def move_aside(path: str | os.PathLike[str], why: str) -> Path | None:
-    """rename an unusable output or cache file to ``<name>.bad-<time>`` (kept for inspection, never
-    read again) and log a warning naming it; returns the new path (None if it vanished meanwhile)"""
+def move_aside(path: str | os.PathLike[str], why: str, kind: str = "bad",
+               then: str = "recomputing") -> Path | None:
+    """rename an unusable output or cache file to ``<name>.<kind>-<time>`` (kept for inspection, never
+    read again) and log a warning naming it and ``why``; ``then`` says what happens next. Returns the
+    new path (None if it vanished meanwhile)"""
     path = Path(path)
-    dest = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}")
+    dest = path.with_name(f"{path.name}.{kind}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}")
     try:
         os.replace(path, dest)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        log.warning("%s: %s; could not move it aside (%s): recomputing over it", path, why, exc)
+        log.warning("%s: %s; could not move it aside (%s); %s", escape_path(path), why, exc, then)
         return None
-    log.warning("%s: %s; moved aside to %s and recomputing", path, why, dest.name)
+    log.warning("%s: %s; moved aside to %s; %s", escape_path(path), why, escape_path(dest.name), then)
     return dest
 
 

@@ -64,3 +64,87 @@ def make_big_slide(path: Path, cols: int, rows: int, source: Path, mpp: float = 
                      compression="jpeg", compressionargs={"level": 90}, resolution=(res / f, res / f),
                      resolutionunit="CENTIMETER", subfiletype=0 if k == 0 else 1, metadata=None)
     return path
+
+
+def tissue_rows(width: int, height: int, source: Path, band: int = TILE,
+                seed: int = 0) -> Iterator[np.ndarray]:
+    """the rows of a ``width`` x ``height`` RGB image of real tissue (the patches of :func:`real_patches`
+    as a central ellipse on white glass, as in :func:`make_big_slide`), ``band`` rows at a time"""
+    patches = real_patches(source, seed=seed)
+    cols, rows = -(-width // TILE), -(-height // TILE)
+    rng = np.random.default_rng(seed)
+    choice = rng.integers(0, len(patches), size=(rows, cols))
+    cy, cx = (rows - 1) / 2, (cols - 1) / 2
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    inside = ((yy - cy) / (rows / 2 - 0.5)) ** 2 + ((xx - cx) / (cols / 2 - 0.5)) ** 2 <= 1.0
+    strip = np.empty((TILE, cols * TILE, 3), np.uint8)
+    for ty in range(rows):
+        for tx in range(cols):
+            strip[:, tx * TILE:(tx + 1) * TILE] = patches[choice[ty, tx]] if inside[ty, tx] else 243
+        top = ty * TILE
+        for r in range(0, min(TILE, height - top), band):
+            yield strip[r:min(r + band, height - top), :width]
+
+
+def write_stripped_tiff(path: Path, width: int, height: int, rows: Iterator[np.ndarray], rows_per_strip: int,
+                        mpp: float = 0.5, level: int = 1) -> Path:
+    """a single-page RGB TIFF in deflate-compressed strips of ``rows_per_strip`` rows (``height``: one
+    strip), streamed to disk from ``rows`` (bands of whole rows) in bounded memory. tifffile writes such
+    files too (``rowsperstrip``), but only from the whole image or one array per strip."""
+    import struct
+    import zlib
+
+    offsets: list[int] = []
+    counts: list[int] = []
+    with open(path, "wb") as f:
+        f.write(b"II*\x00\x00\x00\x00\x00")  # the directory's offset is written at the end
+        comp, in_strip = zlib.compressobj(level), 0
+
+        def close_strip() -> None:
+            nonlocal comp, in_strip
+            tail = comp.flush()
+            f.write(tail)
+            counts[-1] += len(tail)
+            comp, in_strip = zlib.compressobj(level), 0
+
+        for band in rows:
+            band = np.ascontiguousarray(band, np.uint8)
+            k = 0
+            while k < band.shape[0]:
+                if in_strip == 0:
+                    offsets.append(f.tell())
+                    counts.append(0)
+                n = min(rows_per_strip - in_strip, band.shape[0] - k)
+                data = comp.compress(band[k:k + n].tobytes())
+                f.write(data)
+                counts[-1] += len(data)
+                in_strip += n
+                k += n
+                if in_strip == rows_per_strip:
+                    close_strip()
+        if in_strip:
+            close_strip()
+        # the directory, then the values that do not fit in an entry
+        res = (int(round(1e4 / mpp * 1000)), 1000)  # pixels per centimetre
+        entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 3, None), (259, 3, 1, 8), (262, 3, 1, 2),
+                   (273, 4, len(offsets), None), (277, 3, 1, 3), (278, 4, 1, rows_per_strip),
+                   (279, 4, len(counts), None), (282, 5, 1, None), (283, 5, 1, None), (284, 3, 1, 1),
+                   (296, 3, 1, 3)]
+        extra = {258: struct.pack("<3H", 8, 8, 8), 273: struct.pack(f"<{len(offsets)}I", *offsets),
+                 279: struct.pack(f"<{len(counts)}I", *counts), 282: struct.pack("<2I", *res),
+                 283: struct.pack("<2I", *res)}
+        ifd = f.tell() + (f.tell() & 1)
+        f.write(b"\x00" * (ifd - f.tell()))
+        after = ifd + 2 + 12 * len(entries) + 4
+        table, blobs = [], b""
+        for tag, typ, n, value in entries:
+            if value is not None or len(extra[tag]) <= 4:
+                raw = struct.pack("<I" if typ == 4 else "<H", value) if value is not None else extra[tag]
+                table.append(struct.pack("<HHI", tag, typ, n) + raw.ljust(4, b"\x00"))
+            else:
+                table.append(struct.pack("<HHII", tag, typ, n, after + len(blobs)))
+                blobs += extra[tag]
+        f.write(struct.pack("<H", len(entries)) + b"".join(table) + b"\x00\x00\x00\x00" + blobs)
+        f.seek(4)
+        f.write(struct.pack("<I", ifd))
+    return path

@@ -130,6 +130,8 @@ class FeatureExtractor:
         return None  # another key (model, preprocessing, slide changed): rewritten by this run
 
     def consumers(self, job: SlideJob) -> list[FeatureConsumer]:
+        from cellvit_optimus.engine.io import escape_path
+
         grid, slide = job.grid, job.slide
         assert grid is not None and slide is not None
         attrs = {
@@ -146,7 +148,9 @@ class FeatureExtractor:
             "preprocessing_hash": preprocessing_hash(self.preprocessing),
             "cache_key": job.info["cache_key"],
             "slide_fingerprint": job_fingerprint(job),
-            "slide_name": job.path.name,
+            # escaped: HDF5 strings are UTF-8, a file name need not be (io.escape_path)
+            "slide_name": escape_path(job.path.name),
+            "slide_path": escape_path(job.path),  # whose outputs these are (io.output_names)
             "package_version": self.version,
             "decoder": job.info.get("decoder", "slide"),
         }
@@ -190,16 +194,14 @@ async def aextract_features(paths: Sequence[str | os.PathLike[str]], out_dir: st
     import anyio
 
     from cellvit_optimus.engine.io import clean_stale_temporaries, folder_lock, output_names
+    from cellvit_optimus.engine.pipeline.features import feature_owner
 
     config = config or ExtractConfig()
-    # the same file twice would write one feature file twice at once: once is enough
-    firsts: dict[str, Path] = {}
-    for p in paths:
-        firsts.setdefault(os.path.abspath(p), Path(p))
-    slides = list(firsts.values())
+    # each slide as the file the OS reads (links and ".." resolved), and the same file once: twice
+    # would write one feature file twice at once
+    slides = list(dict.fromkeys(Path(os.path.realpath(p)) for p in paths))
     out = Path(out_dir)
     extractor = build_extractor(runner, out, config)
-    extractor.names = output_names(slides)
     read_path = TileReadPath(config.decoder, str(runner.device))
 
     def compute(tiles: np.ndarray) -> BatchOutput:
@@ -210,6 +212,9 @@ async def aextract_features(paths: Sequence[str | os.PathLike[str]], out_dir: st
     await anyio.to_thread.run_sync(lock.__enter__)  # waiting for another run never blocks the host's loop
     try:
         await anyio.to_thread.run_sync(clean_stale_temporaries, out / "features")
+        # under the lock: a name whose feature file is another slide's (an earlier batch) is not taken over
+        extractor.names = await anyio.to_thread.run_sync(
+            lambda: output_names(slides, lambda n: feature_owner(out / "features" / f"{n}.h5")))
         async with run_pipeline(slides, open_job=open_job_for(config, read_path=read_path), factory=extractor,
                                 compute=compute, config=config.scheduler, read_tiles=read_path.read,
                                 progress=progress) as results:
@@ -230,5 +235,7 @@ def extract_features(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.
         return [r async for r in aextract_features(paths, out_dir, runner, config, progress)]
 
     results = run_sync(main)
-    order = {str(Path(p)): i for i, p in enumerate(paths)}
-    return sorted(results, key=lambda r: order.get(str(Path(r.path)), len(order)))
+    order: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        order.setdefault(os.path.realpath(p), i)  # results name the real path
+    return sorted(results, key=lambda r: order.get(str(r.path), len(order)))

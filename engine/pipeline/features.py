@@ -8,6 +8,7 @@ Layout (what CLAM / Trident users already read):
 - ``tissue_fraction``, ``artefact_fraction``, ``quality/blur``, ``quality/background``, ``quality/dark``: (N,)
 - root attributes: ``patch_size`` (pixels at the target MPP), ``patch_size_level0``, ``target_mpp``, ``mpp``
   (level 0), ``backbone``, ``weights_hash``, ``preprocessing_hash``, ``cache_key``, ``slide_fingerprint``,
+  ``slide_name`` and ``slide_path`` (escaped where not UTF-8: :func:`~.io.escape_path`),
   ``package_version``, ``stride_level0``, ``slide_dimensions``, ``complete``, ``data_sha256`` (of
   ``features`` and ``coords``, checked before a file is reused)
 - attributes of the ``coords`` dataset, where Trident and CLAM look for them (:func:`coords_attributes`):
@@ -38,7 +39,7 @@ import numpy as np
 from cellvit_optimus.engine.errors import ConfigError
 
 __all__ = ("FeatureWriter", "read_features", "cache_key", "slide_fingerprint", "cached", "verify_features",
-           "coords_attributes", "write_clam_layout", "FEATURE_SCHEMA")
+           "feature_owner", "coords_attributes", "write_clam_layout", "FEATURE_SCHEMA")
 
 #: bump when the file layout or the meaning of a field changes: old files then miss the cache
 #: (2 on both lines of work: Trident / CLAM attributes on ``coords``, and separately the data checksum
@@ -56,8 +57,10 @@ def slide_fingerprint(path: str | os.PathLike[str], chunk: int = 1 << 20, *, mti
     """cheap identity of a slide file: size + SHA-256 of its first and last MiB (header and directories
     of TIFF-like files) and of 16 evenly spread 64 KiB samples (tile data); with ``mtime`` also the
     modification time, so that a slide rewritten in place under the same name is never taken for the
-    old one (cache and finished-slide keys use that form; shadow mode counts copies as one slide and
-    uses the content alone)"""
+    old one, and (TIFF files) a sample of every tile, so that a slide replaced by another of the same
+    size and mtime is told apart even where only tiles outside those samples differ (see
+    :func:`_tile_samples`). Cache and finished-slide keys use that form; shadow mode counts copies as
+    one slide and uses the content alone."""
     p = Path(path)
     st = p.stat()
     size = st.st_size
@@ -74,7 +77,48 @@ def slide_fingerprint(path: str | os.PathLike[str], chunk: int = 1 << 20, *, mti
             for k in range(_FINGERPRINT_SAMPLES):
                 f.seek(chunk + span * k // _FINGERPRINT_SAMPLES)
                 h.update(f.read(min(_SAMPLE_BYTES, span)))
+    if mtime:
+        h.update(_tile_samples(p))
     return h.hexdigest()[:32]
+
+
+#: bytes read from the middle of every tile or strip for the key form of the fingerprint
+_TILE_SAMPLE_BYTES = 64
+
+
+def _tile_samples(path: Path) -> bytes:
+    """digest of every page's tile (strip) offsets and byte counts and of 64 bytes from the middle of
+    every tile: a re-encoded tile almost always changes its size, and an edit in place its middle.
+    Empty for files that are not TIFF (DICOM: the first/last MiB and spread samples only) and for TIFFs
+    that tifffile cannot parse (they fail when opened)."""
+    with path.open("rb") as f:
+        if f.read(4) not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            return b""
+    import logging
+
+    import tifffile
+
+    h = hashlib.sha256()
+    tiff_log = logging.getLogger("tifffile")
+    level = tiff_log.level
+    tiff_log.setLevel(logging.ERROR)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with tifffile.TiffFile(str(path)) as tf:
+            for page in tf.pages:
+                offs = np.asarray(page.dataoffsets, np.int64)
+                counts = np.asarray(page.databytecounts, np.int64)
+                h.update(offs.tobytes() + b"|" + counts.tobytes())
+                for o, c in zip(offs.tolist(), counts.tolist()):
+                    if c > 0:
+                        mid = o + max(0, (c - _TILE_SAMPLE_BYTES) // 2)
+                        h.update(os.pread(fd, min(c, _TILE_SAMPLE_BYTES), mid))
+    except Exception:  # not parseable: opening the slide fails and names why
+        return b"unparsed"
+    finally:
+        os.close(fd)
+        tiff_log.setLevel(level)
+    return h.digest()
 
 
 def _canonical(obj: Any) -> Any:
@@ -164,6 +208,20 @@ def cached(path: str | os.PathLike[str], key: str) -> bool:
     except OSError:  # unreadable leftovers are not a cache hit
         return False
     return verify_features(p) is None
+
+
+def feature_owner(path: str | os.PathLike[str]) -> str | None:
+    """the slide path a feature file records (``slide_path``), None when there is no file or no record"""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            v = f.attrs.get("slide_path")
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "backslashreplace")
+    return v if isinstance(v, str) and v else None
 
 
 def _data_sha256(f: Any, rows: int = 4096) -> str:

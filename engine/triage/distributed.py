@@ -332,7 +332,7 @@ class RayTriage:
         The driver holds the output folder's lock for the whole batch (actors write under it)."""
         from cellvit_optimus.engine.io import folder_lock
 
-        out = Path(os.path.abspath(out_dir))
+        out = Path(os.path.realpath(out_dir))
         with folder_lock(out, self.config.lock_timeout_s):
             return self._run_locked(slides, out, progress, skipped)
 
@@ -340,13 +340,14 @@ class RayTriage:
                     progress: Callable[[ClusterProgress], None] | None,
                     skipped: Sequence[tuple[str, str]]) -> BatchResult:
         from cellvit_optimus.engine.io import clean_stale_temporaries, output_names
+        from cellvit_optimus.engine.triage.outputs import output_owner
 
         ray = _import_ray()
         self.start()
         clean_stale_temporaries(out)  # once, before any actor writes (they never clean: see _SlideWorker)
-        # absolute paths: an actor's working directory is not the driver's
-        paths = list(dict.fromkeys(Path(os.path.abspath(p)) for p in slides))
-        self._names = output_names(paths)
+        # real paths (links and ".." resolved by the OS): an actor's working directory is not the driver's
+        paths = list(dict.fromkeys(Path(os.path.realpath(p)) for p in slides))
+        self._names = output_names(paths, lambda n: output_owner(out, n))
         assert self.run_key is not None
         self._reserve_shadow(paths, out)
 
@@ -388,7 +389,7 @@ class RayTriage:
 
         got = [st.results[i] for i in range(len(paths))]
         # the same ranking as one process, without loading a model on the driver
-        return write_worklist(out, got, skipped)
+        return write_worklist(out, got, skipped, {str(p): self._names[str(p)] for p in paths})
 
     def _collect(self, slot: _Slot, ref: Any, paths: list[Path], queue: deque[int], st: _State,
                  out: Path) -> None:

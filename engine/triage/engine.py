@@ -11,10 +11,14 @@ When a slide's last batch is in, :mod:`.finalise` turns its signals into trust t
 slide (shadow mode for a new site), the MIL score or the fallback priority, and the outputs of
 :mod:`.outputs` (cells and regions GeoJSON for QuPath, an overview PNG, ``summary.json`` last). Every
 file is written atomically; ``summary.json`` marks a finished slide, so a rerun skips it when its run
-key, path and slide fingerprint (size, mtime, content samples) all match
-(:func:`~.outputs.finished_result`); an unreadable or malformed summary is moved aside and the slide
-recomputed. A run holds the output folder's lock for its whole length (:func:`~.io.folder_lock`), and
-each slide writes under its :func:`~.io.output_name`, which cannot leave the folder or hit its reserved names.
+key, path and slide fingerprint (size, mtime, content samples) all match and every file it delivered
+still matches its recorded checksum (:func:`~.outputs.finished_result`); an unreadable or malformed
+summary, or a damaged output, is moved aside and the slide recomputed, and a slide that fails has its
+earlier outputs moved aside (:func:`~.outputs.retire_outputs`). Slides are the files the OS resolves
+(``os.path.realpath``: links and ``..`` followed, never collapsed as text). A run holds the output
+folder's lock for its whole length (:func:`~.io.folder_lock`), and each slide writes under its
+:func:`~.io.output_names` name, which cannot leave the folder, hit its reserved names or take over the
+outputs of another slide (of this batch or an earlier one).
 
 This module holds the :class:`Engine` (set-up, ``run`` and ``stream``) and re-exports the run's types
 (:class:`TriageConfig`, :class:`SlideResult`, :class:`BatchResult`) and the fallback priority rule.
@@ -37,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError
-from cellvit_optimus.engine.io import clean_stale_temporaries, folder_lock, output_names
+from cellvit_optimus.engine.io import (clean_stale_temporaries, escape_path, folder_lock, output_name,
+                                      output_names)
 from cellvit_optimus.engine.pipeline.extract import ExtractConfig, build_extractor
 from cellvit_optimus.engine.pipeline.readpath import TileReadPath, job_fingerprint, open_job_for
 from cellvit_optimus.engine.pipeline.scheduler import BatchOutput, Progress, SlideJob, run_pipeline
@@ -45,7 +50,8 @@ from cellvit_optimus.engine.triage.config import OUTPUTS, TriageConfig
 from cellvit_optimus.engine.triage.consumer import NucleiConsumer, SlideState, TriageConsumer
 from cellvit_optimus.engine.triage.finalise import (FALLBACK_DENSITY_HALF, PRIORITY_RULE, FinaliseContext,
                                                     fallback_priority, finalise_slide)
-from cellvit_optimus.engine.triage.outputs import finished_result, write_worklist
+from cellvit_optimus.engine.triage.outputs import (finished_result, output_owner, retire_outputs,
+                                                   write_worklist)
 from cellvit_optimus.engine.triage.results import BatchResult, SlideResult
 from cellvit_optimus.engine.wsi.inspect import Failure
 from cellvit_optimus.engine.wsi.tissue import TilingConfig
@@ -209,14 +215,17 @@ class Engine:
 
         from cellvit_optimus.engine.pipeline.aio import run_sync
 
-        out = Path(os.path.abspath(out_dir))
-        order = {os.path.abspath(p): i for i, p in enumerate(slides)}
+        out = Path(os.path.realpath(out_dir))
+        order: dict[str, int] = {}
+        for i, p in enumerate(slides):
+            order.setdefault(os.path.realpath(p), i)  # results name the real path
 
         async def main() -> BatchResult:
             async with self._own_folder(out):  # the worklist too is written under the folder's lock
-                got = [r async for r in self._stream_locked(slides, out, progress, None)]
+                paths, names = await anyio.to_thread.run_sync(_plan, slides, out, None)
+                got = [r async for r in self._stream_locked(paths, out, progress, names)]
                 got.sort(key=lambda r: order.get(r.path, len(order)))
-                return await anyio.to_thread.run_sync(write_worklist, out, got, skipped)
+                return await anyio.to_thread.run_sync(lambda: write_worklist(out, got, skipped, names))
 
         return run_sync(main)
 
@@ -258,37 +267,27 @@ class Engine:
         """
         import anyio
 
-        out = Path(os.path.abspath(out_dir))
+        out = Path(os.path.realpath(out_dir))
         if clean_temporaries:
             async with self._own_folder(out):
-                async for r in self._stream_locked(slides, out, progress, names):
+                paths, batch_names = await anyio.to_thread.run_sync(_plan, slides, out, names)
+                async for r in self._stream_locked(paths, out, progress, batch_names):
                     yield r
         else:
             await anyio.to_thread.run_sync(lambda: out.mkdir(parents=True, exist_ok=True))
-            async for r in self._stream_locked(slides, out, progress, names):
+            paths, batch_names = await anyio.to_thread.run_sync(_plan, slides, out, names)
+            async for r in self._stream_locked(paths, out, progress, batch_names):
                 yield r
 
-    async def _stream_locked(self, slides: Sequence[str | os.PathLike[str]], out: Path,
-                             progress: Callable[[Progress], None] | None,
-                             names: Mapping[str, str] | None) -> AsyncIterator[SlideResult | Failure]:
+    async def _stream_locked(self, paths: list[Path], out: Path, progress: Callable[[Progress], None] | None,
+                             names: dict[str, str]) -> AsyncIterator[SlideResult | Failure]:
         import anyio
 
         from cellvit_optimus.engine.wsi.inspect import failure_from
 
-        # one path convention, as under Ray: every path in results, the worklist and summary.json is
-        # absolute, so that the files still point at their slides and outputs from any working folder
-        paths: list[Path] = []
-        seen: set[str] = set()
-        for p in slides:
-            ap = os.path.abspath(p)
-            if ap in seen:  # the same file twice would write its outputs twice at once
-                log.warning("%s: given twice; triaged once", p)
-                continue
-            seen.add(ap)
-            paths.append(Path(ap))
         position = {str(p): i for i, p in enumerate(paths)}
         key = self.run_key()
-        factory = _TriageFactory(self, out, key, dict(names) if names is not None else output_names(paths))
+        factory = _TriageFactory(self, out, key, names)
         pending: dict[int, Any] = {}
         next_index = 0
 
@@ -297,6 +296,7 @@ class Engine:
 
         async def settle(r: Any) -> SlideResult | Failure:
             if isinstance(r, Failure):
+                await anyio.to_thread.run_sync(factory.retire, r.path)
                 return r
             if r.cached:
                 return SlideResult(**r.info["result"], cached=True)
@@ -307,7 +307,9 @@ class Engine:
                                                       str(factory.features.path_for(state.job)))
             except Exception as exc:  # one slide's outputs failing must not stop the batch
                 log.info("%s: finalising failed: %s", r.path, exc)  # reported as the slide's Failure
-                return failure_from(r.path, exc)
+                failure = failure_from(r.path, exc)
+                await anyio.to_thread.run_sync(factory.retire, r.path)
+                return failure
 
         async with run_pipeline(paths, open_job=factory.open_job, factory=factory, compute=self.forward,
                                 config=self.config.scheduler, read_tiles=factory.read_path.read,
@@ -339,6 +341,7 @@ class _TriageFactory:
         self.key = key
         self.names = names or {}
         self.slides: dict[int, SlideState] = {}
+        self.feature_keys: dict[str, str] = {}  # str(path) -> cache key of its feature file in this run
         runner = engine.model.runner
         cfg = ExtractConfig(tiling=engine.tiling, tissue=engine.config.tissue, scheduler=engine.config.scheduler,
                             mpp=engine.config.mpp, backend=engine.config.backend, decoder=engine.config.decoder)
@@ -348,9 +351,12 @@ class _TriageFactory:
         self.open_job = open_job_for(cfg, keep_mask=True, read_path=self.read_path)
 
     def name_of(self, job: SlideJob) -> str:
+        return self.name_of_path(str(job.path))
+
+    def name_of_path(self, path: str) -> str:
         from cellvit_optimus.engine.io import output_name
 
-        return self.names.get(str(job.path)) or output_name(job.path)
+        return self.names.get(path) or output_name(path)
 
     def prepare(self, job: SlideJob) -> dict[str, Any] | None:
         result = finished_result(self.out / self.name_of(job) / "summary.json", job.path, self.key,
@@ -359,7 +365,16 @@ class _TriageFactory:
             job.mask = None
             return {"result": result}
         self.features.prepare(job)  # sets the feature cache key (and moves a damaged feature file aside)
+        self.feature_keys[str(job.path)] = job.info["cache_key"]
         return None
+
+    def retire(self, path: str) -> None:
+        """the slide at ``path`` failed: none of its earlier outputs may look current (its feature file
+        stays only if this run wrote it for the slide as it is now)"""
+        try:
+            retire_outputs(self.out, self.name_of_path(path), path, self.feature_keys.get(path))
+        except Exception as exc:  # the failure is reported either way; never stop the batch over this
+            log.warning("%s: could not move its earlier outputs aside: %s", escape_path(path), exc)
 
     def consumers(self, job: SlideJob) -> list[TriageConsumer]:
         assert job.grid is not None
@@ -370,6 +385,26 @@ class _TriageFactory:
         state = SlideState(job, nuc.records, np.full(len(job.grid), np.inf, np.float32))
         self.slides[job.index] = state
         return [TriageConsumer(state, nuc, writer, self.slides)]
+
+
+def _plan(slides: Sequence[str | os.PathLike[str]], out: Path,
+          names: Mapping[str, str] | None) -> tuple[list[Path], dict[str, str]]:
+    """the batch as the files the OS reads (``realpath``; each once) and their output names: ``names``
+    where given (keyed by any spelling of the path), else :func:`~.io.output_names`, which leaves the
+    outputs of another slide in ``out`` (an earlier batch) where they are. Run under the folder's lock."""
+    paths: list[Path] = []
+    first: dict[str, str] = {}
+    for p in slides:
+        rp = os.path.realpath(p)
+        if rp in first:  # the same file twice would write its outputs twice at once
+            log.warning("%s: the same file as %s; triaged once", escape_path(p), escape_path(first[rp]))
+            continue
+        first[rp] = str(p)
+        paths.append(Path(rp))
+    if names is not None:
+        given = {os.path.realpath(k): v for k, v in names.items()}
+        return paths, {str(p): given.get(str(p)) or output_name(p) for p in paths}
+    return paths, output_names(paths, functools.partial(output_owner, out))
 
 
 def _key_thresholds(thresholds: Any) -> dict[str, Any]:

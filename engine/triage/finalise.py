@@ -6,7 +6,7 @@ slide's :class:`~.consumer.SlideState`. It scores OOD (the backbone embedding ne
 and sharpness statistics, the recipe of the OOD state), conformal nucleus-type set sizes, quality
 flags (the safety thresholds' limits), trust tags per tile / region / slide (shadow mode for a new
 site), the MIL score or the fallback priority, and writes the outputs (:mod:`.outputs`), ``summary.json``
-last: it marks the slide finished.
+last: it marks the slide finished and records a checksum of every file the slide delivers.
 
 Fallback priority (no MIL checkpoint): from ``d``, the density of nuclei of the focus classes per mm^2
 of analysed tissue (:data:`FOCUS_CLASSES`: epithelial and inflammatory in the CoNSeP profile, plus
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cellvit_optimus.engine.io import atomic_write_bytes, atomic_write_json, atomic_write_png
+from cellvit_optimus.engine.io import atomic_write_bytes, atomic_write_json, atomic_write_png, file_digest
 from cellvit_optimus.engine.pipeline.features import slide_fingerprint
 from cellvit_optimus.engine.pipeline.readpath import job_fingerprint
 from cellvit_optimus.engine.triage.cells import UNCLASSIFIED
@@ -189,7 +189,16 @@ def finalise_slide(ctx: FinaliseContext, state: SlideState, timings: dict[str, f
                          priority=round(priority, 6), priority_source=source, tiles=len(grid),
                          nuclei=len(cells), counts=counts, tag_fractions=fractions, outputs=outputs,
                          timings=timings, cells=cells)
-    summary = {"run_key": key, "slide_fingerprint": job_fingerprint(job),
+    # what a rerun checks before it trusts this slide as finished (outputs.finished_result): every file
+    # delivered, as it is on disk now, paths relative to the output folder (which may be moved)
+    checksums = {}
+    for kind, f in outputs.items():
+        fp = Path(f)
+        if kind == "features" and "features" not in config.outputs:
+            continue  # listed, but not written by this run
+        if fp.is_file() and fp.is_relative_to(out):
+            checksums[kind] = {"file": fp.relative_to(out).as_posix(), **file_digest(fp)}
+    summary = {"run_key": key, "slide_fingerprint": job_fingerprint(job), "checksums": checksums,
                "result": {k: v for k, v in result.to_dict().items() if k != "cached"},
                "tissue_mm2": round(tissue_mm2, 4), "nuclei_mpp": ctx.nuclei_mpp,
                "focus_density_per_mm2": None if density is None else round(density, 2),

@@ -8,6 +8,11 @@ Where it sits: :mod:`.finalise` computes a slide's tags and priority and calls t
 - regions (:func:`regions_geojson`): one locked annotation per 8-connected group of tiles;
 - overview (:func:`overview_image`): tissue, nuclei density (or MIL attention) and trust tags;
 - the worklist (:func:`write_worklist`): slides ranked by priority, failures and skipped inputs.
+
+A finished slide's ``summary.json`` records the size and SHA-256 of every file it delivers (its
+``checksums``, keyed by output, paths relative to the output folder); :func:`finished_result` trusts a
+summary only when each of them still matches, and a slide that fails has whatever earlier outputs it
+had moved aside (:func:`retire_outputs`), so nothing damaged or stale is ever taken for finished.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from cellvit_optimus.engine.io import atomic_write_bytes, atomic_write_json, move_aside, output_names
+from cellvit_optimus.engine.io import (atomic_write_bytes, atomic_write_json, digest_problem, escape_path,
+                                      move_aside, output_names)
 from cellvit_optimus.engine.triage.cells import UNCLASSIFIED, CellTable
 from cellvit_optimus.engine.triage.consumer import NucleiRecords
 from cellvit_optimus.engine.triage.results import BatchResult, SlideResult
@@ -32,7 +38,7 @@ from cellvit_optimus.engine.wsi.inspect import Failure
 from cellvit_optimus.engine.wsi.tissue import draw_overlay
 
 __all__ = ("TAG_COLOURS", "GilHandOff", "cells_output", "regions_geojson", "overview_image", "write_worklist",
-           "finished_result")
+           "finished_result", "output_owner", "retire_outputs", "SLIDE_FILES")
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +69,12 @@ def _summary_problem(doc: Any) -> str | None:
 
 def finished_result(summary: Path, slide: Path, key: str | None, fingerprint: str) -> dict[str, Any] | None:
     """the resume rule: the recorded result when ``summary`` says this slide file (path and fingerprint)
-    was finished under run ``key``, else None. A summary that cannot be read or is malformed is moved
-    aside (warning naming it) so the slide is recomputed; one for another key, path or slide content
-    is simply overwritten by the recomputation."""
+    was finished under run ``key`` and every file it delivered still matches the checksum recorded
+    when it was written, else None. A summary that cannot be read or is malformed is moved aside
+    (warning naming it) so the slide is recomputed; one for another key, path or slide content is
+    simply overwritten by the recomputation; an output that is missing, cut or altered is named,
+    moved aside and the slide recomputed (as is a summary of an earlier version, which records no
+    checksums)."""
     try:
         text = summary.read_bytes()
     except FileNotFoundError:
@@ -86,9 +95,76 @@ def finished_result(summary: Path, slide: Path, key: str | None, fingerprint: st
         return None
     if doc.get("slide_fingerprint") != fingerprint:
         log.warning("%s: %s changed since this summary was written (size, mtime or content); recomputing",
-                    summary, slide)
+                    summary, escape_path(slide))
         return None
+    checks = doc.get("checksums")
+    if not isinstance(checks, dict) or not checks:
+        log.warning("%s: records no checksums of the files it delivered (an earlier version wrote it); "
+                    "recomputing the slide", summary)
+        return None
+    out = summary.parent.parent
+    for kind, want in sorted(checks.items()):
+        rel = want.get("file") if isinstance(want, dict) else None
+        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            move_aside(summary, f"summary records no usable file for its {kind!r} checksum")
+            return None
+        problem = digest_problem(out / rel, want)
+        if problem is not None:
+            if problem == "missing":
+                log.warning("%s: missing, though %s lists it; recomputing the slide", out / rel, summary)
+            else:
+                move_aside(out / rel, f"damaged ({problem})", then=f"recomputing {escape_path(slide.name)}")
+            return None
     return doc["result"]
+
+
+#: the files a slide's output folder holds, besides temporaries and what was moved aside
+SLIDE_FILES = ("summary.json", "cells.geojson", "cells.geojson.gz", "regions.geojson", "overview.png")
+
+
+def output_owner(out: Path, name: str) -> str | None:
+    """the slide path whose outputs ``out/name`` (and ``out/features/name.h5``) hold: what its
+    summary.json records, else its feature file; None when there are none or they do not say"""
+    from cellvit_optimus.engine.pipeline.features import feature_owner
+
+    try:
+        doc = json.loads((out / name / "summary.json").read_bytes())
+        path = doc["result"]["path"]
+        if isinstance(path, str) and path:
+            return path
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return feature_owner(out / "features" / f"{name}.h5")
+
+
+def retire_outputs(out: Path, name: str, slide: str, keep_features_key: str | None = None) -> list[Path]:
+    """a slide failed: move aside (``<file>.stale-<time>``, warning naming each) every output under its
+    name, so that nothing of an earlier run (or of this one, before it failed) looks current. Its feature
+    file stays only when it was written for this slide as it is now (cache key ``keep_features_key``).
+    Returns the new paths."""
+    import h5py
+
+    why = f"left from an earlier run; {escape_path(slide)} failed in this one"
+    moved = []
+    for f in SLIDE_FILES:
+        p = out / name / f
+        if p.exists():
+            dest = move_aside(p, why, kind="stale", then="the slide is listed as failed")
+            if dest is not None:
+                moved.append(dest)
+    h5 = out / "features" / f"{name}.h5"
+    if h5.exists():
+        key = None
+        try:
+            with h5py.File(h5, "r") as f:
+                key = f.attrs.get("cache_key")
+        except OSError:
+            pass
+        if keep_features_key is None or key != keep_features_key:
+            dest = move_aside(h5, why, kind="stale", then="the slide is listed as failed")
+            if dest is not None:
+                moved.append(dest)
+    return moved
 
 
 #: a long pure-Python loop in a worker thread pauses this long every HAND_OFF_EVERY_S (see GilHandOff)
@@ -298,27 +374,35 @@ def _compose(panels: list[tuple[str, np.ndarray, list[tuple[str, tuple[int, int,
 
 
 def write_worklist(out: Path, results: Sequence[SlideResult | Failure],
-                   skipped: Sequence[tuple[str, str]] = ()) -> BatchResult:
+                   skipped: Sequence[tuple[str, str]] = (),
+                   names: dict[str, str] | None = None) -> BatchResult:
     """rank the batch's finished slides by priority (ties by name), list failures and skipped inputs after
     them, and write ``out/worklist.csv`` and ``out/worklist.json`` atomically; the same ranking for one
-    process and for a Ray driver, which writes it without loading a model"""
+    process and for a Ray driver, which writes it without loading a model. ``names``: the output name
+    of each input (``str(path)``) as the batch wrote them (default: :func:`~.io.output_names` of the
+    results). Paths and messages are written escaped (:func:`~.io.escape_path`): a file name need not
+    be UTF-8, and every name the OS accepts must reach the worklist."""
     ok = [r for r in results if isinstance(r, SlideResult)]
     bad = [r for r in results if isinstance(r, Failure)]
-    names = output_names([r.path for r in results])  # the names the batch wrote under (symmetric in order)
+    if names is None:
+        names = output_names([r.path for r in results])  # the batch's names (symmetric in order)
     ranked = sorted(ok, key=lambda r: (-r.priority, r.name))
+    esc = escape_path
     rows = []
     for rank, r in enumerate(ranked, 1):
-        rows.append({"rank": rank, "slide": r.name, "path": r.path, "status": "done", "priority": r.priority,
+        rows.append({"rank": rank, "slide": r.name, "path": esc(r.path), "status": "done",
+                     "priority": r.priority,
                      "priority_source": r.priority_source, "tag": r.tag, "reason": r.reason,
                      "tiles": r.tiles, "nuclei": r.nuclei, "review_fraction": r.tag_fractions["review"],
                      "out_of_domain_fraction": r.tag_fractions["out_of_domain"]})
     for f in bad:
-        rows.append({"rank": "", "slide": names.get(f.path, Path(f.path).stem), "path": f.path, "status": "failed",
-                     "priority": "", "priority_source": "", "tag": "", "reason": f"{f.reason}: {f.message}",
-                     "tiles": "", "nuclei": "", "review_fraction": "", "out_of_domain_fraction": ""})
+        rows.append({"rank": "", "slide": names.get(f.path, esc(Path(f.path).stem)), "path": esc(f.path),
+                     "status": "failed", "priority": "", "priority_source": "", "tag": "",
+                     "reason": esc(f"{f.reason}: {f.message}"), "tiles": "", "nuclei": "",
+                     "review_fraction": "", "out_of_domain_fraction": ""})
     for path, why in skipped:
-        rows.append({"rank": "", "slide": Path(path).name, "path": path, "status": "skipped",
-                     "priority": "", "priority_source": "", "tag": "", "reason": why,
+        rows.append({"rank": "", "slide": esc(Path(path).name), "path": esc(path), "status": "skipped",
+                     "priority": "", "priority_source": "", "tag": "", "reason": esc(why),
                      "tiles": "", "nuclei": "", "review_fraction": "", "out_of_domain_fraction": ""})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["rank"])

@@ -44,6 +44,16 @@ class Backend:
     def associated(self) -> dict[str, np.ndarray]:
         return {}
 
+    def blank(self, x: int, y: int, level: int, w: int, h: int) -> bool:
+        """whether an in-bounds region holds no stored pixels at all (sparse tiling), so that it reads
+        as white without decoding anything; False where the backend cannot tell cheaply"""
+        return False
+
+    def row_bands(self, level: int) -> bool:
+        """whether ``level`` is best read in full-width row bands (a stripped level: a square block would
+        decode every strip it crosses in full)"""
+        return False
+
     def close(self) -> None:
         pass
 

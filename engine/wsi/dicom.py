@@ -42,6 +42,9 @@ class DicomBackend(Backend):
         self._path = path
         W, H = int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows)
         self._fw, self._fh = int(ds.Columns), int(ds.Rows)
+        if min(W, H, self._fw, self._fh) <= 0:
+            raise CorruptSlideError(path, f"total pixel matrix {W} x {H} px of {self._fw} x {self._fh} px "
+                                    "frames: no image")
         self.level_dimensions = ((W, H),)
         self.level_downsamples = (1.0,)
         self.vendor = str(ds.get("Manufacturer", "") or "dicom").lower() or "dicom"
@@ -90,6 +93,12 @@ class DicomBackend(Backend):
             index.clear()
         cols = math.ceil(self.level_dimensions[0][0] / self._fw)
         rows = math.ceil(self.level_dimensions[0][1] / self._fh)
+        if n < cols * rows:
+            # frames without positions tile the whole matrix; fewer cannot (a header that claims a
+            # far larger image than the file holds would otherwise be read as blank glass, slowly)
+            W, H = self.level_dimensions[0]
+            raise CorruptSlideError(self._path, f"{n} frames of {self._fw} x {self._fh} px without positions "
+                                    f"cannot tile a {W} x {H} px matrix (it needs {cols * rows})")
         row_major = {((i % cols) * self._fw, (i // cols) * self._fh): i for i in range(n)}
         if ds.get("DimensionOrganizationType", "") == "TILED_FULL" or n != cols * rows or cols < 2 or rows < 2:
             return row_major
@@ -144,6 +153,11 @@ class DicomBackend(Backend):
                 self._cache.clear()
             self._cache[i] = arr
         return arr
+
+    def blank(self, x, y, level, w, h):
+        fw, fh = self._fw, self._fh
+        return not any((fx, fy) in self._frames for fy in range((y // fh) * fh, y + h, fh)
+                       for fx in range((x // fw) * fw, x + w, fw))
 
     def read(self, x, y, level, w, h):
         out = np.full((h, w, 3), 255, np.uint8)  # sparse tiling: absent frames are background

@@ -39,9 +39,10 @@ from cellvit_optimus.engine.errors import (
 )
 from cellvit_optimus.engine.wsi.backend import MPP_PLAUSIBLE, Backend, BackendName
 from cellvit_optimus.engine.wsi.jpegcheck import strict_decode
+from cellvit_optimus.engine.wsi.strips import StripLevel, is_stripped
 
 # re-exported: callers (the triage tests) expand slide folders through the slide module
-from cellvit_optimus.engine.wsi.paths import iter_slide_paths
+from cellvit_optimus.engine.wsi.paths import file_kind, iter_slide_paths
 
 __all__ = ("MPP_PLAUSIBLE", "BackendName", "Slide", "available_backends", "iter_slide_paths", "open_slide")
 
@@ -55,6 +56,10 @@ THUMBNAIL_BLOCK = 4096
 #: a thumbnail that would have to decode more pixels than this fails with SlideTooLargeError instead of
 #: running for hours (a 50,000^2 single-level slide is 2.5e9; a forged 10^6 x 10^6 header is 1e12)
 THUMBNAIL_MAX_READ_PIXELS = 16 * 10**9
+
+#: a TIFF with more image directories than this is refused before they are parsed: a whole-slide image has
+#: a handful (levels, thumbnail, label, macro), and parsing 100,000 forged ones took 19 s
+MAX_TIFF_PAGES = 1024
 
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _OTHER_IMAGE_MAGICS = {
@@ -84,15 +89,27 @@ def available_backends() -> tuple[str, ...]:
 
 
 def _sniff(path: Path) -> str:
-    """'tiff', 'dicom', or raise the matching SlideError"""
+    """'tiff', 'dicom', or raise the matching SlideError
+
+    Only a regular file is read: opened without blocking and checked before a byte is read, since
+    reading a FIFO (or a terminal, a socket) waits for a writer that may never come."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(132)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
     except IsADirectoryError as exc:
         raise NotASlideError(path, "is a directory") from exc
     except OSError as exc:
         raise SlideError(path, f"cannot be read: {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+        kind = file_kind(st.st_mode)
+        if kind is not None:
+            raise NotASlideError(path, f"is {kind}, not a regular file")
+        size = st.st_size
+        head = os.pread(fd, 132, 0)
+    except OSError as exc:
+        raise SlideError(path, f"cannot be read: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
     if size == 0:
         raise NotASlideError(path, "file is empty")
     if head[:4] in _TIFF_MAGICS:
@@ -133,7 +150,10 @@ def _check_ifd_chain(path: Path, size: int, order: str, big: bool, first_ifd: in
     seen: set[int] = set()
     ifd, page = first_ifd, 0
     with path.open("rb") as f:
-        while ifd and page < 100_000:
+        while ifd:
+            if page >= MAX_TIFF_PAGES:
+                raise UnsupportedFormatError(path, f"more than {MAX_TIFF_PAGES} image directories, where a "
+                                             "whole-slide image has a few (levels, label, macro)")
             if ifd in seen:
                 raise CorruptSlideError(path, f"directory chain loops back to byte {ifd} (page {page})")
             seen.add(ifd)
@@ -175,9 +195,11 @@ class _JpegPage:
     ycbcr: bool = False
 
 
-def _check_tiff_complete(path: Path) -> list[_JpegPage]:
+def _check_tiff_complete(path: Path) -> tuple[list[_JpegPage], bool]:
     """every directory and every strip/tile of every page must lie inside the file (catches truncated
-    copies up front instead of failing half-way through a slide); returns the tiled JPEG pages"""
+    copies up front instead of failing half-way through a slide), every page must have pixels, and
+    strips must be able to hold them (a forged header claiming a huge image over a few bytes fails
+    here, in milliseconds); returns the tiled JPEG pages and whether the first page (level 0) is stripped"""
     import struct
 
     import tifffile
@@ -204,6 +226,9 @@ def _check_tiff_complete(path: Path) -> list[_JpegPage]:
                 raise CorruptSlideError(path, "no readable image directory")
             with path.open("rb") as raw:
                 for i, page in enumerate(tf.pages):
+                    if int(page.imagewidth) <= 0 or int(page.imagelength) <= 0:
+                        raise CorruptSlideError(path, f"page {i} is {page.imagewidth} x {page.imagelength} "
+                                                "px: no image")
                     offs, counts = page.dataoffsets, page.databytecounts
                     if not offs:
                         continue
@@ -220,19 +245,22 @@ def _check_tiff_complete(path: Path) -> list[_JpegPage]:
                         if len(offs) < need:
                             raise CorruptSlideError(path, f"page {i}: {len(offs)} tile offsets, its "
                                                     f"{page.imagewidth} x {page.imagelength} px need {need}")
+                    elif is_stripped(page):
+                        StripLevel.plausible(path, page)
                     if int(page.compression) == 7 and page.is_tiled and page.samplesperpixel in (1, 3):
                         tables = getattr(page, "jpegtables", None)
                         pages.append(_JpegPage((int(page.imagewidth), int(page.imagelength)),
                                                (int(page.tilewidth), int(page.tilelength)),
                                                tuple(int(o) for o in offs), tuple(int(c) for c in counts),
                                                bytes(tables) if tables else None, int(page.photometric) == 6))
+            stripped = is_stripped(tf.pages[0])
     except CorruptSlideError:
         raise
     except Exception as exc:  # tifffile cannot even parse the directory chain
         raise CorruptSlideError(path, f"TIFF structure unreadable: {exc}") from exc
     finally:
         tiff_log.setLevel(level)
-    return pages
+    return pages, stripped
 
 
 class _TileCheck:
@@ -457,8 +485,15 @@ class Slide:
             # before decoding: a damaged tile fails the read instead of yielding plausible pixels
             self._tiles.check(level, [(int(math.floor(x / ds)), int(math.floor(y / ds)), w, h)
                                       for x, y in locations])
-        out = np.empty((len(locations), h, w, 3), np.uint8)
         try:
+            if not partial:  # the reader's own array: a copy into another would double the batch's memory
+                out = np.ascontiguousarray(self._impl.read_many([tuple(map(int, loc)) for loc in locations],
+                                                                level, w, h))
+                if out.shape != (len(locations), h, w, 3) or out.dtype != np.uint8:
+                    raise ValueError(f"reader returned {out.shape} {out.dtype} for {len(locations)} regions "
+                                     f"of {w} x {h}")
+                return out
+            out = np.empty((len(locations), h, w, 3), np.uint8)
             if inside:
                 out[inside] = self._impl.read_many([tuple(map(int, locations[i])) for i in inside],
                                                    level, w, h)
@@ -566,21 +601,31 @@ class Slide:
         """(th, tw, 3) uint8 thumbnail of a large ``level`` read in squares of about ``block`` pixels:
         each square is box-averaged by the integer factor ``f = lw // tw`` into an intermediate image
         (at most about 2x the thumbnail per side), which is then box-resized to the thumbnail. Squares
-        are multiples of ``f``, so no averaging window straddles two of them (no seams)."""
+        are multiples of ``f``, so no averaging window straddles two of them (no seams). A level that
+        the backend reads in row bands (a stripped TIFF) is read in full-width bands of the same area
+        instead, so each strip is decoded once."""
         from PIL import Image
 
         block = block or THUMBNAIL_BLOCK
         lw, lh = self.level_dimensions[level]
         ds = self.level_downsamples[level]
         f = max(1, min(lw // tw, lh // th))
-        step = max(f, block // f * f)
+        if self._impl.row_bands(level):
+            step_x = -(-lw // f) * f
+            step_y = max(f, block * block // lw // f * f)
+        else:
+            step_x = step_y = max(f, block // f * f)
         mw, mh = -(-lw // f), -(-lh // f)
         mid = np.empty((mh, mw, 3), np.uint8)
-        for y0 in range(0, lh, step):
-            y1 = min(y0 + step, lh)
-            for x0 in range(0, lw, step):
-                x1 = min(x0 + step, lw)
-                part = self.read_region((int(round(x0 * ds)), int(round(y0 * ds))), level, (x1 - x0, y1 - y0))
+        for y0 in range(0, lh, step_y):
+            y1 = min(y0 + step_y, lh)
+            for x0 in range(0, lw, step_x):
+                x1 = min(x0 + step_x, lw)
+                loc = (int(round(x0 * ds)), int(round(y0 * ds)))
+                if self._impl.blank(*loc, level, x1 - x0, y1 - y0):  # nothing stored there: white, unread
+                    mid[y0 // f:-(-y1 // f), x0 // f:-(-x1 // f)] = 255
+                    continue
+                part = self.read_region(loc, level, (x1 - x0, y1 - y0))
                 ph, pw = -(-(y1 - y0) // f) * f, -(-(x1 - x0) // f) * f
                 if (ph, pw) != part.shape[:2]:  # the slide's last row/column of squares: repeat the edge
                     part = np.pad(part, ((0, ph - part.shape[0]), (0, pw - part.shape[1]), (0, 0)), mode="edge")
@@ -657,8 +702,12 @@ def open_slide(path: str | os.PathLike[str], backend: BackendName = "auto", mpp:
     kind = _sniff(p)
     jpeg_pages: list[_JpegPage] = []
     if kind == "tiff":
-        jpeg_pages = _check_tiff_complete(p)
-        order = ["cucim", "tiffslide", "openslide"] if backend == "auto" else [backend]
+        jpeg_pages, stripped = _check_tiff_complete(p)
+        # a stripped level: cuCIM decodes it whole into memory ("slow path"), or not at all (deflate
+        # strips), or crashes the process (JPEG strips: a segmentation fault in its constructor);
+        # tiffslide's backend reads it in row bands
+        first = ["tiffslide"] if stripped else ["cucim", "tiffslide"]
+        order = [*first, "openslide"] if backend == "auto" else [backend]
     else:
         order = ["dicom", "openslide"] if backend == "auto" else [backend]
     errors: list[str] = []
@@ -666,6 +715,8 @@ def open_slide(path: str | os.PathLike[str], backend: BackendName = "auto", mpp:
     for name in order:
         try:
             impl = _make_backend(name, p, num_workers)
+            if name == "cucim":
+                _probe_decode(impl, p)
             break
         except BackendUnavailableError as exc:
             if backend != "auto":
@@ -673,6 +724,12 @@ def open_slide(path: str | os.PathLike[str], backend: BackendName = "auto", mpp:
             errors.append(f"{name}: not installed ({exc.detail if hasattr(exc, 'detail') else exc})")
         except SlideError:
             raise
+        except _CannotDecode as exc:
+            if backend != "auto":
+                raise UnsupportedFormatError(p, f"backend {name!r} opens it but cannot decode it: "
+                                             f"{exc}") from exc
+            errors.append(f"{name}: cannot decode it ({exc})")
+            log.info("%s: %s opens it but cannot decode it (%s); trying the next reader", p, name, exc)
         except Exception as exc:
             if backend != "auto":
                 raise UnsupportedFormatError(p, f"backend {name!r} cannot open it: {exc}") from exc
@@ -693,6 +750,22 @@ def open_slide(path: str | os.PathLike[str], backend: BackendName = "auto", mpp:
                  level_downsamples=impl.level_downsamples, mpp=slide_mpp, mpp_source=source,
                  vendor=impl.vendor, properties=impl.properties, _impl=impl,
                  _tiles=_TileCheck(p, levels) if levels else None)
+
+
+class _CannotDecode(Exception):
+    """a backend opened the file but failed to decode a pixel of it"""
+
+
+def _probe_decode(impl: Backend, path: Path) -> None:
+    """decode one pixel of the smallest level: cuCIM opens files whose codec it lacks (deflate strips)
+    and fails only at the first read, which would fail the slide as corrupt although another reader
+    decodes it. Raises :class:`_CannotDecode` (the backend closed) so that open_slide tries the next."""
+    level = len(impl.level_dimensions) - 1
+    try:
+        impl.read(0, 0, level, 1, 1)
+    except Exception as exc:
+        impl.close()
+        raise _CannotDecode(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
 
 
 def _make_backend(name: str, path: Path, num_workers: int) -> Backend:
