@@ -17,11 +17,16 @@ import click
 
 from cellvit_optimus.engine.cli_params import (
     DEVICE,
+    MIL_FORMAT,
     MPP,
     NON_NEGATIVE,
+    NUCLEI_FORMAT,
     POSITIVE,
+    SLIDE_SUFFIXES,
+    checkpoint_file,
     existing_file,
     resolve_device,
+    thresholds_file,
     validate_device,
     writable_dir,
 )
@@ -99,6 +104,24 @@ def _overlap_fraction(overlap: float, tile_size: int) -> float:
 
 # -- inputs -------------------------------------------------------------------------------------------
 
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _not_a_slide(path: Path) -> str | None:
+    """why a file given by name is surely not a slide (a suffix no reader takes, and neither a TIFF nor a
+    DICOM header), or None: anything else is left to the slide readers, in the batch"""
+    if path.suffix.lower() in SLIDE_SUFFIXES or not path.is_file():
+        return None
+    try:
+        with path.open("rb") as f:
+            head = f.read(132)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if head[:4] in _TIFF_MAGICS or head[128:132] == b"DICM":
+        return None
+    return f"not a slide file type ({path.suffix or 'no suffix'}; no TIFF or DICOM header)"
+
+
 
 def _inputs(slides: tuple[str, ...], recursive: bool = False) -> tuple[list[Path], list[tuple[str, str]]]:
     """the slides to run (default: the bundled one) and the skipped folder entries; fails as a usage
@@ -110,6 +133,10 @@ def _inputs(slides: tuple[str, ...], recursive: bool = False) -> tuple[list[Path
     paths, skipped, missing = collect_inputs(slides, recursive)
     if missing and len(missing) == len(paths):
         raise click.BadParameter(f"{', '.join(missing)}: no such file or folder", param_hint="SLIDES")
+    wrong = {str(p): why for p in paths if (why := _not_a_slide(p)) is not None}
+    if wrong and len(wrong) + len(missing) == len(paths):  # nothing to run: say so now, not after the model
+        why_each = [f"{p}: {w}" for p, w in wrong.items()] + [f"{p}: no such file or folder" for p in missing]
+        raise click.BadParameter("; ".join(why_each), param_hint="SLIDES")
     if not paths:
         why = f" (skipped {len(skipped)}: {'; '.join(f'{p}: {w}' for p, w in skipped[:3])})" if skipped else ""
         raise click.BadParameter(f"no slides found in {', '.join(slides)}{why}", param_hint="SLIDES")
@@ -338,12 +365,15 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 @click.option("--backend", type=click.Choice(_BACKENDS), default="auto", show_default=True, help=_BACKEND_HELP)
 @click.option("-r", "--recursive", is_flag=True, help="search folders given as SLIDES recursively")
 @click.option("--nuclei-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              callback=checkpoint_file(NUCLEI_FORMAT, "nuclei"),
               help="nuclei checkpoint (default: the bundled model)")
 @click.option("--backbone-weights", default=None, callback=existing_file,
               help="weights of the backbone the nuclei head was trained on (file or hf-hub[:repo])")
 @click.option("--mil-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              callback=checkpoint_file(MIL_FORMAT, "MIL"),
               help="attention-MIL checkpoint for the slide score")
 @click.option("--thresholds", default=None, type=click.Path(exists=True, dir_okay=False),
+              callback=thresholds_file,
               help="trust-tag thresholds JSON")
 @click.option("--ood-state", default=None, type=click.Path(exists=True, dir_okay=False),
               help="OOD reference state (.npz)")

@@ -201,3 +201,69 @@ def test_extract_clam_layout(tmp_path, slides_dir):
     assert (tmp_path / "h5_files").is_symlink() and (tmp_path / "h5_files" / "cmu-1-small-region.h5").is_file()
     x = torch.load(tmp_path / "pt_files" / "cmu-1-small-region.pt")
     assert x.shape[1] == 192 and x.dtype == torch.float32
+
+
+# -- refusals that once came only after the model loaded (9-27 s): each now fails in click ------------------
+# Run as a user runs them: a fresh interpreter through the console entry point. The issue asks for under 2 s
+# (0.1-0.7 s measured at load 4 beside a training run); the bound here is that 2 s, and the stronger check
+# is that torch was never imported, i.e. no model was built before the refusal.
+_PROBE = ("import atexit, sys\n"
+          "atexit.register(lambda: print('TORCH-IMPORTED', 'torch' in sys.modules, file=sys.stderr))\n"
+          "from cellvit_optimus.engine.cli import main\nmain(sys.argv[1:])\n")
+
+
+def _refusal(tmp_path, bad: str, flag_args: list[str]) -> None:
+    import subprocess
+    import sys
+    import time
+
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", _PROBE, "triage", *flag_args, "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    wall = time.perf_counter() - t
+    assert res.returncode == 2, res.stderr[-2000:]
+    [error] = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
+    flag = flag_args[0] if flag_args[0].startswith("--") else "SLIDES"
+    assert flag in error and bad in error, error
+    assert "TORCH-IMPORTED False" in res.stderr, res.stderr[-2000:]
+    assert wall < 2.0, f"{wall:.2f} s to refuse {flag_args}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_thresholds_file_is_refused_before_the_model(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"np_entropy_max": 0.2,\n')  # cut short
+    _refusal(tmp_path, str(bad), ["--thresholds", str(bad)])
+    bad.write_text('{"kind": "tag_thresholds", "version": 1, "no_such_field": 1}')
+    _refusal(tmp_path, str(bad), ["--thresholds", str(bad)])
+
+
+def test_garbage_nuclei_weights_are_refused_before_the_model(tmp_path):
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(bytes(range(256)) * 20)
+    _refusal(tmp_path, str(bad), ["--nuclei-weights", str(bad)])
+
+
+def test_unavailable_device_is_refused_before_the_model(tmp_path):
+    from cellvit_optimus.engine.cli_params import cuda_device_count
+
+    count = cuda_device_count()
+    if isinstance(count, int) and count > 0:
+        _refusal(tmp_path, f"cuda:{count}", ["--device", f"cuda:{count}"])  # one past the last device
+    else:
+        _refusal(tmp_path, "cuda", ["--device", "cuda"])
+
+
+def test_text_file_given_as_a_slide_is_refused_before_the_model(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a slide\n")
+    _refusal(tmp_path, str(notes), [str(notes)])
+
+
+def test_checkpoint_header_check_passes_the_bundled_model_and_knows_the_formats():
+    from cellvit_optimus.engine.cli_params import MIL_FORMAT, NUCLEI_FORMAT, read_safetensors_metadata
+    from cellvit_optimus.engine.pipeline.nuclei import default_model_path
+    from cellvit_optimus.heads import checkpoint
+
+    assert (NUCLEI_FORMAT, MIL_FORMAT) == (checkpoint.NUCLEI_FORMAT, checkpoint.MIL_FORMAT)
+    assert read_safetensors_metadata(default_model_path())["format"] == NUCLEI_FORMAT
