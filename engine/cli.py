@@ -7,10 +7,13 @@ stays silent.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import re
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -33,10 +36,12 @@ from cellvit_optimus.engine.cli_params import (
 from cellvit_optimus.engine.errors import OptimusError
 from cellvit_optimus.engine.wsi.paths import collect_inputs
 
-__all__ = ("main", "cli", "EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "MPP", "DEVICE", "validate_device",
-           "collect_inputs")
+__all__ = ("main", "cli", "EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "EXIT_INTERRUPTED", "MPP", "DEVICE",
+           "validate_device", "collect_inputs")
 
 EXIT_OK, EXIT_PARTIAL, EXIT_FAILED = 0, 1, 2
+#: Ctrl-C (128 + SIGINT, what shells report for a process the signal ended)
+EXIT_INTERRUPTED = 130
 
 
 def _exit_code(n_ok: int, n_failed: int) -> int:
@@ -444,6 +449,9 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
                 batch = engine.run(paths, out_dir, progress=bars, skipped=skipped)
     except OptimusError as exc:  # the output folder is locked or unwritable (disk full): named, clean exit
         _batch_failed(exc)
+    except KeyboardInterrupt:  # Ctrl-C: the engine wrote the worklist of what finished before re-raising
+        bars.close()
+        _interrupted(Path(out_dir) / "worklist.csv")
     finally:
         bars.close()
     for r in batch.results:
@@ -454,6 +462,16 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
     _print_skipped(skipped)
     click.echo(f"worklist: {batch.worklist_csv} ({batch.status})")
     sys.exit(_exit_code(len(batch.results), len(batch.failures)))
+
+
+def _interrupted(worklist: Path | None = None) -> None:
+    """Ctrl-C: say what was kept, exit 130 (128 + SIGINT, as shells report it; 1 means a partial batch)"""
+    if worklist is not None and worklist.is_file():
+        click.echo(f"\ninterrupted: {worklist} lists the slides that finished; a rerun resumes the rest",
+                   err=True)
+    else:
+        click.echo("\ninterrupted", err=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def _batch_failed(exc: OptimusError) -> None:
@@ -474,31 +492,68 @@ def _register_model_commands() -> None:
 _register_model_commands()
 
 
-def _keep_stdout_for_results() -> None:
-    """Send what native libraries print to file descriptor 1 to stderr instead; Python's stdout keeps the
-    real standard output.
+#: what native libraries print that tells a user nothing: cuCIM's cuFile start-up on a machine without a
+#: GPU driver (printf, twice per process: at ``import cucim`` and at the first slide it opens)
+_NATIVE_NOISE = re.compile(rb"dlopen error libcuda\.so|missing cuda symbols while dynamic loading|"
+                           rb"cuFile initialization failed")
+
+
+def _route_native_output() -> None:
+    """Keep native libraries' printing out of our output: Python's ``sys.stdout`` / ``sys.stderr`` keep the
+    real standard output and error, while what C code writes to file descriptors 1 and 2 goes through a
+    pipe whose reader drops :data:`_NATIVE_NOISE` (logged at debug level) and passes the rest to stderr.
 
     With CUDA 13 libraries installed but no GPU, cuCIM's cuFile start-up prints "dlopen error libcuda.so.1
-    ... cuFile initialization failed" with printf, into the JSON / progress lines that scripts read from
-    our stdout (seen on the CPU CI with torch 2.14.1+cu130). Only for a real process stdout: under a
-    test runner's captured stdout (no file descriptor) nothing changes.
+    ... cuFile initialization failed" on every run (seen on the CPU CI with torch 2.14.1+cu130), and on
+    stdout it lands in the JSON and result lines that scripts read. Only for a real process: under a test
+    runner's captured streams (no file descriptors) nothing changes.
     """
     try:
-        fd = sys.stdout.fileno()
         sys.stdout.flush()
+        sys.stderr.flush()
+        fds = (sys.stdout.fileno(), sys.stderr.fileno())
     except (AttributeError, OSError, ValueError):
         return
-    if fd != 1:
+    if fds != (1, 2):
         return
-    real = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = os.fdopen(real, "w", buffering=1, encoding=sys.stdout.encoding, errors=sys.stdout.errors)
+    real_out, real_err = os.dup(1), os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 1)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stdout = os.fdopen(real_out, "w", buffering=1, encoding=sys.stdout.encoding, errors=sys.stdout.errors)
+    sys.stderr = os.fdopen(real_err, "w", buffering=1, encoding=sys.stderr.encoding, errors=sys.stderr.errors)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            for line in iter(pipe.readline, b""):
+                if _NATIVE_NOISE.search(line):
+                    logging.getLogger(__name__).debug("native output: %s", line.decode(errors="replace").strip())
+                else:
+                    os.write(real_err, line)
+
+    reader = threading.Thread(target=forward, name="cellvit-optimus-native-output", daemon=True)
+    reader.start()
+
+    def close() -> None:  # the pipe's last write ends are fds 1 and 2: point them back, let the reader drain
+        os.dup2(real_err, 1)
+        os.dup2(real_err, 2)
+        reader.join(timeout=2)
+
+    atexit.register(close)
 
 
 def main(argv: list[str] | None = None) -> None:
     """console-script entry point"""
-    _keep_stdout_for_results()
-    cli.main(args=argv, prog_name="cellvit-optimus")
+    _route_native_output()
+    try:  # not click's standalone mode, which ends Ctrl-C with "Aborted!" and exit 1, the partial-batch code
+        rv = cli.main(args=argv, prog_name="cellvit-optimus", standalone_mode=False)
+    except click.Abort:  # Ctrl-C outside a batch (click turns KeyboardInterrupt into Abort)
+        _interrupted()
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -214,7 +214,17 @@ class Engine:
 
         async def main() -> BatchResult:
             async with self._own_folder(out):  # the worklist too is written under the folder's lock
-                got = [r async for r in self._stream_locked(slides, out, progress, None)]
+                got: list[SlideResult | Failure] = []
+                try:
+                    async for r in self._stream_locked(slides, out, progress, None):
+                        got.append(r)
+                except anyio.get_cancelled_exc_class():
+                    # Ctrl-C (asyncio cancels the run, then raises KeyboardInterrupt): the worklist still
+                    # says what finished, and lists the rest as interrupted; a rerun resumes them
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(write_worklist, out, _with_interrupted(got, slides),
+                                                       skipped)
+                    raise
                 got.sort(key=lambda r: order.get(r.path, len(order)))
                 return await anyio.to_thread.run_sync(write_worklist, out, got, skipped)
 
@@ -370,6 +380,18 @@ class _TriageFactory:
         state = SlideState(job, nuc.records, np.full(len(job.grid), np.inf, np.float32))
         self.slides[job.index] = state
         return [TriageConsumer(state, nuc, writer, self.slides)]
+
+
+def _with_interrupted(got: Sequence[SlideResult | Failure],
+                      slides: Sequence[str | os.PathLike[str]]) -> list[SlideResult | Failure]:
+    """the results so far, then every input without one as a Failure with reason ``interrupted``"""
+    done = {r.path for r in got}
+    rest: list[SlideResult | Failure] = []
+    for p in dict.fromkeys(os.path.abspath(p) for p in slides):
+        if p not in done:
+            rest.append(Failure(path=p, error="KeyboardInterrupt", reason="interrupted",
+                                message=f"{p}: not finished when the run was interrupted (a rerun resumes it)"))
+    return [*got, *rest]
 
 
 def _key_thresholds(thresholds: Any) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -267,3 +268,59 @@ def test_checkpoint_header_check_passes_the_bundled_model_and_knows_the_formats(
 
     assert (NUCLEI_FORMAT, MIL_FORMAT) == (checkpoint.NUCLEI_FORMAT, checkpoint.MIL_FORMAT)
     assert read_safetensors_metadata(default_model_path())["format"] == NUCLEI_FORMAT
+
+
+def test_ctrl_c_exits_130_with_the_worklist_written(tmp_path, slides_dir):
+    """SIGINT mid-slide: exit 130 (not 1, the partial-batch code, nor click's "Aborted!"), and the worklist
+    lists the unfinished slide as interrupted"""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    cli_path = Path(sys.executable).parent / "cellvit-optimus"
+    # the bundled slide at its model's resolution: 123 tiles, about a minute on 2 cores, so never done in time
+    proc = subprocess.Popen([str(cli_path), "triage", str(slides_dir / "cmu-1-small-region.svs"), "--out", str(out),
+                             "--shadow-slides", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / ".optimus.lock").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)  # the run owns the folder: the model is loaded and the batch starts
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "Aborted!" not in stderr, stderr[-2000:]
+    assert "interrupted:" in stderr and "worklist.csv" in stderr, stderr[-2000:]
+    with open(out / "worklist.csv") as f:
+        [row] = list(csv.DictReader(f))
+    assert row["status"] == "failed" and row["reason"].startswith("interrupted"), row
+    assert json.loads((out / "worklist.json").read_text())["status"] == "failed"
+
+
+def test_triage_from_a_fresh_folder_leaves_it_empty_and_stderr_free_of_native_noise(tmp_path):
+    """cuCIM's cuFile start-up (no GPU driver) printed "dlopen error libcuda.so.1 ... cuFile initialization
+    failed" on every run and wrote ./cufile.log wherever the command ran; both are kept away"""
+    import os
+    import subprocess
+    import sys
+
+    here = tmp_path / "fresh"
+    here.mkdir()
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUFILE_")}
+    res = subprocess.run([str(Path(sys.executable).parent / "cellvit-optimus"), "triage", "--out", str(out),
+                          "--nuclei-mpp", "4", "--overlap", "32", "-q"], capture_output=True, text=True,
+                         timeout=900, cwd=here, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(os.listdir(here)) == []
+    for noise in ("cuFile", "cufile", "libcuda", "cuda symbols"):
+        assert noise not in res.stderr and noise not in res.stdout, res.stderr[-2000:]
+    assert res.stdout.splitlines()[-1].startswith("worklist: ")  # results on stdout, untouched
+    assert (out / "worklist.csv").is_file()
