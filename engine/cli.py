@@ -528,7 +528,8 @@ def _route_native_output() -> None:
         with os.fdopen(read_end, "rb", buffering=0) as pipe:
             for line in iter(pipe.readline, b""):
                 if _NATIVE_NOISE.search(line):
-                    logging.getLogger(__name__).debug("native output: %s", line.decode(errors="replace").strip())
+                    text = line.decode(errors="replace").strip()
+                    logging.getLogger(__name__).debug("native output: %s", text)
                 else:
                     os.write(real_err, line)
 

@@ -389,8 +389,8 @@ def _with_interrupted(got: Sequence[SlideResult | Failure],
     rest: list[SlideResult | Failure] = []
     for p in dict.fromkeys(os.path.abspath(p) for p in slides):
         if p not in done:
-            rest.append(Failure(path=p, error="KeyboardInterrupt", reason="interrupted",
-                                message=f"{p}: not finished when the run was interrupted (a rerun resumes it)"))
+            rest.append(Failure(path=p, error="KeyboardInterrupt", reason="interrupted", message=f"{p}: not "
+                                "finished when the run was interrupted (a rerun resumes it)"))
     return [*got, *rest]
 
 
