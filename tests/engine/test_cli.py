@@ -281,9 +281,9 @@ def test_ctrl_c_exits_130_with_the_worklist_written(tmp_path, slides_dir):
     out = tmp_path / "out"
     cli_path = Path(sys.executable).parent / "cellvit-optimus"
     # the bundled slide at its model's resolution: 123 tiles, about a minute on 2 cores, so never done in time
-    proc = subprocess.Popen([str(cli_path), "triage", str(slides_dir / "cmu-1-small-region.svs"), "--out",
-                             str(out), "--shadow-slides", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=tmp_path)
+    args = [str(cli_path), "triage", str(slides_dir / "cmu-1-small-region.svs"), "--out", str(out),
+            "--shadow-slides", "0"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 300
         while not (out / ".optimus.lock").exists() and time.monotonic() < deadline and proc.poll() is None:
