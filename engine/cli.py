@@ -239,6 +239,8 @@ def _print_skipped(skipped: list[tuple[str, str]]) -> None:
         click.echo(f"skipped {p}: {why}", err=True)
 
 
+_TRIDENT_HELP = ("also make OUT a Trident coordinates folder: OUT/features_<encoder>/<slide>.h5 and "
+                 "OUT/patches/<slide>_patches.h5 (Trident: job_dir = OUT's parent, coords_dir = OUT's name)")
 _DECODER_HELP = ("tile read path: auto (GPU JPEG decode when the backbone is on CUDA and it measures faster), "
                  "slide (host reader), dali, cucim (that GPU decoder), reference (host decoder, GPU-path logic)")
 
@@ -275,11 +277,22 @@ def _make_runner(backbone, weights, device, dtype, batch_size, vram_gb, tokens=F
                           batch_size=batch_size, vram_budget_gb=vram_gb, tokens=tokens)
 
 
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
 class _Bars:
-    """tqdm bars for the CLI: slides and tiles, with tiles/s and ETA"""
+    """tqdm bars for the CLI (slides and tiles, with tiles/s and ETA) and, also with ``-q``, one plan line
+    per slide (its tiles, and the ETA of the tiles planned so far) and one rate line once the first
+    batches ran, so that a long run is never silent"""
 
     def __init__(self, quiet: bool, n_slides: int) -> None:
         self.quiet = quiet
+        self.planned = 0  # tiles of the slides announced so far
+        self.rate_said = False
         if quiet:
             return
         from tqdm import tqdm
@@ -287,7 +300,27 @@ class _Bars:
         self.slides = tqdm(total=n_slides, unit="slide", position=0, desc="slides")
         self.tiles = tqdm(total=0, unit="tile", position=1, desc="tiles", smoothing=0.1)
 
+    def say(self, text: str) -> None:
+        if self.quiet:
+            click.echo(text, err=True)
+        else:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=sys.stderr)
+
+    def _eta(self, p) -> str:
+        left = p.tiles_total - p.tiles_done
+        return f"ETA {_duration(left / p.tiles_per_s)} for {left} tiles at {p.tiles_per_s:.2g} tiles/s"
+
     def __call__(self, p) -> None:
+        if p.tiles_total > self.planned:
+            n, self.planned = p.tiles_total - self.planned, p.tiles_total
+            known = p.tiles_done > 0 and p.tiles_per_s > 0
+            eta = self._eta(p) if known else "ETA after the first tiles"
+            self.say(f"plan: {p.current}: {n} tiles; {eta}")
+        elif not self.rate_said and p.tiles_done > 0 and p.tiles_per_s > 0 and p.tiles_done < p.tiles_total:
+            self.rate_said = True
+            self.say(f"rate: {self._eta(p)}")
         if self.quiet:
             return
         if p.tiles_total != self.tiles.total:
@@ -302,6 +335,7 @@ class _Bars:
         if not self.quiet:
             self.tiles.close()
             self.slides.close()
+            self.quiet = True  # closing twice (Ctrl-C, then finally) is harmless
 
 
 @cli.command()
@@ -312,8 +346,10 @@ class _Bars:
 @_backbone_options
 @click.option("--clam-layout", is_flag=True,
               help="also make OUT a CLAM feature folder: OUT/h5_files (link to features/) and OUT/pt_files/*.pt")
+@click.option("--trident-layout", is_flag=True, help=_TRIDENT_HELP)
 def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, backend, recursive, backbone,
-            weights, device, dtype, batch_size, vram_gb, workers, decoder, quiet, clam_layout):
+            weights, device, dtype, batch_size, vram_gb, workers, decoder, quiet, clam_layout,
+            trident_layout):
     """Tile embeddings of SLIDES into OUT/features/<slide>.h5 (CLAM/Trident layout; a versioned cache)."""
     overlap = _overlap_fraction(overlap, tile_size)
     paths, skipped = _inputs(slides, recursive)
@@ -351,6 +387,8 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
         except OptimusError as exc:
             raise click.UsageError(str(exc)) from exc
         click.echo(f"CLAM layout: {Path(out_dir) / 'h5_files'}, {Path(out_dir) / 'pt_files'}")
+    if trident_layout and ok:
+        _trident_layout(out_dir)
     _print_skipped(skipped)
     sys.exit(_exit_code(len(ok), len(bad)))
 
@@ -405,9 +443,11 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
               help="CPUs per CPU-only actor")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
               help="seconds to wait when another run is writing to OUT (default: wait until it ends; 0: fail at once)")
+@click.option("--trident-layout", is_flag=True, help=_TRIDENT_HELP)
 def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, recursive, nuclei_weights,
            backbone_weights, mil_weights, thresholds, ood_state, shadow_slides, site_id, outputs, device, batch_size,
-           workers, decoder, quiet, gzip_cells, ray_address, ray_actors, ray_cpus_per_actor, lock_timeout):
+           workers, decoder, quiet, gzip_cells, ray_address, ray_actors, ray_cpus_per_actor, lock_timeout,
+           trident_layout):
     """Triage SLIDES (files or folders; default: the bundled real slide) into a ranked worklist.
 
     Writes per slide OUT/<slide>/{cells.geojson[.gz], regions.geojson, overview.png, summary.json} and
@@ -432,6 +472,11 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
         weights = dict(nuclei_weights=nuclei_weights, backbone_weights=backbone_weights, mil_weights=mil_weights,
                        device=device, batch_size=batch_size)
         if ray_address is None:
+            from cellvit_optimus.kernels import kernels_cached
+
+            if kernels_cached() is False:  # else minutes of silence before the first progress line
+                click.echo("compiling the nuclei kernels (once per install; minutes on a small CPU)",
+                           err=True)
             engine = Engine(config, **weights)
         else:
             from cellvit_optimus.engine.triage.distributed import ClusterConfig, RayTriage
@@ -459,6 +504,8 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
                    f"{r.nuclei} nuclei in {r.tiles} tiles) -> {Path(out_dir) / r.name}")
     for f in batch.failures:
         click.echo(f"FAILED {f.message}", err=True)
+    if trident_layout and batch.results and "features" in outputs:
+        _trident_layout(out_dir)
     _print_skipped(skipped)
     click.echo(f"worklist: {batch.worklist_csv} ({batch.status})")
     sys.exit(_exit_code(len(batch.results), len(batch.failures)))
@@ -472,6 +519,17 @@ def _interrupted(worklist: Path | None = None) -> None:
     else:
         click.echo("\ninterrupted", err=True)
     sys.exit(EXIT_INTERRUPTED)
+
+
+def _trident_layout(out_dir: str) -> None:
+    from cellvit_optimus.engine.pipeline.features import write_trident_layout
+
+    try:
+        written = write_trident_layout(out_dir)
+    except OptimusError as exc:
+        raise click.UsageError(str(exc)) from exc
+    folders = sorted({str(p.parent) for p in written})
+    click.echo(f"Trident layout: {', '.join(folders) or 'up to date'}, {Path(out_dir) / 'patches'}")
 
 
 def _batch_failed(exc: OptimusError) -> None:

@@ -192,8 +192,9 @@ class Engine:
                "thresholds": _key_thresholds(self.thresholds), "outputs": list(self.config.outputs),
                "mil": self.mil is not None, "ood": self._ood_hash, "conformal": self._conformal_hash,
                "priority_rule": PRIORITY_RULE,
-               # 2: QuPath fields in measurements / metadata, UUID ids, geometry clipped to the slide
-               "geojson": 2, "gzip_cells": self.config.gzip_cells}
+               # 2: QuPath fields in measurements / metadata, UUID ids, geometry clipped to the slide;
+               # 3: trust_level measurement and the reason in region names (QuPath 0.4 drops metadata)
+               "geojson": 3, "gzip_cells": self.config.gzip_cells}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     # -- running -----------------------------------------------------------------------------------
@@ -369,6 +370,7 @@ class _TriageFactory:
             job.mask = None
             return {"result": result}
         self.features.prepare(job)  # sets the feature cache key (and moves a damaged feature file aside)
+        _warn_if_upsampled(job, self.engine.nuclei_mpp)
         return None
 
     def consumers(self, job: SlideJob) -> list[TriageConsumer]:
@@ -380,6 +382,22 @@ class _TriageFactory:
         state = SlideState(job, nuc.records, np.full(len(job.grid), np.inf, np.float32))
         self.slides[job.index] = state
         return [TriageConsumer(state, nuc, writer, self.slides)]
+
+
+#: a slide scanned this many times coarser than the nuclei model's resolution is warned about: its tiles
+#: are upsampled that much, and nuclei a few pixels wide carry no detail the model was trained on
+UPSAMPLE_WARN = 1.5
+
+
+def _warn_if_upsampled(job: SlideJob, nuclei_mpp: float) -> None:
+    mpp = job.slide.mpp if job.slide is not None else None
+    if not mpp:
+        return
+    factor = min(mpp) / nuclei_mpp
+    if factor >= UPSAMPLE_WARN:
+        log.warning("%s: scanned at %.3g um/px, %.1fx coarser than the nuclei model's %.3g um/px: %d tiles "
+                    "are upsampled %.1fx, and its nuclei and tags are unreliable", job.path, min(mpp), factor,
+                    nuclei_mpp, len(job.grid) if job.grid is not None else 0, factor)
 
 
 def _with_interrupted(got: Sequence[SlideResult | Failure],

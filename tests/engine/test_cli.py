@@ -206,28 +206,34 @@ def test_extract_clam_layout(tmp_path, slides_dir):
 
 # -- refusals that once came only after the model loaded (9-27 s): each now fails in click ------------------
 # Run as a user runs them: a fresh interpreter through the console entry point. The issue asks for under 2 s
-# (0.1-0.7 s measured at load 4 beside a training run); the bound here is that 2 s, and the stronger check
-# is that torch was never imported, i.e. no model was built before the refusal.
+# (0.1-0.7 s wall measured at load 4 beside a training run). The bound here is 2 s of the refusing process's
+# CPU time, which a loaded machine does not inflate as it does wall time (10.8 s wall was seen at load 8,
+# niced, with other test suites running); the stronger check is that torch was never imported, i.e. no
+# model was built before the refusal.
 _PROBE = ("import atexit, sys\n"
           "atexit.register(lambda: print('TORCH-IMPORTED', 'torch' in sys.modules, file=sys.stderr))\n"
           "from cellvit_optimus.engine.cli import main\nmain(sys.argv[1:])\n")
 
 
 def _refusal(tmp_path, bad: str, flag_args: list[str]) -> None:
+    import resource
     import subprocess
     import sys
-    import time
 
-    t = time.perf_counter()
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    t = cpu()
     res = subprocess.run([sys.executable, "-c", _PROBE, "triage", *flag_args, "--out", str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    wall = time.perf_counter() - t
+    cpu_s = cpu() - t
     assert res.returncode == 2, res.stderr[-2000:]
     [error] = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
     flag = flag_args[0] if flag_args[0].startswith("--") else "SLIDES"
     assert flag in error and bad in error, error
     assert "TORCH-IMPORTED False" in res.stderr, res.stderr[-2000:]
-    assert wall < 2.0, f"{wall:.2f} s to refuse {flag_args}"
+    assert cpu_s < 2.0, f"{cpu_s:.2f} s of CPU to refuse {flag_args}"
     assert not (tmp_path / "out").exists()
 
 
@@ -324,3 +330,20 @@ def test_triage_from_a_fresh_folder_leaves_it_empty_and_stderr_free_of_native_no
         assert noise not in res.stderr and noise not in res.stdout, res.stderr[-2000:]
     assert res.stdout.splitlines()[-1].startswith("worklist: ")  # results on stdout, untouched
     assert (out / "worklist.csv").is_file()
+    # never silent, even with -q: a plan line for the slide (tiles, ETA) on stderr
+    [plan] = [ln for ln in res.stderr.splitlines() if ln.startswith("plan: ")]
+    assert plan.startswith("plan: cmu_small_region.svs: 2 tiles; "), plan
+
+
+def test_kernels_cached_is_false_before_the_first_compile(tmp_path):
+    """the CLI's "compiling the nuclei kernels" notice rests on this: an empty Numba cache says False
+    (imports the kernel modules, compiles nothing)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    code = "from cellvit_optimus.kernels import kernels_cached as k; print(k())"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert res.stdout.strip() == "False", res.stderr[-2000:]
+    assert not list(tmp_path.rglob("*.nbc"))  # nothing compiled
