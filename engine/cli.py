@@ -433,7 +433,7 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 @click.option("--decoder", type=click.Choice(_DECODERS), default="auto", show_default=True, help=_DECODER_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars (services, logs)")
 @click.option("--gzip", "gzip_cells", is_flag=True,
-              help="write cells.geojson.gz (gzip; QuPath imports .geojson/.json/.zip: gunzip before importing)")
+              help="write cells.geojson.gz (gzip; QuPath >= 0.4 imports it as it is)")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="distribute slides over a Ray cluster (no value: start/attach locally; 'auto'; "
                    "'ray://head:10001')")
@@ -612,6 +612,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except BrokenPipeError:  # the reader of our output went away (`... | head`): as click's standalone mode
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  nothing left to flush to at exit
+        sys.exit(EXIT_PARTIAL)
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
