@@ -4,6 +4,8 @@ cuCIM and numba load only when a feature that needs them is used)."""
 
 from __future__ import annotations
 
+import os as _os
+
 from .errors import (
     BackendUnavailableError,
     ConfigError,
@@ -21,6 +23,10 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
+
+# cuCIM's cuFile writes ./cufile.log (ERROR lines about a missing GPU driver) into whatever folder the
+# process runs from; send it nowhere unless the user chose a file. Set before cuCIM can be imported.
+_os.environ.setdefault("CUFILE_LOGFILE_PATH", _os.devnull)
 
 #: public name -> submodule defining it; loaded on first access so this import stays cheap
 _LAZY = {

@@ -7,31 +7,41 @@ stays silent.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import re
 import sys
+import threading
 from pathlib import Path
 
 import click
 
 from cellvit_optimus.engine.cli_params import (
     DEVICE,
+    MIL_FORMAT,
     MPP,
     NON_NEGATIVE,
+    NUCLEI_FORMAT,
     POSITIVE,
+    SLIDE_SUFFIXES,
+    checkpoint_file,
     existing_file,
     resolve_device,
+    thresholds_file,
     validate_device,
     writable_dir,
 )
 from cellvit_optimus.engine.errors import OptimusError
 from cellvit_optimus.engine.wsi.paths import collect_inputs
 
-__all__ = ("main", "cli", "EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "MPP", "DEVICE", "validate_device",
-           "collect_inputs")
+__all__ = ("main", "cli", "EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "EXIT_INTERRUPTED", "MPP", "DEVICE",
+           "validate_device", "collect_inputs")
 
 EXIT_OK, EXIT_PARTIAL, EXIT_FAILED = 0, 1, 2
+#: Ctrl-C (128 + SIGINT, what shells report for a process the signal ended)
+EXIT_INTERRUPTED = 130
 
 
 def _exit_code(n_ok: int, n_failed: int) -> int:
@@ -99,6 +109,24 @@ def _overlap_fraction(overlap: float, tile_size: int) -> float:
 
 # -- inputs -------------------------------------------------------------------------------------------
 
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _not_a_slide(path: Path) -> str | None:
+    """why a file given by name is surely not a slide (a suffix no reader takes, and neither a TIFF nor a
+    DICOM header), or None: anything else is left to the slide readers, in the batch"""
+    if path.suffix.lower() in SLIDE_SUFFIXES or not path.is_file():
+        return None
+    try:
+        with path.open("rb") as f:
+            head = f.read(132)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if head[:4] in _TIFF_MAGICS or head[128:132] == b"DICM":
+        return None
+    return f"not a slide file type ({path.suffix or 'no suffix'}; no TIFF or DICOM header)"
+
+
 
 def _inputs(slides: tuple[str, ...], recursive: bool = False) -> tuple[list[Path], list[tuple[str, str]]]:
     """the slides to run (default: the bundled one) and the skipped folder entries; fails as a usage
@@ -110,6 +138,10 @@ def _inputs(slides: tuple[str, ...], recursive: bool = False) -> tuple[list[Path
     paths, skipped, missing = collect_inputs(slides, recursive)
     if missing and len(missing) == len(paths):
         raise click.BadParameter(f"{', '.join(missing)}: no such file or folder", param_hint="SLIDES")
+    wrong = {str(p): why for p in paths if (why := _not_a_slide(p)) is not None}
+    if wrong and len(wrong) + len(missing) == len(paths):  # nothing to run: say so now, not after the model
+        why_each = [f"{p}: {w}" for p, w in wrong.items()] + [f"{p}: no such file or folder" for p in missing]
+        raise click.BadParameter("; ".join(why_each), param_hint="SLIDES")
     if not paths:
         why = f" (skipped {len(skipped)}: {'; '.join(f'{p}: {w}' for p, w in skipped[:3])})" if skipped else ""
         raise click.BadParameter(f"no slides found in {', '.join(slides)}{why}", param_hint="SLIDES")
@@ -209,6 +241,8 @@ def _print_skipped(skipped: list[tuple[str, str]]) -> None:
         click.echo(f"skipped {p}: {why}", err=True)
 
 
+_TRIDENT_HELP = ("also make OUT a Trident coordinates folder: OUT/features_<encoder>/<slide>.h5 and "
+                 "OUT/patches/<slide>_patches.h5 (Trident: job_dir = OUT's parent, coords_dir = OUT's name)")
 _DECODER_HELP = ("tile read path: auto (GPU JPEG decode when the backbone is on CUDA and it measures faster), "
                  "slide (host reader), dali, cucim, nvjpeg (that GPU decoder; nvjpeg is torchvision's), "
                  "reference (host decoder, GPU-path logic)")
@@ -246,11 +280,22 @@ def _make_runner(backbone, weights, device, dtype, batch_size, vram_gb, tokens=F
                           batch_size=batch_size, vram_budget_gb=vram_gb, tokens=tokens)
 
 
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
 class _Bars:
-    """tqdm bars for the CLI: slides and tiles, with tiles/s and ETA"""
+    """tqdm bars for the CLI (slides and tiles, with tiles/s and ETA) and, also with ``-q``, one plan line
+    per slide (its tiles, and the ETA of the tiles planned so far) and one rate line once the first
+    batches ran, so that a long run is never silent"""
 
     def __init__(self, quiet: bool, n_slides: int) -> None:
         self.quiet = quiet
+        self.planned = 0  # tiles of the slides announced so far
+        self.rate_said = False
         if quiet:
             return
         from tqdm import tqdm
@@ -258,7 +303,27 @@ class _Bars:
         self.slides = tqdm(total=n_slides, unit="slide", position=0, desc="slides")
         self.tiles = tqdm(total=0, unit="tile", position=1, desc="tiles", smoothing=0.1)
 
+    def say(self, text: str) -> None:
+        if self.quiet:
+            click.echo(text, err=True)
+        else:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=sys.stderr)
+
+    def _eta(self, p) -> str:
+        left = p.tiles_total - p.tiles_done
+        return f"ETA {_duration(left / p.tiles_per_s)} for {left} tiles at {p.tiles_per_s:.2g} tiles/s"
+
     def __call__(self, p) -> None:
+        if p.tiles_total > self.planned:
+            n, self.planned = p.tiles_total - self.planned, p.tiles_total
+            known = p.tiles_done > 0 and p.tiles_per_s > 0
+            eta = self._eta(p) if known else "ETA after the first tiles"
+            self.say(f"plan: {p.current}: {n} tiles; {eta}")
+        elif not self.rate_said and p.tiles_done > 0 and p.tiles_per_s > 0 and p.tiles_done < p.tiles_total:
+            self.rate_said = True
+            self.say(f"rate: {self._eta(p)}")
         if self.quiet:
             return
         if p.tiles_total != self.tiles.total:
@@ -273,6 +338,7 @@ class _Bars:
         if not self.quiet:
             self.tiles.close()
             self.slides.close()
+            self.quiet = True  # closing twice (Ctrl-C, then finally) is harmless
 
 
 @cli.command()
@@ -283,8 +349,10 @@ class _Bars:
 @_backbone_options
 @click.option("--clam-layout", is_flag=True,
               help="also make OUT a CLAM feature folder: OUT/h5_files (link to features/) and OUT/pt_files/*.pt")
+@click.option("--trident-layout", is_flag=True, help=_TRIDENT_HELP)
 def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, backend, recursive, backbone,
-            weights, device, dtype, batch_size, vram_gb, workers, decoder, quiet, clam_layout):
+            weights, device, dtype, batch_size, vram_gb, workers, decoder, quiet, clam_layout,
+            trident_layout):
     """Tile embeddings of SLIDES into OUT/features/<slide>.h5 (CLAM/Trident layout; a versioned cache)."""
     overlap = _overlap_fraction(overlap, tile_size)
     paths, skipped = _inputs(slides, recursive)
@@ -325,6 +393,8 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
         except OptimusError as exc:
             raise click.UsageError(str(exc)) from exc
         click.echo(f"CLAM layout: {Path(out_dir) / 'h5_files'}, {Path(out_dir) / 'pt_files'}")
+    if trident_layout and ok:
+        _trident_layout(out_dir)
     _print_skipped(skipped)
     sys.exit(_exit_code(len(ok), len(bad)))
 
@@ -344,12 +414,15 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 @click.option("--backend", type=click.Choice(_BACKENDS), default="auto", show_default=True, help=_BACKEND_HELP)
 @click.option("-r", "--recursive", is_flag=True, help="search folders given as SLIDES recursively")
 @click.option("--nuclei-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              callback=checkpoint_file(NUCLEI_FORMAT, "nuclei"),
               help="nuclei checkpoint (default: the bundled model)")
 @click.option("--backbone-weights", default=None, callback=existing_file,
               help="weights of the backbone the nuclei head was trained on (file or hf-hub[:repo])")
 @click.option("--mil-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              callback=checkpoint_file(MIL_FORMAT, "MIL"),
               help="attention-MIL checkpoint for the slide score")
 @click.option("--thresholds", default=None, type=click.Path(exists=True, dir_okay=False),
+              callback=thresholds_file,
               help="trust-tag thresholds JSON")
 @click.option("--ood-state", default=None, type=click.Path(exists=True, dir_okay=False),
               help="OOD reference state (.npz)")
@@ -366,7 +439,7 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 @click.option("--decoder", type=click.Choice(_DECODERS), default="auto", show_default=True, help=_DECODER_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars (services, logs)")
 @click.option("--gzip", "gzip_cells", is_flag=True,
-              help="write cells.geojson.gz (gzip; QuPath imports .geojson/.json/.zip: gunzip before importing)")
+              help="write cells.geojson.gz (gzip; QuPath >= 0.4 imports it as it is)")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
               help="distribute slides over a Ray cluster (no value: start/attach locally; 'auto'; "
                    "'ray://head:10001')")
@@ -376,9 +449,11 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
               help="CPUs per CPU-only actor")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
               help="seconds to wait when another run is writing to OUT (default: wait until it ends; 0: fail at once)")
+@click.option("--trident-layout", is_flag=True, help=_TRIDENT_HELP)
 def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, recursive, nuclei_weights,
            backbone_weights, mil_weights, thresholds, ood_state, shadow_slides, site_id, outputs, device, batch_size,
-           workers, decoder, quiet, gzip_cells, ray_address, ray_actors, ray_cpus_per_actor, lock_timeout):
+           workers, decoder, quiet, gzip_cells, ray_address, ray_actors, ray_cpus_per_actor, lock_timeout,
+           trident_layout):
     """Triage SLIDES (files or folders; default: the bundled real slide) into a ranked worklist.
 
     Writes per slide OUT/<slide>/{cells.geojson[.gz], regions.geojson, overview.png, summary.json} and
@@ -403,6 +478,11 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
         weights = dict(nuclei_weights=nuclei_weights, backbone_weights=backbone_weights, mil_weights=mil_weights,
                        device=device, batch_size=batch_size)
         if ray_address is None:
+            from cellvit_optimus.kernels import kernels_cached
+
+            if kernels_cached() is False:  # else minutes of silence before the first progress line
+                click.echo("compiling the nuclei kernels (once per install; minutes on a small CPU)",
+                           err=True)
             engine = Engine(config, **weights)
         else:
             from cellvit_optimus.engine.triage.distributed import ClusterConfig, RayTriage
@@ -420,6 +500,9 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
                 batch = engine.run(paths, out_dir, progress=bars, skipped=skipped)
     except OptimusError as exc:  # the output folder is locked or unwritable (disk full): named, clean exit
         _batch_failed(exc)
+    except KeyboardInterrupt:  # Ctrl-C: the engine wrote the worklist of what finished before re-raising
+        bars.close()
+        _interrupted(Path(out_dir) / "worklist.csv")
     finally:
         bars.close()
     for r in batch.results:
@@ -427,9 +510,32 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
                    f"{r.nuclei} nuclei in {r.tiles} tiles) -> {Path(out_dir) / r.name}")
     for f in batch.failures:
         click.echo(f"FAILED {f.message}", err=True)
+    if trident_layout and batch.results and "features" in outputs:
+        _trident_layout(out_dir)
     _print_skipped(skipped)
     click.echo(f"worklist: {batch.worklist_csv} ({batch.status})")
     sys.exit(_exit_code(len(batch.results), len(batch.failures)))
+
+
+def _interrupted(worklist: Path | None = None) -> None:
+    """Ctrl-C: say what was kept, exit 130 (128 + SIGINT, as shells report it; 1 means a partial batch)"""
+    if worklist is not None and worklist.is_file():
+        click.echo(f"\ninterrupted: {worklist} lists the slides that finished; a rerun resumes the rest",
+                   err=True)
+    else:
+        click.echo("\ninterrupted", err=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def _trident_layout(out_dir: str) -> None:
+    from cellvit_optimus.engine.pipeline.features import write_trident_layout
+
+    try:
+        written = write_trident_layout(out_dir)
+    except OptimusError as exc:
+        raise click.UsageError(str(exc)) from exc
+    folders = sorted({str(p.parent) for p in written})
+    click.echo(f"Trident layout: {', '.join(folders) or 'up to date'}, {Path(out_dir) / 'patches'}")
 
 
 def _batch_failed(exc: OptimusError) -> None:
@@ -459,31 +565,72 @@ def _register_doctor() -> None:
 _register_doctor()
 
 
-def _keep_stdout_for_results() -> None:
-    """Send what native libraries print to file descriptor 1 to stderr instead; Python's stdout keeps the
-    real standard output.
+#: what native libraries print that tells a user nothing: cuCIM's cuFile start-up on a machine without a
+#: GPU driver (printf, twice per process: at ``import cucim`` and at the first slide it opens)
+_NATIVE_NOISE = re.compile(rb"dlopen error libcuda\.so|missing cuda symbols while dynamic loading|"
+                           rb"cuFile initialization failed")
+
+
+def _route_native_output() -> None:
+    """Keep native libraries' printing out of our output: Python's ``sys.stdout`` / ``sys.stderr`` keep the
+    real standard output and error, while what C code writes to file descriptors 1 and 2 goes through a
+    pipe whose reader drops :data:`_NATIVE_NOISE` (logged at debug level) and passes the rest to stderr.
 
     With CUDA 13 libraries installed but no GPU, cuCIM's cuFile start-up prints "dlopen error libcuda.so.1
-    ... cuFile initialization failed" with printf, into the JSON / progress lines that scripts read from
-    our stdout (seen on the CPU CI with torch 2.14.1+cu130). Only for a real process stdout: under a
-    test runner's captured stdout (no file descriptor) nothing changes.
+    ... cuFile initialization failed" on every run (seen on the CPU CI with torch 2.14.1+cu130), and on
+    stdout it lands in the JSON and result lines that scripts read. Only for a real process: under a test
+    runner's captured streams (no file descriptors) nothing changes.
     """
     try:
-        fd = sys.stdout.fileno()
         sys.stdout.flush()
+        sys.stderr.flush()
+        fds = (sys.stdout.fileno(), sys.stderr.fileno())
     except (AttributeError, OSError, ValueError):
         return
-    if fd != 1:
+    if fds != (1, 2):
         return
-    real = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = os.fdopen(real, "w", buffering=1, encoding=sys.stdout.encoding, errors=sys.stdout.errors)
+    real_out, real_err = os.dup(1), os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 1)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stdout = os.fdopen(real_out, "w", buffering=1, encoding=sys.stdout.encoding, errors=sys.stdout.errors)
+    sys.stderr = os.fdopen(real_err, "w", buffering=1, encoding=sys.stderr.encoding, errors=sys.stderr.errors)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            for line in iter(pipe.readline, b""):
+                if _NATIVE_NOISE.search(line):
+                    text = line.decode(errors="replace").strip()
+                    logging.getLogger(__name__).debug("native output: %s", text)
+                else:
+                    os.write(real_err, line)
+
+    reader = threading.Thread(target=forward, name="cellvit-optimus-native-output", daemon=True)
+    reader.start()
+
+    def close() -> None:  # the pipe's last write ends are fds 1 and 2: point them back, let the reader drain
+        os.dup2(real_err, 1)
+        os.dup2(real_err, 2)
+        reader.join(timeout=2)
+
+    atexit.register(close)
 
 
 def main(argv: list[str] | None = None) -> None:
     """console-script entry point"""
-    _keep_stdout_for_results()
-    cli.main(args=argv, prog_name="cellvit-optimus")
+    _route_native_output()
+    try:  # not click's standalone mode, which ends Ctrl-C with "Aborted!" and exit 1, the partial-batch code
+        rv = cli.main(args=argv, prog_name="cellvit-optimus", standalone_mode=False)
+    except click.Abort:  # Ctrl-C outside a batch (click turns KeyboardInterrupt into Abort)
+        _interrupted()
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:  # the reader of our output went away (`... | head`): as click's standalone mode
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  nothing left to flush to at exit
+        sys.exit(EXIT_PARTIAL)
+    sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
 if __name__ == "__main__":  # pragma: no cover

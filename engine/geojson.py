@@ -5,12 +5,15 @@ Each nucleus becomes a Feature with a Polygon geometry (its outer contour, count
 RFC 7946 asks) and the properties QuPath (>= 0.4) reads: ``objectType``, ``classification``
 (name and colour), ``measurements`` (numbers only), ``metadata`` (strings only), ``isLocked``,
 ``name``. Anything else in ``properties`` is dropped by QuPath's import, so numbers go to
-``measurements`` and strings to ``metadata``::
+``measurements`` and strings to ``metadata``. QuPath 0.4 applies ``metadata`` to TMA cores only (its
+reader, ``QuPathTypeAdapters`` in v0.4.4, sets it on a ``MetadataStore``, which in 0.4 only a TMA core
+is); from 0.5 every object keeps it. So what a 0.4 user must see also goes where 0.4 keeps it (triage
+writes the trust tag as the measurement ``trust_level`` and a region's reason in its ``name``)::
 
     {"type": "Feature", "id": "<uuid5>", "geometry": {...},
      "properties": {"objectType": "detection",
                     "classification": {"name": "epithelial", "color": [0, 0, 255]},
-                    "measurements": {"type_prob": 0.91, "area_px": 213.0},
+                    "measurements": {"type_prob": 0.91, "area_px": 213.0, "trust_level": 1},
                     "metadata": {"trust": "review"}}}
 
 Ids are UUIDs (QuPath keeps a valid UUID as the object's id and replaces anything else), derived
@@ -18,7 +21,8 @@ with uuid5 from the polygon and a namespace, so reruns write identical files. A 
 class gets no ``classification`` (QuPath's own "unclassified"), not a class of that name.
 
 Coordinates are ``offset + scale * (tile-local x, y)``: pass the tile or ROI origin and the factor to
-level-0 pixels so a slide's nuclei land where QuPath draws the slide.
+level-0 pixels so a slide's nuclei land where QuPath draws the slide. QuPath (>= 0.4.0, ``PathIO``)
+imports ``.geojson.gz`` as it is.
 """
 
 from __future__ import annotations

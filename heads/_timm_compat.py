@@ -1,18 +1,21 @@
-"""Import timm on machines where torchvision is installed but unusable.
+"""Import timm without torchvision, for start-up and for machines where torchvision is unusable.
 
 timm imports torchvision at ``import timm`` (``FrozenBatchNorm2d`` in its norm layers, the transforms in
-``timm.data``), although the vision transformers we build never call into it. On CPU installs the
-pinned torch (2.13.0+cpu) has no matching torchvision wheel, and the CUDA torchvision wheel that pip
-picks instead dies at import (``RuntimeError: operator torchvision::nms does not exist``), taking timm
-down with it.
+``timm.data``), although the vision transformers we build never call into it. Importing torchvision
+costs start-up (torchvision 0.29 imports ``torch._dynamo`` through ``torchvision.ops``: ``import timm``
+1.8 s with it against 0.35 s without, quiet 2-core machine), and on CPU installs the pinned torch
+(2.13.0+cpu) has no matching torchvision wheel: the CUDA torchvision wheel that pip picks instead dies at
+import (``RuntimeError: operator torchvision::nms does not exist``), taking timm down with it.
 
-:func:`import_timm` is the one way the package imports timm. If torchvision imports cleanly (GPU
-machines, matched installs) it does nothing special. Otherwise it puts a stand-in ``torchvision`` on
+:func:`import_timm` is the one way the package imports timm. When the host process imported torchvision
+already (or ``CELLVIT_OPTIMUS_TORCHVISION=1`` asks for it) and it imports cleanly, timm gets the real one.
+Otherwise (the default, and a torchvision that fails to import) it puts a stand-in ``torchvision`` on
 ``sys.meta_path`` that satisfies timm's import-time needs (names to import, classes to subclass,
 attribute look-ups used as dict keys) and raises a clear :class:`ImportError` the moment anything in it
 is actually called or instantiated. Optional torchvision features that timm guards with
 ``try/except ImportError`` (FX feature extraction) are reported as missing instead, so timm switches
-them off as it would without torchvision.
+them off as it would without torchvision. A host that wants timm's torchvision features in the same
+process imports torchvision before the package builds its first model.
 
 The stand-in is visible only while timm imports: afterwards ``sys.modules`` and ``sys.meta_path`` are
 left as they were found, so that other code in the host process sees the same torchvision as before
@@ -43,7 +46,7 @@ import threading
 import types
 from typing import Any, NoReturn
 
-__all__ = ("STUB_MESSAGE", "import_timm", "torchvision_stubbed")
+__all__ = ("NOT_IMPORTED", "STUB_MESSAGE", "import_timm", "torchvision_stubbed")
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,10 @@ STUB_MESSAGE = (
     "replaced it with a stand-in so that timm imports, and `{name}` was called. Install a torchvision "
     "build that matches torch {torch_version} to use this feature."
 )
+
+#: the stand-in's cause when torchvision was never tried (the default; see the module docstring)
+NOT_IMPORTED = ("not imported: cellvit-optimus imports timm without torchvision to start faster; import "
+                "torchvision before the first model is built, or set CELLVIT_OPTIMUS_TORCHVISION=1")
 
 # submodules that timm imports inside try/except ImportError: report them missing, as if torchvision
 # were not installed, rather than handing timm stand-ins it would then try to call
@@ -93,13 +100,17 @@ def _import_timm_once() -> None:
     if "timm" in sys.modules:  # imported before us (by the host): nothing to stand in for
         return
     found = {n: m for n, m in sys.modules.items() if _is_torchvision(n)}
-    try:
-        import torchvision  # noqa: F401
-    except Exception as exc:  # noqa: BLE001  RuntimeError from a mismatched wheel, ImportError if absent
-        cause = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if "torchvision" in found or os.environ.get("CELLVIT_OPTIMUS_TORCHVISION") == "1":
+        try:
+            import torchvision  # noqa: F401
+        except Exception as exc:  # noqa: BLE001  RuntimeError from a mismatched wheel, ImportError if absent
+            cause = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        else:
+            _import_timm_module()
+            return
     else:
-        _import_timm_module()
-        return
+        # not imported by the host: timm gets the stand-in, never the real one (module docstring: start-up)
+        cause = NOT_IMPORTED
     # a failed import leaves half-initialised torchvision submodules behind; drop them so that the
     # finder below is consulted for every torchvision name while timm imports
     _drop_torchvision()
@@ -108,7 +119,7 @@ def _import_timm_once() -> None:
     try:
         _import_timm_module()
         _stub_cause = cause
-        logger.info("torchvision unusable (%s); timm imported against a stand-in", cause)
+        logger.debug("timm imported against a torchvision stand-in (%s)", cause)
     finally:
         _installing = False
         sys.meta_path.remove(_FINDER)
@@ -161,6 +172,8 @@ def _drop_torchvision() -> None:
 def _fail(name: str) -> NoReturn:
     import torch
 
+    if _stub_cause == NOT_IMPORTED:
+        raise ImportError(f"`{name}` needs torchvision, which was {NOT_IMPORTED}")
     raise ImportError(
         STUB_MESSAGE.format(cause=_stub_cause, name=name, torch_version=torch.__version__.split("+")[0])
     )

@@ -500,8 +500,7 @@ def build_backbone(
     else:
         weights_path = resolve_weights(weights, p, hf_cache_dir=hf_cache_dir)
         sd = load_state_dict_file(weights_path, p)
-        with torch.device("meta"):
-            model = timm.create_model(p.timm_name, pretrained=False, **p.timm_kwargs)
+        model = _create_on_meta(timm, p)
         _check_state_dict(model, sd, weights_path, p)
         model.load_state_dict(sd, strict=True, assign=True)
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -517,6 +516,19 @@ def build_backbone(
     return Backbone(model, p, blocks=blocks, weights_path=weights_path, seed=seed).eval()
 
 
+def _create_on_meta(timm: Any, p: BackbonePreset) -> torch.nn.Module:
+    """the preset's architecture on the meta device, for weights to be assigned into
+
+    timm's random init is skipped (``weight_init="skip"``): every tensor is replaced by the weights, and
+    on the meta device ``trunc_normal_`` runs through torch's reference ops, whose wrapper imports
+    ``torch._dynamo`` (about 1 s of start-up on a quiet 2-core machine, several under load)."""
+    with torch.device("meta"):
+        try:
+            return timm.create_model(p.timm_name, pretrained=False, weight_init="skip", **p.timm_kwargs)
+        except (AssertionError, TypeError, ValueError):  # a timm without the "skip" choice
+            return timm.create_model(p.timm_name, pretrained=False, **p.timm_kwargs)
+
+
 def backbone_from_state(
     preset: str | BackbonePreset,
     state: Mapping[str, torch.Tensor],
@@ -528,9 +540,7 @@ def backbone_from_state(
     """A frozen :class:`Backbone` with weights from an in-memory state dict (e.g. the backbone a nuclei
     checkpoint carries, trained with its head); ``weights_id`` becomes its cache identity."""
     p = get_preset(preset)
-    timm = import_timm()
-    with torch.device("meta"):
-        model = timm.create_model(p.timm_name, pretrained=False, **p.timm_kwargs)
+    model = _create_on_meta(import_timm(), p)
     _check_state_dict(model, state, Path(source), p)
     model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

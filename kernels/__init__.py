@@ -37,6 +37,8 @@ __all__: tuple[str, ...] = (
     "mpq",
     "pair_centroids",
     "pq",
+    # start-up
+    "kernels_cached",
 )
 
 _WHERE: dict[str, str] = {
@@ -89,6 +91,29 @@ if TYPE_CHECKING:  # pragma: no cover - static re-exports for type checkers
     )
     from .stitch import TileInstances, stitch_tiles
     from .targets import instances_to_hv
+
+
+def kernels_cached() -> bool | None:
+    """whether the kernels a triage run needs (HV post-processing, the JPEG walk) are in Numba's on-disk
+    cache, so that this process loads them (about a second) instead of compiling them (minutes on a small
+    CPU, once per install); None when Numba's cache cannot be inspected (the caller then says nothing)
+
+    Reads Numba's cache index files (private API, hence the None); imports numba and the kernel modules,
+    compiles nothing."""
+    try:
+        from numba.core.registry import CPUDispatcher
+
+        from . import _hvpipe, jpeg
+
+        for mod in (_hvpipe, jpeg):
+            kernels = [k for k in vars(mod).values()
+                       if isinstance(k, CPUDispatcher) and k.__module__ == mod.__name__]
+            # a stale index (the source changed) loads as empty: those kernels compile again
+            if not any(k._cache._cache_file._load_index() for k in kernels):
+                return False
+        return True
+    except Exception:  # noqa: BLE001  another Numba's internals
+        return None
 
 
 def __getattr__(name: str) -> Any:

@@ -339,8 +339,13 @@ def _summarise(decisions: Sequence[TagDecision], ood_fraction: float, review_fra
     if n_bad / n > review_fraction:
         # the most frequent causes (each tile's first reason without its value, in plain words), with
         # the number of tiles for each, so the reader sees why without the signals' definitions
-        top = Counter(_plain(_cause(d.reason)) for d in decisions if d.tag is not Tag.RELIABLE).most_common(2)
+        counts = Counter(_plain(_cause(d.reason)) for d in decisions if d.tag is not Tag.RELIABLE)
+        top = counts.most_common(2)
         causes = ", ".join(c if k == n_bad else f"{c} ({k})" for c, k in top)
+        rest = n_bad - sum(k for _, k in top)
+        if rest:  # the parts add up to the count they explain
+            others = len(counts) - len(top)
+            causes += f", {others} other cause{'s' if others > 1 else ''} ({rest})"
         return TagDecision(Tag.REVIEW, f"{n_bad} of {n} tiles uncertain: {causes}")
     return TagDecision(Tag.RELIABLE, f"{n - n_bad} of {n} tiles reliable")
 

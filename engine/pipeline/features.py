@@ -18,7 +18,9 @@ Layout (what CLAM / Trident users already read):
   differs from the square ``patch_size_level0`` when the slide's pixels are not square)
 
 CLAM's MIL dataset reads ``DATA_DIR/h5_files/<slide>.h5`` (h5 mode) or ``DATA_DIR/pt_files/<slide>.pt``:
-:func:`write_clam_layout` adds both beside ``features/`` without copying the HDF5 files.
+:func:`write_clam_layout` adds both beside ``features/`` without copying the HDF5 files. Trident's
+``Processor`` looks in ``features_<encoder>/`` and ``patches/<slide>_patches.h5``:
+:func:`write_trident_layout`.
 
 A file is written to a temporary name and renamed when every tile is in, so a reader only ever sees
 complete files; ``cache_key`` says which backbone, weights, preprocessing, resolution, package version
@@ -39,7 +41,7 @@ import numpy as np
 from cellvit_optimus.engine.errors import ConfigError
 
 __all__ = ("FeatureWriter", "read_features", "cache_key", "slide_fingerprint", "cached", "verify_features",
-           "feature_owner", "coords_attributes", "write_clam_layout", "FEATURE_SCHEMA")
+           "feature_owner", "coords_attributes", "write_clam_layout", "write_trident_layout", "FEATURE_SCHEMA")
 
 #: bump when the file layout or the meaning of a field changes: old files then miss the cache
 #: (2 on both lines of work: Trident / CLAM attributes on ``coords``, and separately the data checksum
@@ -422,5 +424,60 @@ def write_clam_layout(out_dir: str | os.PathLike[str], pt_files: bool = True) ->
             x = torch.from_numpy(f["features"][()])
         with atomic_path(dest) as tmp:
             torch.save(x, tmp)
+        written.append(dest)
+    return written
+
+
+def write_trident_layout(out_dir: str | os.PathLike[str], encoder: str | None = None) -> list[Path]:
+    """make ``out_dir`` a Trident coordinates folder: ``features_<encoder>/<slide>.h5`` (the patch features
+    Trident's ``Processor`` finds, and skips as already extracted) and ``patches/<slide>_patches.h5`` (the
+    patch coordinates it pairs them with). Trident's jobs then take ``job_dir`` = the parent of ``out_dir``
+    and ``coords_dir`` = its name. ``encoder`` defaults to each file's ``backbone`` (``hoptimus0`` is
+    Trident's name for H-optimus-0 too). Returns the feature files written.
+
+    Slide encoders that Trident runs on these files (CARE, TITAN, GigaPath) place each tile on a grid at
+    ``coords // patch_size_level0``. Tiles that overlap (triage: 224 px tiles 160 px apart) would then
+    share grid cells (the bundled slide's 123 tiles fell on 67), so here ``patch_size_level0`` is the
+    tiles' level-0 step (rounded down: consecutive tiles are at least that far apart, so every tile keeps
+    its own cell), with the footprint kept as ``patch_footprint_level0`` and the step per axis as
+    ``step_level0``. Without overlap the two are the same and nothing changes. Files are copies (the
+    attributes differ from ``features/``), rewritten when their source is newer; incomplete files are
+    skipped.
+    """
+    import h5py
+
+    from cellvit_optimus.engine.io import atomic_path
+
+    out = Path(out_dir)
+    feats = out / "features"
+    if not feats.is_dir():
+        raise ConfigError(f"{feats}: no feature folder to export in Trident's layout")
+    written: list[Path] = []
+    for h5 in sorted(feats.glob("*.h5")):
+        if h5.name.startswith("."):
+            continue
+        with h5py.File(h5, "r") as f:
+            if not bool(f.attrs.get("complete", False)):
+                continue
+            enc = encoder or str(f.attrs.get("backbone", "") or "unknown")
+            dest = out / f"features_{enc}" / h5.name
+            if dest.is_file() and dest.stat().st_mtime_ns >= h5.stat().st_mtime_ns:
+                continue
+            features, coords = f["features"][()], f["coords"][()]
+            attrs = dict(f["coords"].attrs)
+            stride = np.asarray(f.attrs.get("stride_level0", attrs["patch_size_level0_xy"]), np.int64).ravel()
+        footprint = int(attrs["patch_size_level0"])
+        step = np.minimum(stride, np.asarray(attrs["patch_size_level0_xy"], np.int64).ravel()[: stride.size])
+        attrs.update(patch_footprint_level0=np.int64(footprint), step_level0=step.astype(np.int64),
+                     patch_size_level0=np.int64(max(1, int(step.min()))))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for path, with_features in ((dest, True), (out / "patches" / f"{h5.stem}_patches.h5", False)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as g:
+                if with_features:
+                    g.create_dataset("features", data=features, track_times=False)
+                ds = g.create_dataset("coords", data=coords, track_times=False)
+                for k, v in attrs.items():
+                    ds.attrs[k] = v
         written.append(dest)
     return written

@@ -302,6 +302,7 @@ class _Pipeline:
                 n = len(job.grid)
                 job.remaining = n
                 self.tiles_total += n
+                self.report(job.path.name)  # the slide's tiles are planned (the CLI's plan line)
                 sent = 0
                 for start in range(0, n, self.cfg.batch_tiles):
                     if job.failed is not None:

@@ -198,8 +198,9 @@ class Engine:
                "thresholds": _key_thresholds(self.thresholds), "outputs": list(self.config.outputs),
                "mil": self.mil is not None, "ood": self._ood_hash, "conformal": self._conformal_hash,
                "priority_rule": PRIORITY_RULE,
-               # 2: QuPath fields in measurements / metadata, UUID ids, geometry clipped to the slide
-               "geojson": 2, "gzip_cells": self.config.gzip_cells}
+               # 2: QuPath fields in measurements / metadata, UUID ids, geometry clipped to the slide;
+               # 3: trust_level measurement and the reason in region names (QuPath 0.4 drops metadata)
+               "geojson": 3, "gzip_cells": self.config.gzip_cells}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     # -- running -----------------------------------------------------------------------------------
@@ -223,7 +224,17 @@ class Engine:
         async def main() -> BatchResult:
             async with self._own_folder(out):  # the worklist too is written under the folder's lock
                 paths, names = await anyio.to_thread.run_sync(_plan, slides, out, None)
-                got = [r async for r in self._stream_locked(paths, out, progress, names)]
+                got: list[SlideResult | Failure] = []
+                try:
+                    async for r in self._stream_locked(paths, out, progress, names):
+                        got.append(r)
+                except anyio.get_cancelled_exc_class():
+                    # Ctrl-C (asyncio cancels the run, then raises KeyboardInterrupt): the worklist still
+                    # says what finished, and lists the rest as interrupted; a rerun resumes them
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(write_worklist, out, _with_interrupted(got, paths),
+                                                       skipped, names)
+                    raise
                 got.sort(key=lambda r: order.get(r.path, len(order)))
                 return await anyio.to_thread.run_sync(lambda: write_worklist(out, got, skipped, names))
 
@@ -366,6 +377,7 @@ class _TriageFactory:
             return {"result": result}
         self.features.prepare(job)  # sets the feature cache key (and moves a damaged feature file aside)
         self.feature_keys[str(job.path)] = job.info["cache_key"]
+        _warn_if_upsampled(job, self.engine.nuclei_mpp)
         return None
 
     def retire(self, path: str) -> None:
@@ -405,6 +417,34 @@ def _plan(slides: Sequence[str | os.PathLike[str]], out: Path,
         given = {os.path.realpath(k): v for k, v in names.items()}
         return paths, {str(p): given.get(str(p)) or output_name(p) for p in paths}
     return paths, output_names(paths, functools.partial(output_owner, out))
+
+
+#: a slide scanned this many times coarser than the nuclei model's resolution is warned about: its tiles
+#: are upsampled that much, and nuclei a few pixels wide carry no detail the model was trained on
+UPSAMPLE_WARN = 1.5
+
+
+def _warn_if_upsampled(job: SlideJob, nuclei_mpp: float) -> None:
+    mpp = job.slide.mpp if job.slide is not None else None
+    if not mpp:
+        return
+    factor = min(mpp) / nuclei_mpp
+    if factor >= UPSAMPLE_WARN:
+        log.warning("%s: scanned at %.3g um/px, %.1fx coarser than the nuclei model's %.3g um/px: %d tiles "
+                    "are upsampled %.1fx, and its nuclei and tags are unreliable", job.path, min(mpp), factor,
+                    nuclei_mpp, len(job.grid) if job.grid is not None else 0, factor)
+
+
+def _with_interrupted(got: Sequence[SlideResult | Failure],
+                      slides: Sequence[str | os.PathLike[str]]) -> list[SlideResult | Failure]:
+    """the results so far, then every input without one as a Failure with reason ``interrupted``"""
+    done = {r.path for r in got}
+    rest: list[SlideResult | Failure] = []
+    for p in dict.fromkeys(os.path.abspath(p) for p in slides):
+        if p not in done:
+            rest.append(Failure(path=p, error="KeyboardInterrupt", reason="interrupted", message=f"{p}: not "
+                                "finished when the run was interrupted (a rerun resumes it)"))
+    return [*got, *rest]
 
 
 def _key_thresholds(thresholds: Any) -> dict[str, Any]:

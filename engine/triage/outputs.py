@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 #: classification colour of each trust tag (regions, overview)
 TAG_COLOURS = {"reliable": (40, 170, 60), "review": (240, 170, 20), "out_of_domain": (220, 40, 40)}
+#: the trust tag as a number, the measurement ``trust_level`` of cells and regions: QuPath 0.4 keeps
+#: measurements but drops ``metadata`` outside TMA cores (its GeoJSON reader, v0.4.4), so the tag must
+#: also travel as a number there (ordered by severity: sort or threshold it in the measurement table)
+TRUST_LEVELS = {"reliable": 0, "review": 1, "out_of_domain": 2}
 
 _RESULT_FIELDS = {"path": str, "name": str, "tag": str, "reason": str, "priority": (int, float),
                   "priority_source": str, "tiles": int, "nuclei": int, "counts": dict, "tag_fractions": dict,
@@ -196,7 +200,8 @@ def cells_output(records: NucleiRecords, profile: Any, tile_tags: list[str], set
            as_text: bool = True) -> tuple[CellTable, list[str]]:
     """the nuclei as written: a :class:`CellTable` and (``as_text``) each one's QuPath feature text
     (see :mod:`.geojson`): classification = type (none when unclassified), measurements = type
-    probability, area and conformal type-set size, metadata = the trust tag of the nucleus' tile.
+    probability, area, conformal type-set size and ``trust_level`` (:data:`TRUST_LEVELS`), metadata = the
+    trust tag of the nucleus' tile (QuPath >= 0.5 shows it; 0.4 keeps only the measurement).
     Polygons are clipped to the slide; a nucleus with no area left is not written (nor counted)."""
     from cellvit_optimus.engine.geojson import clip_ring, closed_ccw, coords_feature_json, feature_id, ring_area_centroid
 
@@ -233,6 +238,7 @@ def cells_output(records: NucleiRecords, profile: Any, tile_tags: list[str], set
         meas = {"type_prob": p, "area_px": round(records.areas[i], 2)}
         if set_sizes is not None:
             meas["type_set_size"] = int(set_sizes[i])
+        meas["trust_level"] = TRUST_LEVELS[tag]
         fid = feature_id(coords, namespace)
         if as_text:
             parts.append(coords_feature_json(coords, profile.label(t) if known else None,
@@ -259,8 +265,9 @@ def cells_output(records: NucleiRecords, profile: Any, tile_tags: list[str], set
 
 def regions_geojson(grid: Any, tags: Any, namespace: uuid.UUID) -> dict[str, Any]:
     """one QuPath annotation per region (8-connected tile group): union of its tiles' footprints,
-    clipped to the slide, exteriors counter-clockwise (RFC 7946); tag as classification, reason as
-    metadata, tile count as a measurement; locked, as machine-made annotations"""
+    clipped to the slide, exteriors counter-clockwise (RFC 7946); tag as classification, reason in the
+    name (QuPath 0.4 keeps names, not metadata) and as metadata, tile count and ``trust_level`` as
+    measurements; locked, as machine-made annotations"""
     from shapely.geometry import MultiPolygon, box, mapping
     from shapely.geometry.polygon import orient
     from shapely.ops import unary_union
@@ -283,10 +290,12 @@ def regions_geojson(grid: Any, tags: Any, namespace: uuid.UUID) -> dict[str, Any
         tag = dec.tag.value
         feats.append({"type": "Feature", "id": str(uuid.uuid5(namespace, f"region/{r}")),
                       "geometry": mapping(shape),
-                      "properties": {"objectType": "annotation", "name": f"{tag} region {r + 1}",
+                      "properties": {"objectType": "annotation",
+                                     "name": f"{tag} region {r + 1}: {dec.reason}",
                                      "classification": {"name": tag, "color": list(TAG_COLOURS[tag])},
                                      "isLocked": True,
-                                     "measurements": {"tiles": float(len(members))},
+                                     "measurements": {"tiles": float(len(members)),
+                                                      "trust_level": float(TRUST_LEVELS[tag])},
                                      "metadata": {"trust": tag, "reason": dec.reason}}})
     return {"type": "FeatureCollection", "features": feats}
 
@@ -373,6 +382,17 @@ def _compose(panels: list[tuple[str, np.ndarray, list[tuple[str, tuple[int, int,
     return np.asarray(canvas)
 
 
+def _failure_reason(f: Failure) -> str:
+    """the worklist's reason for a failed input: the message without the path (its own column) and without
+    the category a second time (``no MPP: x.svs: no MPP (...)`` was written before)"""
+    msg = f.message
+    for prefix in (f"{f.path}: ", f"{Path(f.path).name}: "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+            break
+    return msg if msg.lower().startswith(f.reason.lower()) else f"{f.reason}: {msg}"
+
+
 def write_worklist(out: Path, results: Sequence[SlideResult | Failure],
                    skipped: Sequence[tuple[str, str]] = (),
                    names: dict[str, str] | None = None) -> BatchResult:
@@ -390,15 +410,15 @@ def write_worklist(out: Path, results: Sequence[SlideResult | Failure],
     esc = escape_path
     rows = []
     for rank, r in enumerate(ranked, 1):
-        rows.append({"rank": rank, "slide": r.name, "path": esc(r.path), "status": "done",
-                     "priority": r.priority,
+        rows.append({"rank": rank, "slide": r.name, "path": esc(r.path),
+                     "status": "cached" if r.cached else "done", "priority": r.priority,
                      "priority_source": r.priority_source, "tag": r.tag, "reason": r.reason,
                      "tiles": r.tiles, "nuclei": r.nuclei, "review_fraction": r.tag_fractions["review"],
                      "out_of_domain_fraction": r.tag_fractions["out_of_domain"]})
     for f in bad:
         rows.append({"rank": "", "slide": names.get(f.path, esc(Path(f.path).stem)), "path": esc(f.path),
                      "status": "failed", "priority": "", "priority_source": "", "tag": "",
-                     "reason": esc(f"{f.reason}: {f.message}"), "tiles": "", "nuclei": "",
+                     "reason": esc(_failure_reason(f)), "tiles": "", "nuclei": "",
                      "review_fraction": "", "out_of_domain_fraction": ""})
     for path, why in skipped:
         rows.append({"rank": "", "slide": esc(Path(path).name), "path": esc(path), "status": "skipped",

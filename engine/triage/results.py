@@ -3,7 +3,9 @@ of a whole batch (results, failures, skipped inputs and the worklist files)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+import copy
+import os
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from cellvit_optimus.engine.errors import ConfigError
@@ -14,6 +16,25 @@ __all__ = ("SlideResult", "BatchResult", "PrioritySource")
 
 #: where a slide's priority came from: the MIL head, or the fallback density rule (:mod:`.finalise`)
 PrioritySource = Literal["mil", "fallback"]
+
+
+class _LazyCells:
+    """the ``cells`` field of :class:`SlideResult`: what was passed in, else the slide's cells GeoJSON read
+    on first access (so that a slide reused from an earlier run behaves like a computed one)"""
+
+    def __get__(self, obj: Any, objtype: Any = None) -> CellTable | None:
+        if obj is None:  # the dataclass asks for the field's default
+            return None
+        cells = obj.__dict__.get("_cells")
+        if cells is None:
+            path = obj.outputs.get("cells")
+            if path and os.path.isfile(path):
+                cells = obj.__dict__["_cells"] = CellTable.from_geojson(path)
+        return cells
+
+    def __set__(self, obj: Any, value: CellTable | None) -> None:
+        # the dataclass passes this descriptor itself as the default: no cells given
+        obj.__dict__["_cells"] = None if isinstance(value, _LazyCells) else value
 
 
 @dataclass
@@ -33,26 +54,22 @@ class SlideResult:
     outputs: dict[str, str]
     timings: dict[str, float]
     cached: bool = False
-    #: the nuclei written to cells.geojson, in memory (None for a slide reused from an earlier run,
-    #: or passed between processes: :meth:`cell_table` then reads the file)
-    cells: CellTable | None = field(default=None, repr=False, compare=False)
+    #: the nuclei written to cells.geojson: in memory when this run computed them, else (a slide reused
+    #: from an earlier run, or a result passed between processes) read from that file on first access;
+    #: None only when no cells output was written
+    cells: CellTable | None = field(default=_LazyCells(),  # type: ignore[assignment]
+                                   repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """plain-JSON fields (everything but the in-memory cells)"""
-        d = asdict(replace(self, cells=None))
-        d.pop("cells")
-        return d
+        """plain-JSON fields (everything but the cells)"""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "cells"}
 
     def cell_table(self) -> CellTable:
-        """the slide's nuclei as a :class:`CellTable`: in memory when this run computed them, else
-        read from the slide's cells GeoJSON"""
-        if self.cells is not None:
-            return self.cells
-        path = self.outputs.get("cells")
-        if not path:
+        """the slide's nuclei as a :class:`CellTable` (:attr:`cells`); ConfigError when none were written"""
+        if self.cells is None:
             raise ConfigError(f"{self.name}: no cells in memory and no cells output written (outputs="
                               f"{sorted(self.outputs)})")
-        return CellTable.from_geojson(path)
+        return self.cells
 
 
 @dataclass

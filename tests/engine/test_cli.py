@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -201,3 +202,148 @@ def test_extract_clam_layout(tmp_path, slides_dir):
     assert (tmp_path / "h5_files").is_symlink() and (tmp_path / "h5_files" / "cmu-1-small-region.h5").is_file()
     x = torch.load(tmp_path / "pt_files" / "cmu-1-small-region.pt")
     assert x.shape[1] == 192 and x.dtype == torch.float32
+
+
+# -- refusals that once came only after the model loaded (9-27 s): each now fails in click ------------------
+# Run as a user runs them: a fresh interpreter through the console entry point. The issue asks for under 2 s
+# (0.1-0.7 s wall measured at load 4 beside a training run). The bound here is 2 s of the refusing process's
+# CPU time, which a loaded machine does not inflate as it does wall time (10.8 s wall was seen at load 8,
+# niced, with other test suites running); the stronger check is that torch was never imported, i.e. no
+# model was built before the refusal.
+_PROBE = ("import atexit, sys\n"
+          "atexit.register(lambda: print('TORCH-IMPORTED', 'torch' in sys.modules, file=sys.stderr))\n"
+          "from cellvit_optimus.engine.cli import main\nmain(sys.argv[1:])\n")
+
+
+def _refusal(tmp_path, bad: str, flag_args: list[str]) -> None:
+    import resource
+    import subprocess
+    import sys
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    t = cpu()
+    res = subprocess.run([sys.executable, "-c", _PROBE, "triage", *flag_args, "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    cpu_s = cpu() - t
+    assert res.returncode == 2, res.stderr[-2000:]
+    [error] = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
+    flag = flag_args[0] if flag_args[0].startswith("--") else "SLIDES"
+    assert flag in error and bad in error, error
+    assert "TORCH-IMPORTED False" in res.stderr, res.stderr[-2000:]
+    assert cpu_s < 2.0, f"{cpu_s:.2f} s of CPU to refuse {flag_args}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_thresholds_file_is_refused_before_the_model(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"np_entropy_max": 0.2,\n')  # cut short
+    _refusal(tmp_path, str(bad), ["--thresholds", str(bad)])
+    bad.write_text('{"kind": "tag_thresholds", "version": 1, "no_such_field": 1}')
+    _refusal(tmp_path, str(bad), ["--thresholds", str(bad)])
+
+
+def test_garbage_nuclei_weights_are_refused_before_the_model(tmp_path):
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(bytes(range(256)) * 20)
+    _refusal(tmp_path, str(bad), ["--nuclei-weights", str(bad)])
+
+
+def test_unavailable_device_is_refused_before_the_model(tmp_path):
+    from cellvit_optimus.engine.cli_params import cuda_device_count
+
+    count = cuda_device_count()
+    if isinstance(count, int) and count > 0:
+        _refusal(tmp_path, f"cuda:{count}", ["--device", f"cuda:{count}"])  # one past the last device
+    else:
+        _refusal(tmp_path, "cuda", ["--device", "cuda"])
+
+
+def test_text_file_given_as_a_slide_is_refused_before_the_model(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a slide\n")
+    _refusal(tmp_path, str(notes), [str(notes)])
+
+
+def test_checkpoint_header_check_passes_the_bundled_model_and_knows_the_formats():
+    from cellvit_optimus.engine.cli_params import MIL_FORMAT, NUCLEI_FORMAT, read_safetensors_metadata
+    from cellvit_optimus.engine.pipeline.nuclei import default_model_path
+    from cellvit_optimus.heads import checkpoint
+
+    assert (NUCLEI_FORMAT, MIL_FORMAT) == (checkpoint.NUCLEI_FORMAT, checkpoint.MIL_FORMAT)
+    assert read_safetensors_metadata(default_model_path())["format"] == NUCLEI_FORMAT
+
+
+def test_ctrl_c_exits_130_with_the_worklist_written(tmp_path, slides_dir):
+    """SIGINT mid-slide: exit 130 (not 1, the partial-batch code, nor click's "Aborted!"), and the worklist
+    lists the unfinished slide as interrupted"""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    cli_path = Path(sys.executable).parent / "cellvit-optimus"
+    # the bundled slide at its model's resolution: 123 tiles, about a minute on 2 cores, so never done in time
+    args = [str(cli_path), "triage", str(slides_dir / "cmu-1-small-region.svs"), "--out", str(out),
+            "--shadow-slides", "0"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / ".optimus.lock").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)  # the run owns the folder: the model is loaded and the batch starts
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "Aborted!" not in stderr, stderr[-2000:]
+    assert "interrupted:" in stderr and "worklist.csv" in stderr, stderr[-2000:]
+    with open(out / "worklist.csv") as f:
+        [row] = list(csv.DictReader(f))
+    assert row["status"] == "failed" and row["reason"].startswith("interrupted"), row
+    assert json.loads((out / "worklist.json").read_text())["status"] == "failed"
+
+
+def test_triage_from_a_fresh_folder_leaves_it_empty_and_stderr_free_of_native_noise(tmp_path):
+    """cuCIM's cuFile start-up (no GPU driver) printed "dlopen error libcuda.so.1 ... cuFile initialization
+    failed" on every run and wrote ./cufile.log wherever the command ran; both are kept away"""
+    import os
+    import subprocess
+    import sys
+
+    here = tmp_path / "fresh"
+    here.mkdir()
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUFILE_")}
+    res = subprocess.run([str(Path(sys.executable).parent / "cellvit-optimus"), "triage", "--out", str(out),
+                          "--nuclei-mpp", "4", "--overlap", "32", "-q"], capture_output=True, text=True,
+                         timeout=900, cwd=here, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(os.listdir(here)) == []
+    for noise in ("cuFile", "cufile", "libcuda", "cuda symbols"):
+        assert noise not in res.stderr and noise not in res.stdout, res.stderr[-2000:]
+    assert res.stdout.splitlines()[-1].startswith("worklist: ")  # results on stdout, untouched
+    assert (out / "worklist.csv").is_file()
+    # never silent, even with -q: a plan line for the slide (tiles, ETA) on stderr
+    [plan] = [ln for ln in res.stderr.splitlines() if ln.startswith("plan: ")]
+    assert plan.startswith("plan: cmu_small_region.svs: 2 tiles; "), plan
+
+
+def test_kernels_cached_is_false_before_the_first_compile(tmp_path):
+    """the CLI's "compiling the nuclei kernels" notice rests on this: an empty Numba cache says False
+    (imports the kernel modules, compiles nothing)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    code = "from cellvit_optimus.kernels import kernels_cached as k; print(k())"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert res.stdout.strip() == "False", res.stderr[-2000:]
+    assert not list(tmp_path.rglob("*.nbc"))  # nothing compiled

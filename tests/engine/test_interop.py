@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from cellvit_optimus.engine.pipeline.extract import ExtractConfig, extract_features, feature_path
-from cellvit_optimus.engine.pipeline.features import coords_attributes, read_features, write_clam_layout
+from cellvit_optimus.engine.pipeline.features import (coords_attributes, read_features, write_clam_layout,
+                                                     write_trident_layout)
 from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig, SlideDone
 from cellvit_optimus.engine.wsi.slide import open_slide
 from cellvit_optimus.engine.wsi.tissue import TilingConfig, tile_grid
@@ -154,6 +155,48 @@ def test_clam_reader_reads_our_files(extracted):
         assert got["patch_level"] == 0 and got["patch_size"] == 224 and got["name"] == stem
     # a second call rewrites nothing (the .pt files are newer than their .h5)
     assert write_clam_layout(out) == []
+
+
+def trident_processor_finds(job_dir: Path, coords_dir: str, encoder: str, wsi_name: str) -> dict:
+    """Trident's ``Processor`` (trident/Processor.py): ``run_patch_feature_extraction_job`` skips a slide
+    whose ``<job_dir>/<coords_dir>/features_<encoder>/<name>.h5`` exists ("already extracted") and reads
+    coordinates from ``<job_dir>/<coords_dir>/patches/<name>_patches.h5``; the slide-feature job loads
+    that features file (``WSI.extract_slide_features``: ``features``, ``coords``, ``coords.attrs`` with
+    ``patch_size_level0`` cast to int), and CARE / TITAN / GigaPath place tiles at
+    ``coords // patch_size_level0``"""
+    feats = job_dir / coords_dir / f"features_{encoder}" / f"{wsi_name}.h5"
+    patches = job_dir / coords_dir / "patches" / f"{wsi_name}_patches.h5"
+    assert feats.is_file() and patches.is_file(), (feats, patches)
+    with h5py.File(feats, "r") as f:
+        coords, features, attrs = f["coords"][:], f["features"][:], dict(f["coords"].attrs)
+    with h5py.File(patches, "r") as f:
+        np.testing.assert_array_equal(f["coords"][:], coords)
+    grid = coords // int(attrs["patch_size_level0"])
+    return {"features": features, "coords": coords, "attrs": attrs, "grid": grid}
+
+
+def test_trident_processor_finds_our_features_with_unique_grid_cells(tmp_path, slides_dir, runner):
+    """overlapping tiles (triage's 64 px overlap): in features/ CARE's grid would put several tiles in one
+    cell; the Trident layout's patch_size_level0 is the tiles' step, so every tile keeps its own cell"""
+    out = tmp_path / "job" / "20x_224px_64px_overlap"
+    tiling = TilingConfig(target_mpp=2.0, overlap=64 / 224)
+    cfg = ExtractConfig(tiling=tiling, scheduler=SchedulerConfig(batch_tiles=16))
+    [done] = extract_features([slides_dir / "cmu-1-small-region.svs"], out, runner, cfg)
+    assert isinstance(done, SlideDone)
+    ours = read_features(feature_path(out, "cmu-1-small-region.svs"))
+    naive = ours.coords // int(ours.coords_attrs["patch_size_level0"])
+    assert len(np.unique(naive, axis=0)) < len(naive)  # the collision the layout avoids
+    written = write_trident_layout(out)
+    assert [p.relative_to(out).as_posix() for p in written] == ["features_tiny/cmu-1-small-region.h5"]
+    got = trident_processor_finds(tmp_path / "job", out.name, "tiny", "cmu-1-small-region")
+    np.testing.assert_array_equal(got["features"], ours.features)
+    np.testing.assert_array_equal(got["coords"], ours.coords)
+    assert len(np.unique(got["grid"], axis=0)) == len(got["grid"])  # one tile per grid cell
+    a = got["attrs"]
+    stride = ours.attrs["stride_level0"]
+    assert tuple(a["step_level0"]) == tuple(stride) and a["patch_size_level0"] == min(stride)
+    assert a["patch_footprint_level0"] == ours.coords_attrs["patch_size_level0"] and a["overlap"] == 64
+    assert write_trident_layout(out) == []  # up to date: nothing rewritten
 
 
 def test_clam_layout_refuses_to_replace_a_folder(tmp_path):

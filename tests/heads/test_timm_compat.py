@@ -1,4 +1,4 @@
-"""import_timm: stands in for a broken torchvision, and only then.
+"""import_timm: stands in for torchvision unless the host imported it (or asks for it), and for a broken one.
 
 Each case runs in a fresh interpreter, since timm is imported once per process. A broken or a working
 torchvision is simulated with a meta-path finder / a module planted before import_timm runs, so both
@@ -13,9 +13,11 @@ import textwrap
 
 import pytest
 
-# makes `import torchvision` fail the way the CUDA wheel does on a CPU torch
+# makes `import torchvision` fail the way the CUDA wheel does on a CPU torch; the package is asked to try
+# the real torchvision (by default it never does: test_default_never_imports_torchvision)
 BREAK_TORCHVISION = """
-import importlib.abc, sys
+import importlib.abc, os, sys
+os.environ["CELLVIT_OPTIMUS_TORCHVISION"] = "1"
 class _Broken(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == "torchvision":
@@ -113,8 +115,12 @@ def outcome():
     fresh = _run(probe + "print(outcome())").stdout.strip().splitlines()[-1]
     # Engine() builds the bundled model's backbone through timm
     make = "from cellvit_optimus.engine import Engine, TriageConfig\nEngine(TriageConfig(), device='cpu')\n"
-    after = _run(probe + make + "print(outcome())", timeout=900).stdout.strip().splitlines()[-1]
-    assert after == fresh, (fresh, after)
+    # start-up: building the bundled model imports neither torchvision nor torch._dynamo (its meta-device
+    # build skips timm's random init, whose reference ops import dynamo)
+    heavy = "import sys\nprint(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))\n"
+    lines = _run(probe + make + heavy + "print(outcome())", timeout=900).stdout.strip().splitlines()
+    assert lines[-2] == "[]", lines
+    assert lines[-1] == fresh, (fresh, lines[-1])
 
 
 def test_working_torchvision_is_left_alone() -> None:
@@ -131,6 +137,27 @@ except ImportError:
 assert not torchvision_stubbed()
 assert sys.modules["torchvision"] is fake
 assert not any(type(f).__name__ == "_StubFinder" for f in sys.meta_path)
+"""
+    )
+
+
+def test_default_never_imports_torchvision() -> None:
+    """start-up: the default imports timm against the stand-in, without torchvision nor torch._dynamo, and
+    a ViT still builds; a torchvision feature says how to get the real one"""
+    _run(
+        """
+import os, sys
+os.environ.pop("CELLVIT_OPTIMUS_TORCHVISION", None)
+import pytest, torch
+from cellvit_optimus.heads._timm_compat import import_timm, torchvision_stubbed
+timm = import_timm()
+assert torchvision_stubbed()
+assert "torchvision" not in sys.modules and "torch._dynamo" not in sys.modules
+m = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56, depth=1, num_classes=0)
+with torch.no_grad():
+    assert m(torch.zeros(1, 3, 56, 56)).shape == (1, 384)
+with pytest.raises(ImportError, match="needs torchvision.*import torchvision before.*OPTIMUS_TORCHVISION=1"):
+    timm.data.create_transform(224)
 """
     )
 

@@ -234,7 +234,9 @@ def test_slide_reason_names_causes_in_plain_words_with_tile_counts():
     tiles = tag_tiles(TileSignals(ood_score=ood, nt_entropy=nt, quality_flags=flags), TH)
     slide = tag_slide(tiles, [], TH)
     assert slide.tag is Tag.REVIEW
-    assert slide.reason == "6 of 10 tiles uncertain: blurred (3), nucleus types uncertain (2)"
+    # the parts add up to the 6 they explain (the pen-marked tile was left out before: 3 + 2 of 6)
+    assert slide.reason == ("6 of 10 tiles uncertain: blurred (3), nucleus types uncertain (2), "
+                            "1 other cause (1)")
     assert len(tiles) == n
 
 

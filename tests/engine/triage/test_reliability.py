@@ -151,12 +151,22 @@ def test_replaced_slide_is_recomputed_not_served_from_cache(tmp_path, slides_dir
     assert engine.run([slide], out).results[0].cached  # and now it is the finished one
 
 
-@pytest.mark.parametrize("damage", ["half", "list", "empty", "no-result", "wrong-type"])
-def test_bad_summary_is_moved_aside_named_and_recomputed(tmp_path, slides_dir, engine, caplog, damage):
-    slide = tmp_path / CMU
+@pytest.fixture(scope="module")
+def finished_cmu(tmp_path_factory, slides_dir, engine):
+    """a copy of the bundled slide triaged once, shared by the damage cases below (CI time: each case
+    used to triage it first itself); each case damages its own copy of the output folder"""
+    here = tmp_path_factory.mktemp("finished")
+    slide = here / CMU
     shutil.copy(slides_dir / CMU, slide)
+    first = engine.run([slide], here / "out").results[0]
+    return slide, here / "out", first
+
+
+@pytest.mark.parametrize("damage", ["half", "list", "empty", "no-result", "wrong-type"])
+def test_bad_summary_is_moved_aside_named_and_recomputed(tmp_path, finished_cmu, engine, caplog, damage):
+    slide, done, first = finished_cmu
     out = tmp_path / "out"
-    first = engine.run([slide], out).results[0]
+    shutil.copytree(done, out)
     summary = out / first.name / "summary.json"
     text = summary.read_text()
     doc = json.loads(text)
@@ -182,17 +192,31 @@ def tiny_runner():
     return BackboneRunner("tiny", device="cpu")
 
 
+@pytest.fixture(scope="module")
+def extracted_cmu(tmp_path_factory, slides_dir, tiny_runner):
+    """the bundled slide's features extracted once, shared by the damage cases below (each damages a copy)"""
+    from cellvit_optimus.engine.pipeline.extract import ExtractConfig, extract_features
+    from cellvit_optimus.engine.wsi.tissue import TilingConfig
+
+    out = tmp_path_factory.mktemp("extracted") / "out"
+    [done] = extract_features([slides_dir / CMU], out, tiny_runner,
+                              ExtractConfig(tiling=TilingConfig(tile_size=224, target_mpp=1.0)))
+    return out, Path(done.info["features"])
+
+
 @pytest.mark.parametrize("damage", ["values", "truncated", "shape"])
-def test_damaged_feature_file_is_moved_aside_and_recomputed(tmp_path, slides_dir, tiny_runner, caplog, damage):
+def test_damaged_feature_file_is_moved_aside_and_recomputed(tmp_path, slides_dir, tiny_runner, extracted_cmu,
+                                                            caplog, damage):
     import h5py
     from cellvit_optimus.engine.pipeline.extract import ExtractConfig, extract_features
     from cellvit_optimus.engine.pipeline.features import read_features
     from cellvit_optimus.engine.wsi.tissue import TilingConfig
 
     cfg = ExtractConfig(tiling=TilingConfig(tile_size=224, target_mpp=1.0))
+    template, first_h5 = extracted_cmu
     out = tmp_path / "out"
-    [done] = extract_features([slides_dir / CMU], out, tiny_runner, cfg)
-    h5 = Path(done.info["features"])
+    shutil.copytree(template, out)
+    h5 = out / first_h5.relative_to(template)
     good = read_features(h5)
     assert len(good.features) > 10
     if damage == "values":  # attributes intact, data altered
@@ -297,7 +321,8 @@ def test_two_concurrent_cli_runs_on_one_folder_compute_each_slide_once(tmp_path,
         mine = [ln.split()[0] for ln in lines if ln.split()[1] == f"{name}:"]
         assert sorted(mine) == ["cached", "done"], lines  # computed once, served once
     rows = json.loads((out / "worklist.json").read_text())["slides"]
-    assert sorted(r["slide"] for r in rows) == ["a", "b"] and all(r["status"] == "done" for r in rows)
+    # the run that waited for the folder wrote the worklist last, with both slides reused (one word: cached)
+    assert sorted(r["slide"] for r in rows) == ["a", "b"] and all(r["status"] == "cached" for r in rows)
     assert not list(out.rglob(".tmp-*"))
 
 

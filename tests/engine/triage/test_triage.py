@@ -74,7 +74,11 @@ def test_batch_with_bad_files_finishes_and_names_each_failure(tmp_path, batch_di
         rows = list(csv.DictReader(f))
     failed = {r["slide"]: r["reason"] for r in rows if r["status"] == "failed"}
     assert set(failed) == {"c-notes", "d-truncated", "e-corrupt", "f-blank"}
-    assert failed["c-notes"].startswith("not a slide") and "c-notes.svs" in failed["c-notes"]
+    # each reason says its category once, and not the path (it has its own column)
+    for name, category in (("c-notes", "not a slide"), ("d-truncated", "truncated or corrupt"),
+                           ("e-corrupt", "truncated or corrupt"), ("f-blank", "no tissue")):
+        assert failed[name].startswith(category) and failed[name].count(category) == 1, failed[name]
+        assert f"{name}." not in failed[name], failed[name]
     done = [r for r in rows if r["status"] == "done"]
     assert [int(r["rank"]) for r in done] == [1, 2]
     assert float(done[0]["priority"]) >= float(done[1]["priority"])
@@ -92,10 +96,14 @@ QUPATH_PROPERTIES = {"objectType", "name", "color", "classification", "measureme
 TAGS = ("reliable", "review", "out_of_domain")
 
 
-def qupath_import(doc: dict) -> list[dict]:
+def qupath_import(doc: dict, version: str = "0.5") -> list[dict]:
     """what QuPath's GeoJSON import keeps of each feature (and, under ``dropped``, what it loses):
     the id when it is a UUID (else it draws a random one), the object type, name, classification,
-    numeric measurements, string metadata, the lock flag and the geometry"""
+    numeric measurements, string metadata, the lock flag and the geometry
+
+    As read from QuPath's own reader (qupath-core ``QuPathTypeAdapters.PathObjectTypeAdapter.parseObject``,
+    v0.4.4): ``metadata`` is applied only ``if (metadata != null && pathObject instanceof MetadataStore)``,
+    and in 0.4 the one ``MetadataStore`` is ``TMACoreObject``; from 0.5 every object keeps it."""
     import uuid
 
     from shapely.geometry import shape
@@ -112,6 +120,8 @@ def qupath_import(doc: dict) -> list[dict]:
         numbers = {k: v for k, v in meas.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         meta = props.get("metadata", {})
         strings = {k: v for k, v in meta.items() if isinstance(v, str)}
+        if version == "0.4" and props.get("objectType") not in ("tmaCore", "TMACoreObject", "tma_core"):
+            strings = {}
         dropped += [f"measurements.{k}" for k in set(meas) - set(numbers)]
         dropped += [f"metadata.{k}" for k in set(meta) - set(strings)]
         cls = props.get("classification")
@@ -174,9 +184,17 @@ def test_geojson_round_trip_keeps_every_qupath_field(tmp_path, slides_dir, engin
     for o in cells:
         assert o["type"] == "detection" and (o["class"] is None or o["class"] in names)
         m = o["measurements"]
-        assert set(m) == {"type_prob", "area_px", "type_set_size"}  # the bundled conformal state is loaded
+        # the bundled conformal state is loaded
+        assert set(m) == {"type_prob", "area_px", "type_set_size", "trust_level"}
         assert 0 <= m["type_prob"] <= 1 and m["area_px"] > 0 and m["type_set_size"] >= 1
         assert set(o["metadata"]) == {"trust"} and o["metadata"]["trust"] in TAGS
+        assert m["trust_level"] == TAGS.index(o["metadata"]["trust"])
+    # QuPath 0.4 drops metadata outside TMA cores: trust still arrives, as the trust_level measurement
+    cells04 = qupath_import(json.loads(Path(r.outputs["cells"]).read_text()), version="0.4")
+    regions04 = qupath_import(json.loads(Path(r.outputs["regions"]).read_text()), version="0.4")
+    assert all(o["dropped"] == ["metadata.trust"] for o in cells04)
+    trust04 = [TAGS[int(o["measurements"]["trust_level"])] for o in cells04]
+    assert trust04 == [o["metadata"]["trust"] for o in cells]
     summary = json.loads(Path(r.outputs["summary"]).read_text())
     assert summary["result"]["tag"] == r.tag == "review"  # shadow mode: a new site's first slide
     assert summary["result"]["reason"].startswith("new site: first 30 slides stay in review (1 of 30); ")
@@ -187,6 +205,10 @@ def test_geojson_round_trip_keeps_every_qupath_field(tmp_path, slides_dir, engin
     for o, reg in zip(regions, summary["regions"], strict=True):
         assert o["type"] == "annotation" and o["locked"] and o["class"] in TAGS
         assert o["metadata"] == {"trust": reg["tag"], "reason": reg["reason"]} and o["class"] == reg["tag"]
+        assert o["measurements"]["trust_level"] == TAGS.index(reg["tag"])
+    for o, reg in zip(regions04, summary["regions"], strict=True):  # 0.4: tag as class, reason in the name
+        assert o["metadata"] == {} and o["class"] == reg["tag"] and o["name"].endswith(f": {reg['reason']}")
+        assert TAGS[int(o["measurements"]["trust_level"])] == reg["tag"]
     assert sum(o["measurements"]["tiles"] for o in regions) == r.tiles
 
     # counts in summary.json are the features of cells.geojson, unclassified nuclei included
@@ -212,10 +234,13 @@ def test_geojson_round_trip_keeps_every_qupath_field(tmp_path, slides_dir, engin
     assert gzip.decompress(raw) == Path(r.outputs["cells"]).read_bytes()
     assert len(raw) < Path(r.outputs["cells"]).stat().st_size / 3
     np.testing.assert_array_equal(CellTable.from_geojson(rz.outputs["cells"]).id, r.cells.id)
-    # a result reused from summary.json has no cells in memory: cell_table() reads the file
+    # a result reused from summary.json behaves like a computed one: .cells reads the file on first access
     [again] = gz_engine.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "gz").results
-    assert again.cached and again.cells is None
-    np.testing.assert_array_equal(again.cell_table().type_name, r.cells.type_name)
+    assert again.cached and vars(again)["_cells"] is None  # nothing read until asked for
+    np.testing.assert_array_equal(again.cells.type_name, r.cells.type_name)
+    np.testing.assert_array_equal(again.cell_table().id, r.cells.id)
+    assert again.cells is again.cell_table()  # read once
+    assert "cells" not in again.to_dict() and again.to_dict()["cached"] is True
 
     from PIL import Image
 
