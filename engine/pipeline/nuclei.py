@@ -17,6 +17,7 @@ pixels.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -277,7 +278,9 @@ class NucleiModel:
                 out = self.runner(chunk, tokens=True)
                 img = self.runner.preprocess(chunk)
                 dt = next(self.head.parameters()).dtype
-                o = self.head(tuple(t.to(dt) for t in out.tokens), img.to(dt))
+                timed = getattr(self.runner, "time_stage", None)  # stand-in runners have no stage timer
+                with timed("heads") if timed is not None else contextlib.nullcontext():
+                    o = self.head(tuple(t.to(dt) for t in out.tokens), img.to(dt))
                 embs.append(out.embedding.float().cpu().numpy())
                 nps.append(o.np_logits.float().softmax(1)[:, 1].cpu().numpy())
                 hvs.append(o.hv.float().cpu().numpy())

@@ -169,6 +169,9 @@ def test_geojson_round_trip_keeps_every_qupath_field(tmp_path, slides_dir, engin
 
     batch = engine.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "plain")
     [r] = batch.results
+    # per-stage seconds of the slide: reading, the consumers, and inside them post-processing and stitching
+    stages = {"read_s", "compute_s", "consume_s", "postprocess_s", "stitch_s"}
+    assert stages <= set(r.timings) and all(r.timings[k] > 0 for k in stages), r.timings
     with h5py.File(r.outputs["features"], "r") as f:
         a = f["coords"].attrs
         W, H = int(a["level0_width"]), int(a["level0_height"])
