@@ -631,3 +631,31 @@ def test_backend_errors_name_the_file():
 
     f = failure_from("/data/x.svs", ValueError("Invalid TIFF: 1000000 x 1000000"))
     assert f.message.startswith("/data/x.svs: ") and f.reason == "unexpected error"
+
+
+def test_a_slide_far_coarser_than_the_model_is_warned_about_with_the_factor(tmp_path, slides_dir, engine,
+                                                                             caplog):
+    """prostate-small.dcm (4.64 um/px) was upsampled ~9x at the model's 0.5 um/px without a word; here the
+    bundled slide box-downsampled 16x (about 8 um/px, a real-tissue stand-in that stays a few tiles) against
+    the test engine's 4 um/px nuclei path: twice coarser, so the run says so up front, naming the file"""
+    import tifffile
+
+    from cellvit_optimus.engine.wsi.slide import open_slide
+
+    with open_slide(slides_dir / CMU) as s:
+        w, h = s.dimensions
+        rgb = s.read_region((0, 0), 0, (w, h))
+        mpp0 = s.mpp[0]
+    k = 16
+    crop = rgb[: h // k * k, : w // k * k]
+    small = crop.reshape(h // k, k, w // k, k, 3).mean(axis=(1, 3)).astype(np.uint8)
+    mpp = mpp0 * k
+    coarse = tmp_path / "coarse.tif"
+    tifffile.imwrite(coarse, small, tile=(64, 64), photometric="rgb", resolutionunit="CENTIMETER",
+                     resolution=(1e4 / mpp, 1e4 / mpp))
+    with caplog.at_level(logging.WARNING):
+        batch = engine.run([coarse], tmp_path / "out")
+    assert batch.status == "complete", [f.message for f in batch.failures]
+    factor = mpp / engine.nuclei_mpp
+    [msg] = [m for m in caplog.messages if "coarser than the nuclei model" in m]
+    assert str(coarse) in msg and f"{factor:.1f}x coarser" in msg, msg
