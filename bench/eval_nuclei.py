@@ -1,9 +1,10 @@
 """Held-out evaluation of nuclei checkpoints against the Otsu + watershed baseline (resolution study).
 
 ``python bench/eval_nuclei.py CKPT [CKPT ...] --json OUT.json``: for each checkpoint (each carries its
-nuclei MPP) and for the baseline at 0.25 and 0.5 MPP, bPQ / mPQ / Dice / AJI / detection F1 on the
-held-out images of bench/train_default_nuclei.py (scored at the images' own 0.25 MPP grid), and the
-nuclei path's tiles/s and image area/s on this machine.
+nuclei MPP) and for the baseline at 0.25 and 0.5 MPP, bPQ / mPQ / mPQ+ / Dice / AJI / detection F1 and
+per-class PQ and F_c on the held-out images of bench/train_default_nuclei.py, per source (CoNSeP test
+images whole, 1000x1000, as HoVer-Net scores them; scored at the images' own 0.25 MPP grid), beside
+HoVer-Net's published CoNSeP figures, and the nuclei path's tiles/s and image area/s on this machine.
 """
 
 from __future__ import annotations
@@ -21,10 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nuclei_baseline import otsu_watershed  # noqa: E402
-from train_default_nuclei import HELD_OUT  # noqa: E402
+from train_default_nuclei import HELD_OUT, splits  # noqa: E402
 
-from cellvit_optimus.engine.training.datasets import load_consep, load_monuseg, split_by_group  # noqa: E402
 from cellvit_optimus.engine.pipeline.nuclei import NucleiModel, score_predictions, segment_image  # noqa: E402
+
+
+#: HoVer-Net's published figures (Graham et al. 2019, Table 2/4): CoNSeP test (14 images, whole) and
+#: Kumar/MoNuSeg test; class F_c on CoNSeP with the merged classes
+PUBLISHED = {"hovernet": {"consep": {"pq": 0.547, "f1_det": 0.748, "dice": 0.853, "aji": 0.571,
+                                     "f_c": {"other": 0.426, "inflammatory": 0.631, "epithelial": 0.635,
+                                             "spindle-shaped": 0.566}},
+                          "monuseg_kumar": {"pq": 0.597, "dice": 0.826, "aji": 0.618}}}
 
 
 def baseline(samples, mpp: float) -> dict:
@@ -54,10 +62,10 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    _, test = split_by_group(load_consep() + load_monuseg(), HELD_OUT)
+    _, _, test = splits()
     parts = {"all": test, "consep": [s for s in test if s.source == "consep"],
              "monuseg": [s for s in test if s.source == "monuseg"]}
-    out: dict = {"held_out": list(HELD_OUT), "machine": {"cpu": platform.processor() or platform.machine(),
+    out: dict = {"held_out": list(HELD_OUT), "published": PUBLISHED, "machine": {"cpu": platform.processor() or platform.machine(),
                                                          "threads": a.threads}, "results": {}}
     for mpp in (0.25, 0.5):
         out["results"][f"baseline@{mpp}"] = {k: baseline(v, mpp) for k, v in parts.items()}

@@ -141,3 +141,60 @@ def test_nuclei_forward_micro_batch(benchmark, slides_dir, batch_size):
     benchmark.extra_info.update(batch_size=batch_size,
                                 peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     record(benchmark, tiles=len(tiles))
+
+
+#: the commit whose bundled nuclei model (and its OOD / conformal states) the ``triage-model`` group
+#: compares against: the model before issue 27's retraining
+PREVIOUS_MODEL_COMMIT = "685c514"
+_TRIAGE_MODEL_MEANS: dict[str, float] = {}
+
+
+def _previous_model(tmp: os.PathLike[str]) -> dict[str, str] | None:
+    """the previous bundled model and states, written from git history into ``tmp`` (None: no history)"""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = {}
+    for name in ("default_nuclei.safetensors", "default_ood.npz", "default_nuclei_conformal.json"):
+        r = subprocess.run(["git", "-C", str(repo), "show", f"{PREVIOUS_MODEL_COMMIT}:engine/data/{name}"],
+                           capture_output=True)
+        if r.returncode != 0:
+            return None
+        (Path(tmp) / name).write_bytes(r.stdout)
+        out[name] = str(Path(tmp) / name)
+    return out
+
+
+@pytest.mark.benchmark(group="triage-model")
+@pytest.mark.parametrize("model", ["previous", "bundled"])
+def test_triage_warm_previous_vs_bundled_model(benchmark, tmp_path, model):
+    """Warm triage of the bundled slide at the model's own resolution (Numba compiled, model loaded, a
+    fresh output folder each round) with the previous bundled model and with today's, each with its own
+    safety states: ``extra_info['bundled_over_previous']`` is the ratio of mean times (issue 27: <= 1.5)."""
+    from cellvit_optimus.engine.triage.engine import Engine, TriageConfig
+    from cellvit_optimus.safety import SafetyConfig
+
+    if model == "previous":
+        prev = _previous_model(tmp_path)
+        if prev is None:
+            pytest.skip(f"the previous model (git {PREVIOUS_MODEL_COMMIT}) is not in this checkout's history")
+        engine = Engine(TriageConfig(safety=SafetyConfig(ood_state_path=prev["default_ood.npz"],
+                                                         conformal_state_path=prev["default_nuclei_conformal.json"])),
+                        nuclei_weights=prev["default_nuclei.safetensors"])
+    else:
+        engine = Engine(TriageConfig())
+    runs = iter(range(100))
+
+    def once():
+        batch = engine.run([bundled_slide()], tmp_path / f"run{next(runs)}")
+        assert batch.status == "complete", batch.failures
+        return batch.results[0]
+
+    res = benchmark.pedantic(once, rounds=3, warmup_rounds=1)
+    benchmark.extra_info.update(model=model, nuclei=res.nuclei, tag=res.tag)
+    mean = record(benchmark, tiles=res.tiles)
+    if mean is not None:
+        _TRIAGE_MODEL_MEANS[model] = mean
+        if model == "bundled" and "previous" in _TRIAGE_MODEL_MEANS:
+            benchmark.extra_info["bundled_over_previous"] = round(mean / _TRIAGE_MODEL_MEANS["previous"], 3)

@@ -61,7 +61,8 @@ def type_priors(train, num_classes: int) -> tuple[dict[int, int], list[float]]:
 
 
 def tune_types(model, val, base: dict, priors: list[float]) -> tuple[list[dict], dict]:
-    """score each tau of TAUS on top of ``base`` (a post-processing dict); the best VAL CoNSeP mPQ wins"""
+    """score each tau of TAUS on top of ``base`` (a post-processing dict); the best VAL CoNSeP mPQ+ wins
+    (CoNIC's pooled mPQ, what the held-out CoNSeP images are scored by)"""
     from cellvit_optimus.engine.pipeline.nuclei import PostProcessConfig
 
     rows = []
@@ -71,7 +72,7 @@ def tune_types(model, val, base: dict, priors: list[float]) -> tuple[list[dict],
         rows.append({"post": kw, **r})
         print(json.dumps(rows[-1]), flush=True)
     # max() keeps the first of equal keys: TAUS is ascending, so a tie goes to the smaller tau
-    best = max(rows, key=lambda r: r["consep"]["mpq"])
+    best = max(rows, key=lambda r: r["consep"]["mpq_plus"])
     return rows, best
 
 
@@ -84,7 +85,7 @@ def score(model, val, post) -> dict:
         idx = [i for i, s in enumerate(val) if s.source == src]
         r = score_predictions([val[i] for i in idx], [preds[i].inst_map for i in idx],
                               [preds[i].types_lut for i in idx], model.num_classes)
-        out[src] = {k: r[k] for k in ("bpq", "mpq", "f1_det")}
+        out[src] = {k: r.get(k) for k in ("bpq", "mpq", "mpq_plus", "f1_det")}
     per = list(out.values())
     out["mean_bpq"] = round(sum(v["bpq"] for v in per) / len(per), 4)
     out["mean_f1"] = round(sum(v["f1_det"] for v in per) / len(per), 4)
@@ -111,11 +112,11 @@ def stamp(src: str, dst: str, post: dict, note: str) -> None:
 
 
 def checkpoint_val_set(model) -> str:
-    """the VAL_SETS name of the images the checkpoint's training run kept out for validation (v1 when its
-    record names none, as older runs' records do); an unknown list is an error, not a silent v1"""
+    """the VAL_SETS name of the images the checkpoint's training run kept out for validation; a record
+    without them (runs before the v3 split) or an unknown list is an error, never a silent default"""
     val = json.loads(model.metadata.get("extra", "{}")).get("val")
     if not val:
-        return "v1"
+        raise SystemExit("the checkpoint's record names no validation images; pass --val-set")
     for name, groups in VAL_SETS.items():
         if sorted(groups) == sorted(val):
             return name
@@ -134,13 +135,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--val-set", default=None, choices=tuple(VAL_SETS),
                     help="train_default_nuclei.VAL_SETS name; default: the checkpoint's own (its record's "
-                         "val images), else v1")
+                         "val images)")
     ap.add_argument("--only-types", action="store_true",
                     help="keep the checkpoint's stamped post-processing, tune type_prior_tau only")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = NucleiModel(a.checkpoint)
-    train, val, _ = splits(a.val_set or checkpoint_val_set(model))
+    train, val, _ = splits(a.val_set or checkpoint_val_set(model), held_out=False)
     counts, priors = type_priors(train, model.num_classes)
     print("training CoNSeP instances per class", counts, priors, flush=True)
     cache: dict[str, object] = {}

@@ -278,3 +278,25 @@ def test_type_prior_flips_the_vote_it_should_and_tau_0_changes_nothing(model, he
     stamped = PostProcessConfig(type_priors=[0.04127299850820487, 0.04574838388861263,
                                              0.48483341621084036, 0.42814520139234213])
     assert PostProcessConfig(type_priors=list(stamped.type_priors)) == stamped
+
+
+def test_cells_of_a_40x_image_are_outlined_at_its_own_resolution(model, nuclei_dir):
+    """issue 27: a 40x image (CoNSeP test_1, 0.25 um/px) under the 0.5 um/px model: the outlines follow the
+    model's probability upsampled to the image, not the model's 2-pixel grid (before: 0.1 % of the contour
+    vertices off that grid; measured 39 % after), and no nucleus is lost or added by the reshaping"""
+    from cellvit_optimus.engine.pipeline import nuclei as nuclei_mod
+
+    s = load_consep(nuclei_dir, whole=True)[0]
+    r = segment_image(s.image, s.mpp, model)
+    v = np.concatenate([np.asarray(c) for c in r.table.contours])
+    assert np.mean(v % 2 != 0) > 0.2
+    # the same run with the reshaping switched off: the staircase, and the same nuclei
+    orig = nuclei_mod.refine_upsampled
+    try:
+        nuclei_mod.refine_upsampled = lambda label, prob, threshold, factor: label
+        r0 = segment_image(s.image, s.mpp, model)
+    finally:
+        nuclei_mod.refine_upsampled = orig
+    v0 = np.concatenate([np.asarray(c) for c in r0.table.contours])
+    assert np.mean(v0 % 2 != 0) < 0.01
+    assert len(r.table) == len(r0.table)
