@@ -219,13 +219,13 @@ def segment(images, mpp, out_dir, model_path, backbone_weights, overlap, device)
     """Segment and classify nuclei in plain IMAGES (PNG/JPEG/TIFF, any size).
 
     Writes <stem>_instances.npy (int32 ids), <stem>_types.npy (class ids) and <stem>_cells.geojson
-    (QuPath detections) per image into OUT.
+    (QuPath detections) per image into OUT; a stem two inputs share gets a tag of each one's path.
     """
     missing = [name for name in images if not Path(name).is_file()]
     if len(missing) == len(images):  # nothing to do: fail now, not after loading the model
         raise click.BadParameter(f"{', '.join(missing)}: no such file", param_hint="IMAGES")
     from cellvit_optimus.engine.geojson import cells_to_geojson, write_geojson
-    from cellvit_optimus.engine.io import atomic_path
+    from cellvit_optimus.engine.io import atomic_path, output_names
     from cellvit_optimus.engine.pipeline.nuclei import NucleiModel, segment_image
     from cellvit_optimus.engine.training.datasets import read_image
 
@@ -236,22 +236,26 @@ def segment(images, mpp, out_dir, model_path, backbone_weights, overlap, device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ok = bad = 0
+    # triage's rule: a stem two inputs share gets each one's path tag, so neither overwrites the other
+    stems = output_names([Path(n) for n in images])
     for name in images:
         p = Path(name)
+        stem = stems[str(p)]
         try:
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: not found")
             img = read_image(p)
             res = segment_image(img, mpp, model, overlap=overlap)
             for suffix, arr in (("instances", res.inst_map), ("types", res.type_map)):
-                with atomic_path(out / f"{p.stem}_{suffix}.npy") as tmp:
+                with atomic_path(out / f"{stem}_{suffix}.npy") as tmp:
                     with open(tmp, "wb") as fh:
                         import numpy as np
 
                         np.save(fh, arr)
-            write_geojson(out / f"{p.stem}_cells.geojson",
+            write_geojson(out / f"{stem}_cells.geojson",
                           cells_to_geojson(res.table, res.profile, extra_properties=None, mpp=mpp))
-            click.echo(f"{p.name}: {len(res.table)} nuclei, {res.tiles} tiles, {res.seconds:.1f} s", err=True)
+            shown = f"{p.name} -> {stem}" if stem != p.stem else p.name
+            click.echo(f"{shown}: {len(res.table)} nuclei, {res.tiles} tiles, {res.seconds:.1f} s", err=True)
             ok += 1
         except (OptimusError, OSError, ValueError) as exc:
             click.echo(f"{p}: failed ({exc})", err=True)

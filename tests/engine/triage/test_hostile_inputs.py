@@ -254,8 +254,6 @@ def test_the_resume_key_samples_every_tile(tmp_path, slides_dir):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="segment lives in engine/training/cli.py, owned by the training "
-                   "line of work: it must name outputs with io.output_names (see the issue 28 report)")
 def test_segment_outputs_of_two_images_with_one_name_do_not_overwrite_each_other(tmp_path, nuclei_dir):
     from click.testing import CliRunner
     from PIL import Image
