@@ -148,3 +148,17 @@ def write_stripped_tiff(path: Path, width: int, height: int, rows: Iterator[np.n
         f.seek(4)
         f.write(struct.pack("<I", ifd))
     return path
+
+
+def flipped_cmu(path: Path, slides_dir: Path) -> Path:
+    """another real slide of the same size class: CMU-1-Small-Region's pixels mirrored, written as a tiled
+    JPEG TIFF with its MPP (a second, different real slide for batch and naming tests)"""
+    import tifffile
+    from cellvit_optimus.engine.wsi.slide import open_slide
+
+    with open_slide(slides_dir / "cmu-1-small-region.svs") as s:
+        img = s.read_region((0, 0), 0, s.dimensions)[:, ::-1].copy()
+        mpp = s.mpp[0]
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="jpeg",
+                     resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    return path

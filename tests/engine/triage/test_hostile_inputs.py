@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bigslide import flipped_cmu
 
 from cellvit_optimus.engine.triage.engine import Engine, TriageConfig
 
@@ -38,17 +39,6 @@ def engine():
     return Engine(TriageConfig(**COARSE, shadow_slides=0))
 
 
-def _flipped_cmu(path: Path, slides_dir: Path) -> Path:
-    """another real slide of the same size class: CMU-1's pixels mirrored, a tiled JPEG TIFF with its MPP"""
-    import tifffile
-    from cellvit_optimus.engine.wsi.slide import open_slide
-
-    with open_slide(slides_dir / CMU) as s:
-        img = s.read_region((0, 0), 0, s.dimensions)[:, ::-1].copy()
-        mpp = s.mpp[0]
-    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="jpeg",
-                     resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
-    return path
 
 
 def _delivered(out: Path, name: str) -> dict[str, bytes]:
@@ -130,7 +120,7 @@ def test_a_path_through_a_link_and_dotdot_triages_the_file_the_os_reads(tmp_path
     deep.mkdir(parents=True)
     (tmp_path / "a" / "lnk").symlink_to(deep)
     real = shutil.copy(slides_dir / CMU, tmp_path / "deep" / "x.svs")
-    _flipped_cmu(tmp_path / "x.svs", slides_dir)  # what "a/lnk/../../x.svs" names as text
+    flipped_cmu(tmp_path / "x.svs", slides_dir)  # what "a/lnk/../../x.svs" names as text
     given = f"{tmp_path}/a/lnk/../../x.svs"
     [r] = engine.run([given], tmp_path / "out").results
     [ref] = engine.run([real], tmp_path / "ref").results
@@ -176,7 +166,7 @@ def test_outputs_of_another_slide_are_never_replaced_by_a_later_batch(tmp_path, 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     a = shutil.copy(slides_dir / CMU, tmp_path / "a" / "x.svs")
-    b = _flipped_cmu(tmp_path / "b" / "x.svs", slides_dir)
+    b = flipped_cmu(tmp_path / "b" / "x.svs", slides_dir)
     out = tmp_path / "out"
     [ra] = engine.run([a], out).results
     assert ra.name == "x"
@@ -203,7 +193,7 @@ def test_feature_files_of_another_slide_are_never_replaced_by_a_later_extract(tm
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     a = shutil.copy(slides_dir / CMU, tmp_path / "a" / "x.svs")
-    b = _flipped_cmu(tmp_path / "b" / "x.svs", slides_dir)
+    b = flipped_cmu(tmp_path / "b" / "x.svs", slides_dir)
     out = tmp_path / "out"
     [da] = extract_features([a], out, runner, cfg)
     before = (out / "features" / "x.h5").read_bytes()
@@ -304,7 +294,7 @@ def build_fuzz_set(root: Path, slides_dir: Path) -> tuple[list[str], dict[str, s
     (f / "a").mkdir()
     (f / "b").mkdir()
     shutil.copy(slides_dir / CMU, f / "a" / "x.svs")
-    _flipped_cmu(f / "b" / "x.svs", slides_dir)
+    flipped_cmu(f / "b" / "x.svs", slides_dir)
     expect["x.svs"] = "done"  # twice, under two names
     tissue = np.concatenate([r.copy() for r in tissue_rows(2000, 1500, slides_dir / CMU)])
     tifffile.imwrite(f / "strip.tif", tissue, photometric="rgb", compression="deflate", resolution=(2e4, 2e4),

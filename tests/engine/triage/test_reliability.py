@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bigslide import flipped_cmu
 from cellvit_optimus.engine.errors import WeightsError
 from cellvit_optimus.engine.triage.engine import Engine, TriageConfig
 
@@ -35,17 +36,6 @@ def engine():
     return Engine(TriageConfig(**COARSE))
 
 
-def _flipped_cmu(path: Path, slides_dir: Path) -> Path:
-    """another real image of the same kind: CMU-1's pixels mirrored, as a tiled JPEG TIFF with its MPP"""
-    import tifffile
-    from cellvit_optimus.engine.wsi.slide import open_slide
-
-    with open_slide(slides_dir / CMU) as s:
-        img = s.read_region((0, 0), 0, s.dimensions)[:, ::-1].copy()
-        mpp = s.mpp[0]
-    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="jpeg",
-                     resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
-    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,7 +129,7 @@ def test_replaced_slide_is_recomputed_not_served_from_cache(tmp_path, slides_dir
     first = engine.run([slide], out).results[0]
     assert not first.cached
 
-    flipped = _flipped_cmu(tmp_path / "flipped.tif", slides_dir)
+    flipped = flipped_cmu(tmp_path / "flipped.tif", slides_dir)
     shutil.copy(flipped, slide)  # another image under the same name
     again = engine.run([slide], out)
     assert again.status == "complete"
