@@ -322,7 +322,10 @@ def _digest(out: Path, names: list[str]) -> dict[str, str]:
             d[f"{n}/{p.name}"] = hashlib.sha256(data).hexdigest()
         d[f"features/{n}.h5"] = hashlib.sha256((out / "features" / f"{n}.h5").read_bytes()).hexdigest()
     rows = json.loads((out / "worklist.json").read_text())["slides"]
-    d["worklist"] = json.dumps([{k: v for k, v in r.items() if k != "path"} for r in rows], sort_keys=True)
+    # a slide finished before the kill is reused by the rerun: its status says "cached" where the
+    # uninterrupted run says "done" (issue 30's one word); every other field must be the same
+    d["worklist"] = json.dumps([{k: ("done" if k == "status" and v == "cached" else v) for k, v in r.items()
+                                 if k != "path"} for r in rows], sort_keys=True)
     return d
 
 
