@@ -289,7 +289,10 @@ def test_ctrl_c_exits_130_with_the_worklist_written(tmp_path, slides_dir):
     # the bundled slide at its model's resolution: 123 tiles, about a minute on 2 cores, so never done in time
     args = [str(cli_path), "triage", str(slides_dir / "cmu-1-small-region.svs"), "--out", str(out),
             "--shadow-slides", "0"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    # the child starts with Ctrl-C's default action, as in a terminal: a test run launched in the background
+    # (`cmd &` in a script) ignores SIGINT, the child would inherit that and Python keeps an ignored SIGINT
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not (out / ".optimus.lock").exists() and time.monotonic() < deadline and proc.poll() is None:
