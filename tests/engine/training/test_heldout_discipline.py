@@ -19,12 +19,11 @@ from PIL import Image
 
 from bench_scripts import BENCH, bench_script
 
-#: scripts whose outputs ship: the weights and their post-processing. The safety states' scripts join when
-#: the retrained model ships with states refitted for it (issue 27): today bench/fit_default_ood.py reads
-#: every MoNuSeg image (leaving the three held-out ones out cost the shipped state its IHC separation,
-#: 79 % -> 45 % of IHC tiles out of domain) and bench/fit_nucleus_conformal.py calibrates the bundled
-#: model on CoNSeP test_2, which the bundled model never trained on but the v3 split holds out
-FITTING_SCRIPTS = ("train_default_nuclei", "tune_postprocess")
+#: scripts whose outputs ship: the weights, their post-processing and the nucleus-type calibration.
+#: bench/fit_default_ood.py joins when the retrained model ships with an OOD state refitted for it
+#: (issue 27): today it reads every MoNuSeg image (leaving the three held-out ones out cost the shipped
+#: state its IHC separation, 79 % -> 45 % of IHC tiles out of domain)
+FITTING_SCRIPTS = ("train_default_nuclei", "tune_postprocess", "fit_nucleus_conformal")
 
 
 @pytest.fixture
@@ -72,10 +71,17 @@ def test_training_and_tuning_data_read_no_held_out_image(reads, nuclei_dir):
     assert set(reads) & held_out_files(nuclei_dir)
 
 
+def test_the_conformal_calibration_reads_validation_images_only(reads, nuclei_dir):
+    samples = bench_script("fit_nucleus_conformal").calibration_samples()
+    val = [g for g in bench_script("train_default_nuclei").VAL if g.startswith("consep/")]
+    assert sorted(s.group for s in samples) == sorted(val) and len(samples) == 4
+    assert reads and not set(reads) & held_out_files(nuclei_dir)
+
+
 def test_fitting_scripts_load_their_data_only_through_the_checked_functions():
     """every ``splits(...)`` call in the fitting scripts passes ``held_out=False``, and none calls a raw
     loader (load_consep / load_monuseg / in_domain) outside the functions checked above"""
-    checked = {"all_samples", "splits", "consep_val_draw"}
+    checked = {"all_samples", "splits", "consep_val_draw", "calibration_samples"}
 
     def calls(node, inside=()):
         for child in ast.iter_child_nodes(node):
