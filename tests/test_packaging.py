@@ -83,7 +83,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 
     readme = (REPO / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
-    [test_cmd] = [b for b in blocks if "pytest tests bench" in b]
+    [test_cmd] = [b for b in blocks if "pytest -n 2 --dist loadfile tests bench" in b]
     steps = [s.strip() for s in test_cmd.split("&&")][2:]  # after venv creation and activation
     ci = re.sub(r"\s*\\\n\s*", " ", (REPO / ".ci" / "run").read_text())
     ci_steps = [s.strip().replace(" -q", "") for s in re.search(r"\n(pip install -q .*?) \|\| status", ci).group(1).split("&&")]
