@@ -382,7 +382,7 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
     bad = [r for r in results if isinstance(r, Failure)]
     for r in ok:
         click.echo(f"{'cached' if r.cached else 'done  '} {escape_path(r.path)}: {r.tiles} tiles -> "
-                   f"{escape_path(r.info.get('features') or '')}")
+                   f"{escape_path(str(r.consumer_facts.get('features') or ''))}")
     for f in bad:
         click.echo(f"FAILED {f.message}", err=True)
     if clam_layout and ok:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from cellvit_optimus.engine.errors import OutputLockedError, OutputWriteError
+from cellvit_optimus.engine.jsondoc import FileDigest
 
 __all__ = ("AtomicFile", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "atomic_write_png", "clean_stale_temporaries", "TMP_PREFIX", "RUN_ID", "RESERVED_NAMES",
@@ -264,7 +265,7 @@ def escape_path(path: str | os.PathLike[str]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 20) -> dict[str, Any]:
+def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 20) -> FileDigest:
     """``{"bytes": size, "sha256": hex}`` of a file, read in chunks (bounded memory)"""
     h = hashlib.sha256()
     n = 0

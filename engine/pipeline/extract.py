@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError
+from cellvit_optimus.engine.jsondoc import JsonDict
 from cellvit_optimus.engine.pipeline.features import (FeatureWriter, cache_key, coords_attributes, preprocessing_hash,
                        verify_features)
 # the read path moved to readpath.py; its names stay importable from here (public API)
 from cellvit_optimus.engine.pipeline.readpath import DECODERS, Decoder, TileReadPath, job_fingerprint, open_job_for
-from cellvit_optimus.engine.pipeline.scheduler import (BatchOutput, Progress, SchedulerConfig, SlideDone, SlideJob,
-                                                       TileBatch, run_pipeline)
+from cellvit_optimus.engine.pipeline.scheduler import (BatchOutput, ConsumerFacts, Progress, SchedulerConfig,
+                                                       SlideDone, SlideJob, TileBatch, run_pipeline)
 from cellvit_optimus.engine.wsi.tissue import TilingConfig, TissueConfig
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ class FeatureConsumer:
         emb = emb.detach().float().cpu().numpy() if hasattr(emb, "detach") else np.asarray(emb, np.float32)
         self.writer.write(batch.indices, emb, batch.quality)
 
-    def finish(self, job: SlideJob) -> dict[str, Any]:
+    def finish(self, job: SlideJob) -> ConsumerFacts:
         return {"features": str(self.writer.commit())}
 
     def abort(self, job: SlideJob) -> None:
@@ -87,7 +88,7 @@ class FeatureExtractor:
     """scheduler fan-out for feature files: cache check per slide, one streaming writer per slide"""
 
     def __init__(self, out_dir: str | os.PathLike[str], config: ExtractConfig, backbone_id: str,
-                 weights_hash: str, embed_dim: int, normalisation: dict[str, Any], version: str) -> None:
+                 weights_hash: str, embed_dim: int, normalisation: JsonDict, version: str) -> None:
         self.out_dir = Path(out_dir)
         self.config = config
         self.backbone_id = backbone_id
@@ -106,13 +107,13 @@ class FeatureExtractor:
                          preprocessing=self.preprocessing, slide=job_fingerprint(job),
                          version=self.version)
 
-    def prepare(self, job: SlideJob) -> dict[str, Any] | None:
+    def prepare(self, job: SlideJob) -> ConsumerFacts | None:
         import h5py
 
         from cellvit_optimus.engine.io import move_aside
 
         key = self.key_for(job)
-        job.info["cache_key"] = key
+        job.note(cache_key=key)
         dest = self.path_for(job)
         if not dest.exists():
             return None
@@ -146,13 +147,13 @@ class FeatureExtractor:
             "backbone": self.backbone_id,
             "weights_hash": self.weights_hash,
             "preprocessing_hash": preprocessing_hash(self.preprocessing),
-            "cache_key": job.info["cache_key"],
+            "cache_key": job.facts.cache_key,
             "slide_fingerprint": job_fingerprint(job),
             # escaped: HDF5 strings are UTF-8, a file name need not be (io.escape_path)
             "slide_name": escape_path(job.path.name),
             "slide_path": escape_path(job.path),  # whose outputs these are (io.output_names)
             "package_version": self.version,
-            "decoder": job.info.get("decoder", "slide"),
+            "decoder": job.facts.decoder or "slide",
         }
         arrays = {"coords": grid.coords.astype(np.int64), "grid_index": grid.grid_index.astype(np.int64),
                   "tissue_fraction": grid.tissue_fraction, "artefact_fraction": grid.artefact_fraction}
@@ -175,7 +176,7 @@ def build_extractor(runner: BackboneRunner, out_dir: str | os.PathLike[str], con
     valid, and extraction's caches written without a normaliser are recomputed once.)"""
     from cellvit_optimus.engine import __version__
 
-    norm: dict[str, Any] = {"mean": list(runner.preset.mean), "std": list(runner.preset.std), "dtype": runner.dtype}
+    norm: JsonDict = {"mean": list(runner.preset.mean), "std": list(runner.preset.std), "dtype": runner.dtype}
     if runner.stain_norm is not None:
         norm["stain_norm"] = getattr(runner.stain_norm, "__name__", None)
     return FeatureExtractor(Path(out_dir), config, runner.preset.name, runner.weights_id, runner.embed_dim, norm,

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError
+from cellvit_optimus.engine.jsondoc import JsonDict
 
 __all__ = ("FeatureWriter", "read_features", "cache_key", "slide_fingerprint", "cached", "verify_features",
            "feature_owner", "coords_attributes", "write_clam_layout", "write_trident_layout", "FEATURE_SCHEMA")
@@ -135,7 +136,7 @@ def _canonical(obj: Any) -> Any:
     return obj
 
 
-def cache_key(*, backbone: str, weights_hash: str, preprocessing: dict[str, Any], slide: str,
+def cache_key(*, backbone: str, weights_hash: str, preprocessing: JsonDict, slide: str,
               version: str) -> str:
     """the versioned cache key: backbone + weights + preprocessing (incl. resolution) + version + slide"""
     doc = {"schema": FEATURE_SCHEMA, "backbone": backbone, "weights": weights_hash,
@@ -143,7 +144,7 @@ def cache_key(*, backbone: str, weights_hash: str, preprocessing: dict[str, Any]
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def preprocessing_hash(preprocessing: dict[str, Any]) -> str:
+def preprocessing_hash(preprocessing: JsonDict) -> str:
     return hashlib.sha256(json.dumps(_canonical(preprocessing), sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -158,7 +159,7 @@ def _magnification(mpp: float) -> np.int64 | np.float64:
 
 def coords_attributes(*, name: str, tile_size: int, target_mpp: float, level0_size: tuple[int, int],
                       stride: tuple[int, int], slide_dimensions: tuple[int, int],
-                      mpp: tuple[float, float] | None) -> dict[str, Any]:
+                      mpp: tuple[float, float] | None) -> JsonDict:
     """attributes of the ``coords`` dataset, with the names and dtypes Trident and CLAM read there
 
     Trident (``coords`` attributes of its patch-feature files): ``patch_size`` (pixels at the target
@@ -267,8 +268,8 @@ class FeatureWriter:
     Host memory stays at one batch: nothing is accumulated here.
     """
 
-    def __init__(self, dest: str | os.PathLike[str], n_tiles: int, dim: int, attrs: dict[str, Any],
-                 arrays: dict[str, np.ndarray], array_attrs: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(self, dest: str | os.PathLike[str], n_tiles: int, dim: int, attrs: JsonDict,
+                 arrays: dict[str, np.ndarray], array_attrs: dict[str, JsonDict] | None = None) -> None:
         import h5py
 
         if n_tiles < 0 or dim <= 0:
@@ -286,7 +287,7 @@ class FeatureWriter:
         chunk_rows = max(1, min(n_tiles, 256))
         self._feat = self._f.create_dataset("features", shape=(n_tiles, dim), dtype="float32",
                                             chunks=(chunk_rows, dim) if n_tiles else None, track_times=False)
-        self._quality: dict[str, Any] = {}
+        self._quality: JsonDict = {}
         for name, arr in arrays.items():
             ds = self._f.create_dataset(name, data=arr, track_times=False)
             for k, v in (array_attrs or {}).get(name, {}).items():
@@ -357,9 +358,9 @@ class FeatureFile:
 
     features: np.ndarray
     coords: np.ndarray
-    attrs: dict[str, Any]
+    attrs: JsonDict
     arrays: dict[str, np.ndarray]
-    coords_attrs: dict[str, Any] = field(default_factory=dict)
+    coords_attrs: JsonDict = field(default_factory=dict)
 
 
 def _plain(v: Any) -> Any:

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError, WeightsError
+from cellvit_optimus.engine.jsondoc import JsonDict
 
 __all__ = (
     "DEFAULT_OVERLAP",
@@ -118,7 +119,7 @@ class PostProcessConfig:
         """:attr:`min_area_um2` in square pixels at ``mpp`` microns per pixel."""
         return self.min_area_um2 / (mpp * mpp)
 
-    def kernel_kwargs(self) -> dict[str, Any]:
+    def kernel_kwargs(self) -> JsonDict:
         """keyword arguments for :func:`cellvit_optimus.kernels.hv_to_instances`"""
         return {"mode": self.mode, "np_threshold": self.np_threshold, "min_object_size": self.min_object_size,
                 "sobel_ksize": self.sobel_ksize, "marker_threshold": self.marker_threshold,
@@ -521,7 +522,7 @@ def segment_image(image: np.ndarray, mpp: float, model: NucleiModel, tile: int |
 
 
 def evaluate(model: NucleiModel, samples: Sequence[Any], post: PostProcessConfig | None = None,
-             overlap: int = DEFAULT_OVERLAP) -> dict[str, Any]:
+             overlap: int = DEFAULT_OVERLAP) -> JsonDict:
     """bPQ, mPQ (over samples with types), Dice, AJI and detection F1 of ``model`` on annotated samples
     (``engine.datasets.NucleiSample``), scored at the samples' own resolution; plus tiles/s."""
     preds, n_tiles, secs = [], 0, 0.0
@@ -550,7 +551,7 @@ def _centroids(inst: np.ndarray) -> np.ndarray:
 
 
 def score_predictions(samples: Sequence[Any], pred_maps: Sequence[np.ndarray],
-                      pred_types: Sequence[np.ndarray] | None, num_classes: int) -> dict[str, Any]:
+                      pred_types: Sequence[np.ndarray] | None, num_classes: int) -> JsonDict:
     """The metrics of :func:`evaluate` for given predictions (used for baselines too).
 
     ``bpq`` / ``dice`` / ``aji``: per-image means; ``mpq``: PanNuke-style over the samples with types,
@@ -567,7 +568,7 @@ def score_predictions(samples: Sequence[Any], pred_maps: Sequence[np.ndarray],
     for s, t, p in zip(samples, trues, preds):
         d = detection_scores(_centroids(t), _centroids(p), radius=12.0 * 0.25 / s.mpp)
         tp, fp, fn = tp + d.tp, fp + d.fp, fn + d.fn
-    res: dict[str, Any] = {
+    res: JsonDict = {
         "n_images": len(samples),
         "bpq": round(bpq(trues, preds), 4),
         "mpq": None,
@@ -591,7 +592,7 @@ def score_predictions(samples: Sequence[Any], pred_maps: Sequence[np.ndarray],
 
 
 def _per_class(trues: Sequence[np.ndarray], preds: Sequence[np.ndarray], true_luts: Sequence[np.ndarray],
-               pred_luts: Sequence[np.ndarray], mpps: Sequence[float], num_classes: int) -> dict[str, Any]:
+               pred_luts: Sequence[np.ndarray], mpps: Sequence[float], num_classes: int) -> JsonDict:
     """Per class id: ground-truth count, recall (found *and* given this class), HoVer-Net F_c and PQ."""
     from cellvit_optimus.kernels import detection_scores, mpq, pair_centroids
 
@@ -617,7 +618,7 @@ def _per_class(trues: Sequence[np.ndarray], preds: Sequence[np.ndarray], true_lu
     # one radius for the F_c pooling: the samples of one evaluation share a resolution
     f_c = detection_scores(ta, pa, tt, pt, radius=12.0 * 0.25 / float(np.mean(mpps)),
                            classes=range(1, num_classes + 1)).type_f1
-    out: dict[str, Any] = {}
+    out: JsonDict = {}
     for c in range(1, num_classes + 1):
         pq_c = mpq(trues, preds, true_luts, pred_luts, classes=[c])
         pq_plus = mpq(trues, preds, true_luts, pred_luts, classes=[c], mode="aggregate")

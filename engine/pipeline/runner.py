@@ -45,6 +45,7 @@ from cellvit_optimus.heads.backbone import Backbone, BackbonePreset, build_backb
 from torch import nn
 
 from cellvit_optimus.engine.errors import BackendUnavailableError, ConfigError
+from cellvit_optimus.engine.jsondoc import JsonDict
 from cellvit_optimus.engine.pipeline.timing import DeviceSpan, StageTimes
 
 __all__ = (
@@ -422,7 +423,7 @@ class BackboneRunner:
         self.stain_norm = stain_norm
         self.tokens = bool(tokens)
         self.stats = RunnerStats()
-        self.probe: dict[str, Any] | None = None  # memory fit from the batch-size probe (CUDA)
+        self.probe: JsonDict | None = None  # memory fit from the batch-size probe (CUDA)
         #: device time per stage (CUDA events on the runner's stream; the wall clock on the CPU)
         self.stage_times = StageTimes()
         self._lock = threading.Lock()

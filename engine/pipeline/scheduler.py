@@ -37,13 +37,15 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError, OptimusError
+from cellvit_optimus.engine.wsi.facts import SlideFacts
 
 if TYPE_CHECKING:
     from cellvit_optimus.engine.wsi.inspect import Failure
@@ -51,12 +53,16 @@ if TYPE_CHECKING:
     from cellvit_optimus.engine.wsi.tissue import TileGrid, TissueMask
 
 __all__ = ("SchedulerConfig", "SlideJob", "BatchOutput", "TileBatch", "SlideConsumer", "ConsumerFactory",
-           "Progress", "SlideDone", "run_pipeline")
+           "Progress", "SlideDone", "ConsumerFacts", "run_pipeline")
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often a thread blocked on a full/empty hand-off queue checks for cancellation
-_TIMINGS_LOCK = threading.Lock()  # reader threads add to one slide's timings at once
+_TIMINGS_LOCK = threading.Lock()  # reader threads add to one slide's timings (and facts) at once
+
+#: what a consumer's ``finish`` (or a factory's cache hit) adds to a slide's result: named public
+#: facts, e.g. ``{"features": "<the feature file>"}``; shown in :attr:`SlideDone.info`
+ConsumerFacts = Mapping[str, object]
 
 
 def _add_time(job: SlideJob, key: str, seconds: float) -> None:
@@ -94,9 +100,16 @@ class SlideJob:
     failed: BaseException | None = None
     started: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
+    facts: SlideFacts = field(default_factory=SlideFacts)
     reader: Any = None  # a per-slide tile reader beside the slide (the GPU read path), closed with it
     mask: TissueMask | None = None  # the tissue mask, kept by openers asked to (overview images need it)
+
+    def note(self, **changes: Any) -> SlideFacts:
+        """record facts about the slide (fields of :class:`SlideFacts`): ``facts`` is replaced by a new
+        record, under a lock, since reader threads add to it while others read it"""
+        with _TIMINGS_LOCK:
+            self.facts = replace(self.facts, **changes)
+            return self.facts
 
     def close(self) -> None:
         """close the slide and its tile reader (idempotent)"""
@@ -139,7 +152,7 @@ class SlideConsumer(Protocol):
 
     def on_batch(self, batch: TileBatch) -> None: ...
 
-    def finish(self, job: SlideJob) -> dict[str, Any]: ...  # returns facts merged into the slide result
+    def finish(self, job: SlideJob) -> ConsumerFacts: ...  # returns facts merged into the slide result
 
     def abort(self, job: SlideJob) -> None: ...
 
@@ -147,7 +160,7 @@ class SlideConsumer(Protocol):
 class ConsumerFactory(Protocol):
     """per slide: either a finished result (cache hit: nothing to compute) or the consumers to feed"""
 
-    def prepare(self, job: SlideJob) -> dict[str, Any] | None: ...
+    def prepare(self, job: SlideJob) -> ConsumerFacts | None: ...
 
     def consumers(self, job: SlideJob) -> list[SlideConsumer]: ...
 
@@ -167,16 +180,24 @@ class Progress:
 
 @dataclass
 class SlideDone:
-    """a slide that went through every stage (or was served from the cache); ``info`` holds public
-    facts only (the opener's, the factory's cache hit, the consumers' ``finish``): per-slide state a
-    factory needs afterwards it keeps itself, by ``index``"""
+    """a slide that went through every stage (or was served from the cache)
+
+    ``facts`` is what the slide carried through the run (:class:`SlideFacts`); ``consumer_facts`` what
+    the factory's cache hit or the consumers' ``finish`` added (public facts only, e.g. ``features``);
+    per-slide state a factory needs afterwards it keeps itself, by ``index``."""
 
     index: int
     path: str
     tiles: int
     cached: bool
     timings: dict[str, float]
-    info: dict[str, Any]
+    facts: SlideFacts = field(default_factory=SlideFacts)
+    consumer_facts: ConsumerFacts = field(default_factory=dict)
+
+    @property
+    def info(self) -> dict[str, object]:
+        """``facts`` and ``consumer_facts`` as one plain mapping (with :meth:`SlideFacts.as_info`'s keys)"""
+        return {**self.facts.as_info(), **self.consumer_facts}
 
 
 class _Pipeline:
@@ -229,12 +250,12 @@ class _Pipeline:
         self.active.pop(job.index, None)
         try:
             if ok and job.failed is None:
-                info: dict[str, Any] = {}
+                added: dict[str, object] = {}
                 for c in job.consumers:
-                    info.update(await anyio.to_thread.run_sync(c.finish, job, limiter=self.consume_limiter))
+                    added.update(await anyio.to_thread.run_sync(c.finish, job, limiter=self.consume_limiter))
                 job.timings["total_s"] = time.perf_counter() - job.started
                 await self.result_send.send(SlideDone(job.index, str(job.path), len(job.grid) if job.grid else 0,
-                                                      False, job.timings, {**job.info, **info}))
+                                                      False, job.timings, job.facts, added))
             else:
                 for c in job.consumers:
                     await anyio.to_thread.run_sync(c.abort, job, limiter=self.consume_limiter)
@@ -274,9 +295,10 @@ class _Pipeline:
                 job.close()
                 self.slides_done += 1
                 self.slide_slots.release()
-                n = len(job.grid) if job.grid is not None else int(hit.get("tiles", 0))
+                tiles = hit.get("tiles", 0)  # an opener that lays no grid may name the count
+                n = len(job.grid) if job.grid is not None else int(tiles) if isinstance(tiles, int) else 0
                 await self.result_send.send(SlideDone(job.index, str(job.path), n, True, job.timings,
-                                                      {**job.info, **hit}))
+                                                      job.facts, dict(hit)))
                 self.report(job.path.name)
                 return False
             job.consumers = await anyio.to_thread.run_sync(self.factory.consumers, job,

@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cellvit_optimus.engine.errors import BackendUnavailableError, ConfigError
 from cellvit_optimus.engine.wsi.inspect import Failure
@@ -124,6 +124,24 @@ class SlideAttempt:
     wall_s: float
 
 
+class ActorInfo(NamedTuple):
+    """what a started actor reports: its engine's run key and where it runs"""
+
+    run_key: str
+    pid: int
+    host: str
+
+
+class SlideOutcome(NamedTuple):
+    """what an actor hands back for one slide: a :class:`SlideResult` or :class:`Failure` as a plain
+    mapping (``kind`` says which), the backbone tiles it computed and its wall time"""
+
+    kind: str  # "result" or "failure"
+    value: dict[str, object]
+    tiles_computed: int
+    wall_s: float
+
+
 class _SlideWorker:
     """a Ray actor's body: one Engine, one slide per call (plus progress queries from a second thread)"""
 
@@ -137,10 +155,10 @@ class _SlideWorker:
         self.engine = Engine(config, device=device, **engine_kwargs)
         self._progress: tuple[str, int, int] | None = None
 
-    def ready(self) -> dict[str, Any]:
+    def ready(self) -> ActorInfo:
         import socket
 
-        return {"run_key": self.engine.run_key(), "pid": os.getpid(), "host": socket.gethostname()}
+        return ActorInfo(self.engine.run_key(), os.getpid(), socket.gethostname())
 
     def set_batch_delay(self, seconds: float) -> None:
         """test and diagnostics hook: sleep this long before every backbone batch (``Engine.batch_delay_s``)"""
@@ -149,7 +167,7 @@ class _SlideWorker:
     def progress(self) -> tuple[str, int, int] | None:
         return self._progress
 
-    def triage(self, path: str, out_dir: str, output_name: str | None = None) -> dict[str, Any]:
+    def triage(self, path: str, out_dir: str, output_name: str | None = None) -> SlideOutcome:
         import anyio
 
         name = Path(path).name
@@ -174,8 +192,7 @@ class _SlideWorker:
         tiles = self.engine.model.runner.tiles_processed - before
         [r] = got
         kind = "failure" if isinstance(r, Failure) else "result"
-        return {"kind": kind, "value": r.to_dict(), "tiles_computed": tiles,
-                "wall_s": time.perf_counter() - t0}
+        return SlideOutcome(kind, r.to_dict(), tiles, time.perf_counter() - t0)
 
 
 @dataclass
@@ -280,7 +297,7 @@ class RayTriage:
         self._restarts_left = n if c.max_actor_restarts is None else c.max_actor_restarts
         self.slots = [self._new_slot(i) for i in range(n)]
         infos = self._ready(self.slots)
-        keys = {i["run_key"] for i in infos}
+        keys = {i.run_key for i in infos}
         if len(keys) != 1:
             raise ConfigError(f"actors disagree on the run key ({sorted(keys)}): different package "
                               "versions or weights files on the nodes")
@@ -293,11 +310,11 @@ class RayTriage:
                                                                 self._threads)
         return _Slot(index=index, handle=handle)
 
-    def _ready(self, slots: list[_Slot]) -> list[dict[str, Any]]:
+    def _ready(self, slots: list[_Slot]) -> list[ActorInfo]:
         ray = _import_ray()
-        infos = ray.get([s.handle.ready.remote() for s in slots])
+        infos: list[ActorInfo] = ray.get([s.handle.ready.remote() for s in slots])
         for s, info in zip(slots, infos):
-            s.pid, s.host = info["pid"], info["host"]
+            s.pid, s.host = info.pid, info.host
         return infos
 
     def close(self) -> None:
@@ -421,16 +438,16 @@ class RayTriage:
             cause = getattr(exc, "cause", None) or exc
             st.results[i] = failure_from(paths[i], cause)
             return
-        if doc["kind"] == "failure":
-            st.results[i] = Failure(**doc["value"])
+        if doc.kind == "failure":
+            st.results[i] = Failure(**doc.value)
             status = "failed"
         else:
-            res = SlideResult(**doc["value"])
+            res = SlideResult(**doc.value)
             st.results[i] = res
             st.tiles_done += res.tiles
             status = "cached" if res.cached else "done"
         self.attempts.append(SlideAttempt(paths[i].name, slot.index, st.attempts[i], slot.order, status,
-                                          int(doc["tiles_computed"]), wall))
+                                          int(doc.tiles_computed), wall))
 
     def _replace(self, slot: _Slot) -> None:
         """start a fresh actor in a dead one's slot while the restart budget lasts (without waiting:
@@ -447,11 +464,11 @@ class RayTriage:
         ray = _import_ray()
         slot.starting = None
         try:
-            info = ray.get(ref)
+            info: ActorInfo = ray.get(ref)
         except Exception as exc:  # the cluster cannot host another one: go on with the rest
             log.warning("could not replace ray actor %d: %s", slot.index, exc)
             return
-        slot.pid, slot.host, slot.alive = info["pid"], info["host"], True
+        slot.pid, slot.host, slot.alive = info.pid, info.host, True
 
     def _progress(self, st: _State, total: int, elapsed: float) -> ClusterProgress:
         ray = _import_ray()

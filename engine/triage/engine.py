@@ -43,9 +43,11 @@ import numpy as np
 from cellvit_optimus.engine.errors import ConfigError
 from cellvit_optimus.engine.io import (clean_stale_temporaries, escape_path, folder_lock, output_name,
                                       output_names)
+from cellvit_optimus.engine.jsondoc import JsonDict
 from cellvit_optimus.engine.pipeline.extract import ExtractConfig, build_extractor
 from cellvit_optimus.engine.pipeline.readpath import TileReadPath, job_fingerprint, open_job_for
-from cellvit_optimus.engine.pipeline.scheduler import BatchOutput, Progress, SlideJob, run_pipeline
+from cellvit_optimus.engine.pipeline.scheduler import (BatchOutput, ConsumerFacts, Progress, SlideJob,
+                                                       run_pipeline)
 from cellvit_optimus.engine.triage.config import OUTPUTS, TriageConfig
 from cellvit_optimus.engine.triage.consumer import NucleiConsumer, SlideState, TriageConsumer
 from cellvit_optimus.engine.triage.finalise import (FALLBACK_DENSITY_HALF, PRIORITY_RULE, FinaliseContext,
@@ -310,7 +312,7 @@ class Engine:
                 await anyio.to_thread.run_sync(factory.retire, r.path)
                 return r
             if r.cached:
-                return SlideResult(**r.info["result"], cached=True)
+                return SlideResult(**factory.finished.pop(r.index), cached=True)
             state = factory.slides.pop(r.index)
             try:
                 return await anyio.to_thread.run_sync(finalise_slide, ctx, state, r.timings, out, key,
@@ -352,6 +354,8 @@ class _TriageFactory:
         self.key = key
         self.names = names or {}
         self.slides: dict[int, SlideState] = {}
+        #: the summary's result of each slide a rerun serves whole, by job index, until it is settled
+        self.finished: dict[int, dict[str, object]] = {}
         self.feature_keys: dict[str, str] = {}  # str(path) -> cache key of its feature file in this run
         runner = engine.model.runner
         cfg = ExtractConfig(tiling=engine.tiling, tissue=engine.config.tissue, scheduler=engine.config.scheduler,
@@ -369,14 +373,17 @@ class _TriageFactory:
 
         return self.names.get(path) or output_name(path)
 
-    def prepare(self, job: SlideJob) -> dict[str, Any] | None:
-        result = finished_result(self.out / self.name_of(job) / "summary.json", job.path, self.key,
-                                 job_fingerprint(job))
+    def prepare(self, job: SlideJob) -> ConsumerFacts | None:
+        summary = self.out / self.name_of(job) / "summary.json"
+        result = finished_result(summary, job.path, self.key, job_fingerprint(job))
         if result is not None:
             job.mask = None
-            return {"result": result}
+            self.finished[job.index] = result
+            return {"summary": str(summary)}
         self.features.prepare(job)  # sets the feature cache key (and moves a damaged feature file aside)
-        self.feature_keys[str(job.path)] = job.info["cache_key"]
+        cache_key = job.facts.cache_key
+        assert cache_key is not None  # FeatureExtractor.prepare noted it
+        self.feature_keys[str(job.path)] = cache_key
         _warn_if_upsampled(job, self.engine.nuclei_mpp)
         return None
 
@@ -447,7 +454,7 @@ def _with_interrupted(got: Sequence[SlideResult | Failure],
     return [*got, *rest]
 
 
-def _key_thresholds(thresholds: Any) -> dict[str, Any]:
+def _key_thresholds(thresholds: Any) -> JsonDict:
     """the thresholds as the run key lists them: the quality-flag limits only when they differ from
     the values built into the engine before they became thresholds, so that slides finished by
     earlier runs keep their key (and are not recomputed) while a changed limit still recomputes"""

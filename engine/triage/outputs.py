@@ -31,6 +31,7 @@ import numpy as np
 
 from cellvit_optimus.engine.io import (atomic_write_bytes, atomic_write_json, digest_problem, escape_path,
                                       move_aside, output_names)
+from cellvit_optimus.engine.jsondoc import JsonDict
 from cellvit_optimus.engine.triage.cells import UNCLASSIFIED, CellTable
 from cellvit_optimus.engine.triage.consumer import NucleiRecords
 from cellvit_optimus.engine.triage.results import BatchResult, SlideResult
@@ -71,7 +72,7 @@ def _summary_problem(doc: Any) -> str | None:
     return None
 
 
-def finished_result(summary: Path, slide: Path, key: str | None, fingerprint: str) -> dict[str, Any] | None:
+def finished_result(summary: Path, slide: Path, key: str | None, fingerprint: str) -> JsonDict | None:
     """the resume rule: the recorded result when ``summary`` says this slide file (path and fingerprint)
     was finished under run ``key`` and every file it delivered still matches the checksum recorded
     when it was written, else None. A summary that cannot be read or is malformed is moved aside
@@ -263,7 +264,7 @@ def cells_output(records: NucleiRecords, profile: Any, tile_tags: list[str], set
     return table, parts
 
 
-def regions_geojson(grid: Any, tags: Any, namespace: uuid.UUID) -> dict[str, Any]:
+def regions_geojson(grid: Any, tags: Any, namespace: uuid.UUID) -> JsonDict:
     """one QuPath annotation per region (8-connected tile group): union of its tiles' footprints,
     clipped to the slide, exteriors counter-clockwise (RFC 7946); tag as classification, reason in the
     name (QuPath 0.4 keeps names, not metadata) and as metadata, tile count and ``trust_level`` as

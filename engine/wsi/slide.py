@@ -22,7 +22,6 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from cellvit_optimus.engine.errors import (
@@ -37,6 +36,7 @@ from cellvit_optimus.engine.errors import (
     SlideTooLargeError,
     UnsupportedFormatError,
 )
+from cellvit_optimus.engine.jsondoc import JsonDict
 from cellvit_optimus.engine.wsi.backend import MPP_PLAUSIBLE, Backend, BackendName
 from cellvit_optimus.engine.wsi.jpegcheck import strict_decode
 from cellvit_optimus.engine.wsi.strips import StripLevel, is_stripped
@@ -373,7 +373,7 @@ class _TileCheck:
             self._fail(corrupt)
         return out[:-(-H // 8), :-(-W // 8)]
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> JsonDict:
         """for summary.json: tiles checked and the corrupt ones' positions"""
         with self._lock:
             return {"checked": self.checked, "corrupt": len(self.corrupt),
@@ -417,13 +417,13 @@ class Slide:
     mpp: tuple[float, float] | None
     mpp_source: str
     vendor: str | None
-    properties: dict[str, Any] = field(repr=False)
+    properties: JsonDict = field(repr=False)
     _impl: Backend = field(repr=False, default=None)  # type: ignore[assignment]
     _associated: dict[str, np.ndarray] | None = field(default=None, repr=False)
     #: strict check of the JPEG tiles each read touches (tiled JPEG TIFF levels; None elsewhere)
     _tiles: _TileCheck | None = field(default=None, repr=False)
 
-    def tile_check(self) -> dict[str, Any] | None:
+    def tile_check(self) -> JsonDict | None:
         """tiles verified so far and the corrupt ones (level, column, row); None when not checked"""
         return None if self._tiles is None else self._tiles.report()
 
@@ -650,7 +650,7 @@ class Slide:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> JsonDict:
         """plain facts for tables and JSON"""
         return {
             "path": str(self.path),
