@@ -34,6 +34,8 @@ from cellvit_optimus.engine.cli_params import (
     writable_dir,
 )
 from cellvit_optimus.engine.errors import OptimusError
+from cellvit_optimus.engine.settings import (FORWARD_BATCH, MIN_TISSUE_FRACTION, READER_THREADS,
+                                             TRIAGE_OVERLAP_PX, TRIAGE_READ_CHUNK)
 from cellvit_optimus.engine.wsi.paths import collect_inputs
 
 __all__ = ("main", "cli", "EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "EXIT_INTERRUPTED", "MPP", "DEVICE",
@@ -165,7 +167,7 @@ def _tiling_options(f):
     f = click.option("--tile-size", type=click.IntRange(min=16), default=224, show_default=True,
                      help="tile side in pixels")(f)
     f = click.option("--overlap", type=_Overlap(), default=0, show_default=True, help=_OVERLAP_HELP)(f)
-    f = click.option("--min-tissue", type=_FRACTION, default=0.25, show_default=True,
+    f = click.option("--min-tissue", type=_FRACTION, default=MIN_TISSUE_FRACTION, show_default=True,
                      help="minimum tissue fraction of a kept tile (0..1)")(f)
     f = click.option("--backend", type=click.Choice(_BACKENDS), default="auto", show_default=True,
                      help=_BACKEND_HELP)(f)
@@ -261,7 +263,8 @@ def _backbone_options(f):
                      help="tiles per backbone call (default: fitted)")(f)
     f = click.option("--vram-gb", type=click.FloatRange(min=0, min_open=True), default=12.0, show_default=True,
                      help="GPU memory budget the batch size is fitted to")(f)
-    f = click.option("--workers", type=POSITIVE, default=2, show_default=True, help="slide reader threads")(f)
+    f = click.option("--workers", type=POSITIVE, default=READER_THREADS, show_default=True,
+                     help="slide reader threads")(f)
     f = click.option("--decoder", type=click.Choice(_DECODERS), default="auto", show_default=True,
                      help=_DECODER_HELP)(f)
     f = click.option("-q", "--quiet", is_flag=True, help="no progress bars")(f)
@@ -407,9 +410,9 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
               help="level-0 microns per pixel, overriding or replacing the slide's metadata")
 @click.option("--nuclei-mpp", type=_TARGET_MPP, default=None,
               help="resolution of the nuclei path in um/px (default: the nuclei model's)")
-@click.option("--overlap", "overlap_px", type=NON_NEGATIVE, default=64, show_default=True,
+@click.option("--overlap", "overlap_px", type=NON_NEGATIVE, default=TRIAGE_OVERLAP_PX, show_default=True,
               help="pixels two neighbouring tiles share, at the nuclei resolution")
-@click.option("--min-tissue", type=_FRACTION, default=0.25, show_default=True,
+@click.option("--min-tissue", type=_FRACTION, default=MIN_TISSUE_FRACTION, show_default=True,
               help="minimum tissue fraction of a kept tile (0..1)")
 @click.option("--backend", type=click.Choice(_BACKENDS), default="auto", show_default=True, help=_BACKEND_HELP)
 @click.option("-r", "--recursive", is_flag=True, help="search folders given as SLIDES recursively")
@@ -434,8 +437,13 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
               show_default=True, callback=_outputs, help="what to write (comma-separated; summary is required)")
 @click.option("--device", **DEVICE)
 @click.option("--batch-size", type=POSITIVE, default=None,
-              help="tiles per backbone call [default: 4 on the CPU, 16 on a GPU]")
-@click.option("--workers", type=POSITIVE, default=2, show_default=True, help="slide reader threads")
+              help=f"forward micro-batch: tiles per backbone call [default: {FORWARD_BATCH['cpu']} on the "
+                   f"CPU, {FORWARD_BATCH['cuda']} on a GPU]")
+@click.option("--read-chunk", type=POSITIVE, default=None,
+              help=f"read chunk: tiles a reader hands on at once [default: --batch-size when given, else "
+                   f"{TRIAGE_READ_CHUNK}]")
+@click.option("--workers", type=POSITIVE, default=READER_THREADS, show_default=True,
+              help="slide reader threads")
 @click.option("--decoder", type=click.Choice(_DECODERS), default="auto", show_default=True, help=_DECODER_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars (services, logs)")
 @click.option("--gzip", "gzip_cells", is_flag=True,
@@ -452,8 +460,8 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 @click.option("--trident-layout", is_flag=True, help=_TRIDENT_HELP)
 def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, recursive, nuclei_weights,
            backbone_weights, mil_weights, thresholds, ood_state, shadow_slides, site_id, outputs, device, batch_size,
-           workers, decoder, quiet, gzip_cells, ray_address, ray_actors, ray_cpus_per_actor, lock_timeout,
-           trident_layout):
+           read_chunk, workers, decoder, quiet, gzip_cells, ray_address, ray_actors, ray_cpus_per_actor,
+           lock_timeout, trident_layout):
     """Triage SLIDES (files or folders; default: the bundled real slide) into a ranked worklist.
 
     Writes per slide OUT/<slide>/{cells.geojson[.gz], regions.geojson, overview.png, summary.json} and
@@ -471,7 +479,8 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
     try:
         safety = SafetyConfig(thresholds_path=thresholds, ood_state_path=ood_state, shadow_slides=shadow_slides,
                               site_id=site_id)
-        sched = SchedulerConfig(batch_tiles=batch_size or 16, reader_threads=workers)  # tiles per read chunk
+        chunk = read_chunk or batch_size or TRIAGE_READ_CHUNK  # a chunk at least one forward batch long
+        sched = SchedulerConfig(batch_tiles=chunk, reader_threads=workers)
         config = TriageConfig(scheduler=sched, mpp=mpp, backend=backend, decoder=decoder, nuclei_mpp=nuclei_mpp,
                               overlap_px=overlap_px, min_tissue_fraction=min_tissue, outputs=outputs, safety=safety,
                               gzip_cells=gzip_cells, lock_timeout_s=lock_timeout)

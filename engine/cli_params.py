@@ -16,6 +16,9 @@ from typing import Any
 
 import click
 
+# resolve_device is the settings module's, re-exported here where the CLI helpers have always had it
+from cellvit_optimus.engine.settings import DEFAULT_DEVICE, resolve_device
+
 __all__ = ("MPP", "DEVICE", "DEVICE_HELP", "POSITIVE", "NON_NEGATIVE", "SLIDE_SUFFIXES", "NUCLEI_FORMAT",
            "MIL_FORMAT", "checkpoint_file", "cuda_device_count", "device_unavailable", "existing_file",
            "read_safetensors_metadata", "resolve_device", "thresholds_file", "unwritable", "validate_device",
@@ -89,16 +92,8 @@ def cuda_device_count() -> int | str | None:
 
 
 #: keyword arguments of a ``--device`` option: ``click.option("--device", **DEVICE)``
-DEVICE: dict[str, Any] = dict(default="auto", show_default=True, callback=validate_device, help=DEVICE_HELP)
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; any other name unchanged"""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE: dict[str, Any] = dict(default=DEFAULT_DEVICE, show_default=True, callback=validate_device,
+                              help=DEVICE_HELP)
 
 
 def existing_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -22,7 +22,7 @@ FOLDERS = {"engine": "cellvit_optimus.engine", "heads": "cellvit_optimus.heads",
 LEAVES = ("heads", "kernels", "safety")
 #: engine wings, lowest first; a module may import from its own wing and any lower one
 LAYERS = {"base": 0, "wsi": 1, "pipeline": 2, "triage": 3, "training": 3, "cli": 4}
-BASE = {"errors", "io", "geojson", "jsondoc", "data", "cli_params", ""}
+BASE = {"errors", "io", "geojson", "jsondoc", "settings", "data", "cli_params", ""}
 
 
 def _modules() -> dict[str, Path]:

@@ -31,6 +31,7 @@ import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError, WeightsError
 from cellvit_optimus.engine.jsondoc import JsonDict
+from cellvit_optimus.engine.settings import REFERENCE_MPP, forward_batch
 
 __all__ = (
     "DEFAULT_OVERLAP",
@@ -57,11 +58,6 @@ DEFAULT_OVERLAP = 64
 MPP_TOLERANCE = 0.05
 #: padding colour of images smaller than a tile (glass is white; no nuclei there)
 PAD_VALUE = 255
-#: tiles per nuclei forward by device. On the CPU small batches are both faster and far lighter: the
-#: UNETR decoder's full-resolution activations scale with the batch (bundled model, 2 threads, load 3:
-#: 170 ms/tile and 630 MiB peak RSS at 4 against 264-286 ms/tile and 960-995 MiB at 16;
-#: bench/test_bench_e2e.py -k micro_batch compares them side by side)
-DEFAULT_BATCH_SIZE = {"cpu": 4, "cuda": 16}
 
 
 def tile_origins(length: int, tile: int, stride: int) -> list[int]:
@@ -185,7 +181,7 @@ class NucleiModel:
         Weights of the backbone the head was trained on, when that backbone is not a seeded random
         init (the checkpoint's ``backbone_hash`` must match them).
     device : ``"cpu"`` / ``"cuda"``
-    batch_size : tiles per forward (default :data:`DEFAULT_BATCH_SIZE` for the device)
+    batch_size : tiles per forward (default: ``engine.settings.FORWARD_BATCH`` for the device)
     """
 
     def __init__(self, checkpoint: str | os.PathLike[str] | None = None, *,
@@ -196,7 +192,7 @@ class NucleiModel:
         from cellvit_optimus.engine.pipeline.runner import BackboneRunner
 
         if batch_size is None:
-            batch_size = DEFAULT_BATCH_SIZE["cuda" if str(device).startswith("cuda") else "cpu"]
+            batch_size = forward_batch(device)
         path = Path(checkpoint) if checkpoint is not None else default_model_path()
         if not path.is_file():
             raise WeightsError(f"{path}: nuclei checkpoint not found")
@@ -465,7 +461,8 @@ def segment_image(image: np.ndarray, mpp: float, model: NucleiModel, tile: int |
         raise ConfigError(f"tile={tile}: the model's backbone takes {size}-pixel tiles")
     if not 0 <= overlap < size:
         raise ConfigError(f"overlap={overlap} must be in 0..{size - 1}")
-    post = (post or getattr(model, "post", None) or PostProcessConfig()).scaled(0.25 / model.nuclei_mpp)
+    post = (post or getattr(model, "post", None) or PostProcessConfig())
+    post = post.scaled(REFERENCE_MPP / model.nuclei_mpp)
     h0, w0 = image.shape[:2]
     scale = mpp / model.nuclei_mpp
     resampled = abs(scale - 1.0) > MPP_TOLERANCE
@@ -566,7 +563,7 @@ def score_predictions(samples: Sequence[Any], pred_maps: Sequence[np.ndarray],
     typed = [i for i, s in enumerate(samples) if s.type_map is not None]
     tp = fp = fn = 0
     for s, t, p in zip(samples, trues, preds):
-        d = detection_scores(_centroids(t), _centroids(p), radius=12.0 * 0.25 / s.mpp)
+        d = detection_scores(_centroids(t), _centroids(p), radius=12.0 * REFERENCE_MPP / s.mpp)
         tp, fp, fn = tp + d.tp, fp + d.fp, fn + d.fn
     res: JsonDict = {
         "n_images": len(samples),
@@ -607,7 +604,7 @@ def _per_class(trues: Sequence[np.ndarray], preds: Sequence[np.ndarray], true_lu
     for t, p, tl, pl, mpp in zip(trues, preds, true_luts, pred_luts, mpps):
         txy, pxy = _centroids(t), _centroids(p)
         ttyp, ptyp = ids_types(t, tl), ids_types(p, pl)
-        pairs, _, _ = pair_centroids(txy, pxy, 12.0 * 0.25 / mpp)
+        pairs, _, _ = pair_centroids(txy, pxy, 12.0 * REFERENCE_MPP / mpp)
         total += np.bincount(ttyp, minlength=num_classes + 1)[: num_classes + 1]
         ok = ttyp[pairs[:, 0]][ttyp[pairs[:, 0]] == ptyp[pairs[:, 1]]]
         found += np.bincount(ok, minlength=num_classes + 1)[: num_classes + 1]
@@ -616,7 +613,7 @@ def _per_class(trues: Sequence[np.ndarray], preds: Sequence[np.ndarray], true_lu
         tt.append(ttyp)
         pt.append(ptyp)
     # one radius for the F_c pooling: the samples of one evaluation share a resolution
-    f_c = detection_scores(ta, pa, tt, pt, radius=12.0 * 0.25 / float(np.mean(mpps)),
+    f_c = detection_scores(ta, pa, tt, pt, radius=12.0 * REFERENCE_MPP / float(np.mean(mpps)),
                            classes=range(1, num_classes + 1)).type_f1
     out: JsonDict = {}
     for c in range(1, num_classes + 1):

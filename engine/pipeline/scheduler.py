@@ -45,9 +45,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError, OptimusError
+from cellvit_optimus.engine.settings import EXTRACT_READ_CHUNK, READER_THREADS
 from cellvit_optimus.engine.wsi.facts import SlideFacts
 
 if TYPE_CHECKING:
+    import torch
+
+    from cellvit_optimus.engine.pipeline.nuclei import NucleiMaps
+    from cellvit_optimus.engine.pipeline.timing import DeviceSpan
     from cellvit_optimus.engine.wsi.inspect import Failure
     from cellvit_optimus.engine.wsi.slide import Slide
     from cellvit_optimus.engine.wsi.tissue import TileGrid, TissueMask
@@ -74,8 +79,8 @@ def _add_time(job: SlideJob, key: str, seconds: float) -> None:
 class SchedulerConfig:
     """sizes of the pipeline's stages and buffers"""
 
-    batch_tiles: int = 32  # tiles per read chunk and per backbone call
-    reader_threads: int = 2  # concurrent slide reads (each decodes a chunk; cuCIM adds its own threads)
+    batch_tiles: int = EXTRACT_READ_CHUNK  # tiles per read chunk (settings: read chunk vs forward batch)
+    reader_threads: int = READER_THREADS  # concurrent slide reads (each decodes a chunk; cuCIM adds threads)
     queue_batches: int = 4  # capacity of each stream between stages, in batches
     slides_in_flight: int = 2  # slides open at once (the next one starts while the last drains)
     decode_workers: int = 2  # cuCIM decoder threads per batched read
@@ -130,10 +135,10 @@ class BatchOutput:
     ``BackboneOutput.spans``), added to the slide's timings once the consumers are done with it.
     """
 
-    embedding: Any
-    tokens: tuple[Any, ...] = ()
-    nuclei: Any = None
-    spans: tuple[Any, ...] = ()
+    embedding: np.ndarray | torch.Tensor
+    tokens: tuple[torch.Tensor, ...] = ()
+    nuclei: NucleiMaps | None = None
+    spans: tuple[DeviceSpan, ...] = ()
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from cellvit_optimus.engine.errors import ConfigError
 from cellvit_optimus.engine.pipeline.readpath import DECODERS, Decoder
 from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig
+from cellvit_optimus.engine.settings import MIN_TISSUE_FRACTION, TRIAGE_OVERLAP_PX, TRIAGE_READ_CHUNK
 from cellvit_optimus.engine.wsi.tissue import TissueConfig
 from cellvit_optimus.safety.config import SafetyConfig
 
@@ -40,13 +41,13 @@ class TriageConfig:
     """
 
     tissue: TissueConfig = field(default_factory=TissueConfig)
-    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(batch_tiles=16))
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(batch_tiles=TRIAGE_READ_CHUNK))
     mpp: float | None = None  # level-0 MPP override
     backend: BackendName = "auto"
     decoder: Decoder = "auto"  # tile read path (readpath.DECODERS): GPU JPEG decode when it measures faster
     nuclei_mpp: float | None = None  # default: the nuclei model's training resolution
-    overlap_px: int = 64  # tile overlap at the nuclei resolution (nuclei up to 32 px radius stay whole)
-    min_tissue_fraction: float = 0.25
+    overlap_px: int = TRIAGE_OVERLAP_PX  # tile overlap at the nuclei resolution
+    min_tissue_fraction: float = MIN_TISSUE_FRACTION
     outputs: tuple[str, ...] = OUTPUTS
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     lock_timeout_s: float | None = None  # a second run on a locked output folder waits this long (None: until free)

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from cellvit_optimus.engine.errors import BackendUnavailableError, ConfigError
+from cellvit_optimus.engine.settings import DEFAULT_DEVICE, resolve_device
 from cellvit_optimus.engine.wsi.inspect import Failure
 from cellvit_optimus.engine.pipeline.scheduler import Progress
 from cellvit_optimus.engine.triage.config import TriageConfig
@@ -149,9 +150,7 @@ class _SlideWorker:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        device = engine_kwargs.pop("device", "auto")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(engine_kwargs.pop("device", DEFAULT_DEVICE))
         self.engine = Engine(config, device=device, **engine_kwargs)
         self._progress: tuple[str, int, int] | None = None
 
@@ -241,7 +240,7 @@ class RayTriage:
     def __init__(self, config: TriageConfig | None = None, *, cluster: ClusterConfig | None = None,
                  nuclei_weights: str | os.PathLike[str] | None = None,
                  backbone_weights: str | os.PathLike[str] | None = None,
-                 mil_weights: str | os.PathLike[str] | None = None, device: str = "auto",
+                 mil_weights: str | os.PathLike[str] | None = None, device: str = DEFAULT_DEVICE,
                  batch_size: int | None = None, ray_init: dict[str, Any] | None = None) -> None:
         self.config = config or TriageConfig()
         self.cluster = cluster or ClusterConfig()

@@ -44,6 +44,7 @@ from cellvit_optimus.engine.errors import ConfigError
 from cellvit_optimus.engine.io import (clean_stale_temporaries, escape_path, folder_lock, output_name,
                                       output_names)
 from cellvit_optimus.engine.jsondoc import JsonDict
+from cellvit_optimus.engine.settings import REFERENCE_MPP, resolve_device
 from cellvit_optimus.engine.pipeline.extract import ExtractConfig, build_extractor
 from cellvit_optimus.engine.pipeline.readpath import TileReadPath, job_fingerprint, open_job_for
 from cellvit_optimus.engine.pipeline.scheduler import (BatchOutput, ConsumerFacts, Progress, SlideJob,
@@ -88,10 +89,7 @@ class Engine:
         from cellvit_optimus.engine.pipeline.nuclei import NucleiModel, PostProcessConfig
 
         self.config = config or TriageConfig()
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device)
         self.model = NucleiModel(nuclei_weights, backbone_weights=backbone_weights, device=device,
                                  batch_size=batch_size)
         from cellvit_optimus.heads.backbone import check_finite
@@ -101,7 +99,8 @@ class Engine:
         check_finite(self.model.head, self.model.path or nuclei_weights, " (nuclei head)")
         self.nuclei_mpp = float(self.config.nuclei_mpp or self.model.nuclei_mpp)
         # the checkpoint's tuned post-processing; its sizes are HoVer-Net's at 0.25 um/px (40x)
-        self.post = (getattr(self.model, "post", None) or PostProcessConfig()).scaled(0.25 / self.nuclei_mpp)
+        post = getattr(self.model, "post", None) or PostProcessConfig()
+        self.post = post.scaled(REFERENCE_MPP / self.nuclei_mpp)
         self.mil = None
         if mil_weights is not None:
             from cellvit_optimus.heads.checkpoint import load_mil
