@@ -36,7 +36,7 @@ from cellvit_optimus.engine.cli_params import (
 from cellvit_optimus.engine.errors import OptimusError
 from cellvit_optimus.engine.settings import (FORWARD_BATCH, MIN_TISSUE_FRACTION, READER_THREADS,
                                              TRIAGE_OVERLAP_PX, TRIAGE_READ_CHUNK)
-from cellvit_optimus.engine.wsi.paths import collect_inputs
+from cellvit_optimus.engine.wsi import collect_inputs
 
 __all__ = ("main", "cli", "EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "EXIT_INTERRUPTED", "MPP", "DEVICE",
            "validate_device", "collect_inputs")
@@ -194,8 +194,7 @@ def inspect(slides, mpp, target_mpp, tile_size, overlap, min_tissue, backend, re
     """
     overlap = _overlap_fraction(overlap, tile_size)
     paths, skipped = _inputs(slides, recursive)
-    from cellvit_optimus.engine.wsi.inspect import Failure, inspect_many
-    from cellvit_optimus.engine.wsi.tissue import TilingConfig
+    from cellvit_optimus.engine.wsi import Failure, TilingConfig, inspect_many
 
     try:
         tiling = TilingConfig(tile_size=tile_size, target_mpp=target_mpp, overlap=overlap,
@@ -275,7 +274,7 @@ _device = resolve_device
 
 
 def _make_runner(backbone, weights, device, dtype, batch_size, vram_gb, tokens=False):
-    from cellvit_optimus.engine.pipeline.runner import BackboneRunner
+    from cellvit_optimus.engine.pipeline import BackboneRunner
 
     if weights is None and backbone == "hoptimus0":
         weights = "hf-hub"
@@ -359,10 +358,10 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
     """Tile embeddings of SLIDES into OUT/features/<slide>.h5 (CLAM/Trident layout; a versioned cache)."""
     overlap = _overlap_fraction(overlap, tile_size)
     paths, skipped = _inputs(slides, recursive)
-    from cellvit_optimus.engine.pipeline.extract import ExtractConfig, extract_features
-    from cellvit_optimus.engine.wsi.inspect import Failure
-    from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig
-    from cellvit_optimus.engine.wsi.tissue import TilingConfig
+    from cellvit_optimus.engine.pipeline import ExtractConfig, extract_features
+    from cellvit_optimus.engine.wsi import Failure
+    from cellvit_optimus.engine.pipeline import SchedulerConfig
+    from cellvit_optimus.engine.wsi import TilingConfig
 
     try:
         config = ExtractConfig(
@@ -389,7 +388,7 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
     for f in bad:
         click.echo(f"FAILED {f.message}", err=True)
     if clam_layout and ok:
-        from cellvit_optimus.engine.pipeline.features import write_clam_layout
+        from cellvit_optimus.engine.pipeline import write_clam_layout
 
         try:
             write_clam_layout(out_dir)
@@ -472,8 +471,8 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
     if not site_id.strip():
         raise click.BadParameter("must not be empty", param_hint="'--site-id'")
     paths, skipped = _inputs(slides, recursive)  # before any model is loaded: a bad path fails at once
-    from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig
-    from cellvit_optimus.engine.triage.engine import Engine, TriageConfig
+    from cellvit_optimus.engine.pipeline import SchedulerConfig
+    from cellvit_optimus.engine.triage import Engine, TriageConfig
     from cellvit_optimus.safety.config import SafetyConfig
 
     try:
@@ -494,7 +493,7 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
                            err=True)
             engine = Engine(config, **weights)
         else:
-            from cellvit_optimus.engine.triage.distributed import ClusterConfig, RayTriage
+            from cellvit_optimus.engine.triage import ClusterConfig, RayTriage
 
             engine = RayTriage(config, cluster=ClusterConfig(address=ray_address or None, num_actors=ray_actors,
                                                              cpus_per_actor=ray_cpus_per_actor), **weights)
@@ -537,7 +536,7 @@ def _interrupted(worklist: Path | None = None) -> None:
 
 
 def _trident_layout(out_dir: str) -> None:
-    from cellvit_optimus.engine.pipeline.features import write_trident_layout
+    from cellvit_optimus.engine.pipeline import write_trident_layout
 
     try:
         written = write_trident_layout(out_dir)
@@ -556,7 +555,7 @@ def _batch_failed(exc: OptimusError) -> None:
 
 
 def _register_model_commands() -> None:
-    from cellvit_optimus.engine.training.cli import segment, train
+    from cellvit_optimus.engine.training import segment, train
 
     cli.add_command(train)
     cli.add_command(segment)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError
@@ -25,12 +26,11 @@ from cellvit_optimus.engine.pipeline.features import (FeatureWriter, cache_key, 
 from cellvit_optimus.engine.pipeline.readpath import DECODERS, Decoder, TileReadPath, job_fingerprint, open_job_for
 from cellvit_optimus.engine.pipeline.scheduler import (BatchOutput, ConsumerFacts, Progress, SchedulerConfig,
                                                        SlideDone, SlideJob, TileBatch, run_pipeline)
-from cellvit_optimus.engine.wsi.tissue import TilingConfig, TissueConfig
+from cellvit_optimus.engine.wsi import TilingConfig, TissueConfig
 
 if TYPE_CHECKING:
     from cellvit_optimus.engine.pipeline.runner import BackboneRunner
-    from cellvit_optimus.engine.wsi.inspect import Failure
-    from cellvit_optimus.engine.wsi.slide import BackendName
+    from cellvit_optimus.engine.wsi import BackendName, Failure
 
 __all__ = ("DECODERS", "ExtractConfig", "FeatureConsumer", "FeatureExtractor", "TileReadPath", "build_extractor",
            "extract_features", "aextract_features", "feature_path", "open_job_for")
@@ -192,8 +192,6 @@ async def aextract_features(paths: Sequence[str | os.PathLike[str]], out_dir: st
     The run holds the output folder's lock (:func:`~.io.folder_lock`; a second run waits up to
     ``lock_timeout_s``, default as long as it takes). Slides are written as :func:`~.io.output_names`.
     """
-    import anyio
-
     from cellvit_optimus.engine.io import clean_stale_temporaries, folder_lock, output_names
     from cellvit_optimus.engine.pipeline.features import feature_owner
 

@@ -19,10 +19,10 @@ import numpy as np
 from cellvit_optimus.engine.errors import ConfigError
 from cellvit_optimus.engine.pipeline.features import slide_fingerprint
 from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig, SlideJob
-from cellvit_optimus.engine.wsi.tissue import TilingConfig, TissueConfig, tile_grid
+from cellvit_optimus.engine.wsi import TilingConfig, TissueConfig, tile_grid
 
 if TYPE_CHECKING:
-    from cellvit_optimus.engine.wsi.slide import BackendName
+    from cellvit_optimus.engine.wsi import BackendName
 
 __all__ = ("DECODERS", "Decoder", "SlideOpening", "TileReadPath", "job_fingerprint", "open_job_for")
 
@@ -73,7 +73,7 @@ class TileReadPath:
 
     def attach(self, job: SlideJob) -> None:
         from cellvit_optimus.engine.errors import BackendUnavailableError, UnsupportedFormatError
-        from cellvit_optimus.engine.wsi.gpu_decode import GpuTileReader, choose_decoder
+        from cellvit_optimus.engine.wsi import GpuTileReader, choose_decoder
 
         slide, grid = job.slide, job.grid
         assert slide is not None and grid is not None
@@ -123,8 +123,7 @@ class TileReadPath:
         CUDA stream, which is waited for before returning (:class:`~.gpu_decode.reader_stream`): the
         reader waits for its own work, never behind the backbone's graph replays, and the tiles it hands
         on are complete."""
-        from cellvit_optimus.engine.wsi.gpu_decode import reader_stream
-        from cellvit_optimus.engine.wsi.tissue import tile_quality
+        from cellvit_optimus.engine.wsi import reader_stream, tile_quality
 
         grid = job.grid
         assert job.slide is not None and grid is not None
@@ -157,8 +156,7 @@ def open_job_for(config: SlideOpening, keep_mask: bool = False,
     """the scheduler's slide opener for ``config``: open, tissue grid, facts for the result
     (``keep_mask`` also keeps the tissue mask in ``job.mask``, for overview images;
     ``read_path`` picks the slide's tile read path, whose ``read`` the scheduler then uses)"""
-    from cellvit_optimus.engine.wsi.slide import open_slide
-    from cellvit_optimus.engine.wsi.tissue import detect_tissue
+    from cellvit_optimus.engine.wsi import detect_tissue, open_slide
 
     def open_job(job: SlideJob) -> None:
         slide = open_slide(job.path, backend=config.backend, mpp=config.mpp,

@@ -42,20 +42,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import anyio
 import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError, OptimusError
 from cellvit_optimus.engine.settings import EXTRACT_READ_CHUNK, READER_THREADS
-from cellvit_optimus.engine.wsi.facts import SlideFacts
+from cellvit_optimus.engine.wsi import SlideFacts
 
 if TYPE_CHECKING:
     import torch
 
     from cellvit_optimus.engine.pipeline.nuclei import NucleiMaps
     from cellvit_optimus.engine.pipeline.timing import DeviceSpan
-    from cellvit_optimus.engine.wsi.inspect import Failure
-    from cellvit_optimus.engine.wsi.slide import Slide
-    from cellvit_optimus.engine.wsi.tissue import TileGrid, TissueMask
+    from cellvit_optimus.engine.wsi import Failure, Slide, TileGrid, TissueMask
 
 __all__ = ("SchedulerConfig", "SlideJob", "BatchOutput", "TileBatch", "SlideConsumer", "ConsumerFactory",
            "Progress", "SlideDone", "ConsumerFacts", "run_pipeline")
@@ -212,8 +211,6 @@ class _Pipeline:
                  factory: ConsumerFactory, compute: Callable[[np.ndarray], BatchOutput], cfg: SchedulerConfig,
                  read_tiles: Callable[[SlideJob, np.ndarray], tuple[np.ndarray, dict[str, np.ndarray]]] | None,
                  progress: Callable[[Progress], None] | None) -> None:
-        import anyio
-
         self.paths, self.open_job, self.factory, self.compute = paths, open_job, factory, compute
         self.cfg, self.progress = cfg, progress
         self.reader = read_tiles or _default_read
@@ -248,9 +245,7 @@ class _Pipeline:
 
     async def finish(self, job: SlideJob, ok: bool) -> None:
         """close one slide: commit or abort its consumers, emit its result, free its slot"""
-        import anyio
-
-        from cellvit_optimus.engine.wsi.inspect import failure_from
+        from cellvit_optimus.engine.wsi import failure_from
 
         self.active.pop(job.index, None)
         try:
@@ -289,8 +284,6 @@ class _Pipeline:
     async def start_slide(self, job: SlideJob) -> bool:
         """open ``job`` and ask the factory for a cache hit or its consumers; False when the slide
         needs no tiles read (served from the cache, or failed: its result is already sent)"""
-        import anyio
-
         try:
             t = time.perf_counter()
             await anyio.to_thread.run_sync(self.open_job, job, limiter=self.open_limiter)
@@ -341,8 +334,6 @@ class _Pipeline:
                     await self.drop(job, n - sent)
 
     async def read_worker(self, send: Any) -> None:
-        import anyio
-
         async with send:
             async for job, idx in self.chunk_recv:
                 if job.failed is not None:
@@ -377,21 +368,15 @@ class _Pipeline:
         _put(self.computed, None)
 
     async def compute_worker(self) -> None:
-        import anyio
-
         await anyio.to_thread.run_sync(self.compute_loop, limiter=self.compute_limiter)
 
     async def feed_compute(self) -> None:
-        import anyio
-
         async with self.tile_recv:
             async for batch in self.tile_recv:
                 await anyio.to_thread.run_sync(_put, self.ready, batch, limiter=self.feed_limiter)
         await anyio.to_thread.run_sync(_put, self.ready, None, limiter=self.feed_limiter)
 
     async def fanout(self) -> None:
-        import anyio
-
         # waiting for the backbone holds its own limiter, so consumer calls of other slides go on
         while (batch := await anyio.to_thread.run_sync(_get, self.computed, limiter=self.fanout_limiter)) is not None:
             job = batch.job
@@ -405,8 +390,6 @@ class _Pipeline:
                 await self.finish(job, ok=job.failed is None)
 
     async def run_all(self) -> None:
-        import anyio
-
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.source)
             async with self.tile_send:
@@ -431,7 +414,7 @@ class _Pipeline:
 
 def _default_read(job: SlideJob, idx: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """the slide reader at the grid's resolution, plus tile quality"""
-    from cellvit_optimus.engine.wsi.tissue import tile_quality
+    from cellvit_optimus.engine.wsi import tile_quality
 
     grid = job.grid
     assert job.slide is not None and grid is not None
@@ -442,8 +425,6 @@ def _default_read(job: SlideJob, idx: np.ndarray) -> tuple[np.ndarray, dict[str,
 
 def _put(q: queue.Queue[Any], item: Any) -> None:
     """a blocking put that still notices the pipeline being cancelled"""
-    import anyio
-
     while True:
         try:
             q.put(item, timeout=_POLL_S)
@@ -453,8 +434,6 @@ def _put(q: queue.Queue[Any], item: Any) -> None:
 
 
 def _get(q: queue.Queue[Any]) -> Any:
-    import anyio
-
     while True:
         try:
             return q.get(timeout=_POLL_S)
@@ -500,8 +479,6 @@ async def run_pipeline(
     (run in a thread) maps uint8 tiles (n, S, S, 3) to the batch's :class:`BatchOutput`; ``read_tiles``
     (thread) reads a chunk (default: ``slide.read_tiles`` at the grid's resolution plus tile quality).
     """
-    import anyio
-
     run = _Pipeline(paths, open_job, factory, compute, config or SchedulerConfig(), read_tiles, progress)
     async with anyio.create_task_group() as tg:
         tg.start_soon(run.run_all)

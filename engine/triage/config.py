@@ -8,14 +8,13 @@ from dataclasses import InitVar, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from cellvit_optimus.engine.errors import ConfigError
-from cellvit_optimus.engine.pipeline.readpath import DECODERS, Decoder
-from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig
+from cellvit_optimus.engine.pipeline import DECODERS, Decoder, SchedulerConfig
 from cellvit_optimus.engine.settings import MIN_TISSUE_FRACTION, TRIAGE_OVERLAP_PX, TRIAGE_READ_CHUNK
-from cellvit_optimus.engine.wsi.tissue import TissueConfig
+from cellvit_optimus.engine.wsi import TissueConfig
 from cellvit_optimus.safety.config import SafetyConfig
 
 if TYPE_CHECKING:
-    from cellvit_optimus.engine.wsi.slide import BackendName
+    from cellvit_optimus.engine.wsi import BackendName
 
 __all__ = ("TriageConfig", "OUTPUTS", "LEGACY_SAFETY_KEYWORDS")
 

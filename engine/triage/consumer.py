@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cellvit_optimus.engine.pipeline.scheduler import ConsumerFacts, SlideJob, TileBatch
+from cellvit_optimus.engine.pipeline import ConsumerFacts, SlideJob, TileBatch
 from cellvit_optimus.kernels import smooth_ring
 
 #: level-0 px per nuclei-grid px above which outlines are smoothed before scaling (a 40x slide under a
@@ -28,8 +28,7 @@ from cellvit_optimus.kernels import smooth_ring
 SMOOTH_ABOVE_SCALE = 1.25
 
 if TYPE_CHECKING:
-    from cellvit_optimus.engine.pipeline.extract import FeatureConsumer
-    from cellvit_optimus.engine.pipeline.nuclei import PostProcessConfig
+    from cellvit_optimus.engine.pipeline import FeatureConsumer, PostProcessConfig
 
 __all__ = ("NucleiRecords", "NucleiConsumer", "SlideState", "TriageConsumer")
 
@@ -98,7 +97,7 @@ class NucleiConsumer:
         self.num_types = num_types
 
     def on_batch(self, batch: TileBatch) -> None:
-        from cellvit_optimus.engine.pipeline.nuclei import tile_to_instances
+        from cellvit_optimus.engine.pipeline import tile_to_instances
         from cellvit_optimus.safety import tile_uncertainty
 
         assert batch.output is not None and batch.output.nuclei is not None

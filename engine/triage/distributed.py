@@ -44,8 +44,8 @@ from typing import Any, NamedTuple
 
 from cellvit_optimus.engine.errors import BackendUnavailableError, ConfigError
 from cellvit_optimus.engine.settings import DEFAULT_DEVICE, resolve_device
-from cellvit_optimus.engine.wsi.inspect import Failure
-from cellvit_optimus.engine.pipeline.scheduler import Progress
+from cellvit_optimus.engine.wsi import Failure
+from cellvit_optimus.engine.pipeline import Progress
 from cellvit_optimus.engine.triage.config import TriageConfig
 from cellvit_optimus.engine.triage.engine import Engine
 from cellvit_optimus.engine.triage.outputs import finished_result, write_worklist
@@ -411,7 +411,7 @@ class RayTriage:
                  out: Path) -> None:
         """one finished call: a result, a failure, or a dead actor whose slide goes back to the queue"""
         ray = _import_ray()
-        from cellvit_optimus.engine.wsi.inspect import failure_from
+        from cellvit_optimus.engine.wsi import failure_from
 
         i, slot.busy = slot.slide, None
         wall = time.perf_counter() - slot.started
@@ -498,8 +498,8 @@ class RayTriage:
         from cellvit_optimus.safety import ShadowMode, Tag, TagDecision
 
         from cellvit_optimus.engine.io import atomic_write_bytes
-        from cellvit_optimus.engine.pipeline.features import slide_fingerprint
-        from cellvit_optimus.engine.wsi.slide import open_slide
+        from cellvit_optimus.engine.pipeline import slide_fingerprint
+        from cellvit_optimus.engine.wsi import open_slide
 
         cfg = self.config
         safety = cfg.safety
@@ -553,7 +553,7 @@ def _size(p: Path) -> int:
 def _finished(out: Path, path: Path, key: str | None, name: str) -> bool:
     """the resume rule of the single-process engine (:func:`~.outputs.finished_result`), for a slide
     file the driver has not opened (a file that vanished or cannot be read counts as not finished)"""
-    from cellvit_optimus.engine.pipeline.features import slide_fingerprint
+    from cellvit_optimus.engine.pipeline import slide_fingerprint
 
     try:
         return finished_result(out / name / "summary.json", path, key, slide_fingerprint(path, mtime=True)) is not None

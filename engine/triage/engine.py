@@ -38,6 +38,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError
@@ -45,10 +46,9 @@ from cellvit_optimus.engine.io import (clean_stale_temporaries, escape_path, fol
                                       output_names)
 from cellvit_optimus.engine.jsondoc import JsonDict
 from cellvit_optimus.engine.settings import REFERENCE_MPP, resolve_device
-from cellvit_optimus.engine.pipeline.extract import ExtractConfig, build_extractor
-from cellvit_optimus.engine.pipeline.readpath import TileReadPath, job_fingerprint, open_job_for
-from cellvit_optimus.engine.pipeline.scheduler import (BatchOutput, ConsumerFacts, Progress, SlideJob,
-                                                       run_pipeline)
+from cellvit_optimus.engine.pipeline import (BatchOutput, ConsumerFacts, ExtractConfig, Progress, SlideJob,
+                                             TileReadPath, build_extractor, job_fingerprint, open_job_for,
+                                             run_pipeline)
 from cellvit_optimus.engine.triage.config import OUTPUTS, TriageConfig
 from cellvit_optimus.engine.triage.consumer import NucleiConsumer, SlideState, TriageConsumer
 from cellvit_optimus.engine.triage.finalise import (FALLBACK_DENSITY_HALF, PRIORITY_RULE, FinaliseContext,
@@ -56,8 +56,7 @@ from cellvit_optimus.engine.triage.finalise import (FALLBACK_DENSITY_HALF, PRIOR
 from cellvit_optimus.engine.triage.outputs import (finished_result, output_owner, retire_outputs,
                                                    write_worklist)
 from cellvit_optimus.engine.triage.results import BatchResult, SlideResult
-from cellvit_optimus.engine.wsi.inspect import Failure
-from cellvit_optimus.engine.wsi.tissue import TilingConfig
+from cellvit_optimus.engine.wsi import Failure, TilingConfig
 
 __all__ = ("TriageConfig", "SlideResult", "BatchResult", "Engine", "OUTPUTS", "FALLBACK_DENSITY_HALF",
            "fallback_priority")
@@ -86,7 +85,7 @@ class Engine:
                  backbone_weights: str | os.PathLike[str] | None = None,
                  mil_weights: str | os.PathLike[str] | None = None, device: str = "cpu",
                  batch_size: int | None = None) -> None:
-        from cellvit_optimus.engine.pipeline.nuclei import NucleiModel, PostProcessConfig
+        from cellvit_optimus.engine.pipeline import NucleiModel, PostProcessConfig
 
         self.config = config or TriageConfig()
         device = resolve_device(device)
@@ -147,7 +146,7 @@ class Engine:
         if configured is not None:
             return configured
         from cellvit_optimus.engine.data import DATA_DIR
-        from cellvit_optimus.engine.pipeline.nuclei import default_model_path
+        from cellvit_optimus.engine.pipeline import default_model_path
 
         bundled = DATA_DIR / bundled_name
         if not bundled.is_file() or self.model.path is None:
@@ -213,9 +212,7 @@ class Engine:
 
         Works from plain code and from inside a running event loop (a notebook): the work then runs
         on its own loop in a worker thread while this call waits (see :mod:`.aio`)."""
-        import anyio
-
-        from cellvit_optimus.engine.pipeline.aio import run_sync
+        from cellvit_optimus.engine.pipeline import run_sync
 
         out = Path(os.path.realpath(out_dir))
         order: dict[str, int] = {}
@@ -244,8 +241,6 @@ class Engine:
     @contextlib.asynccontextmanager
     async def _own_folder(self, out: Path) -> AsyncIterator[None]:
         """hold ``out``'s lock (waiting in a thread: the host's loop runs on) and clean what dead runs left"""
-        import anyio
-
         lock = folder_lock(out, self.config.lock_timeout_s)
 
         def enter() -> None:
@@ -277,8 +272,6 @@ class Engine:
         already holds the lock elsewhere (Ray actors): no lock, no clean-up. ``names`` maps
         ``str(path)`` to output names (default: :func:`~.io.output_names` of this batch).
         """
-        import anyio
-
         out = Path(os.path.realpath(out_dir))
         if clean_temporaries:
             async with self._own_folder(out):
@@ -293,9 +286,7 @@ class Engine:
 
     async def _stream_locked(self, paths: list[Path], out: Path, progress: Callable[[Progress], None] | None,
                              names: dict[str, str]) -> AsyncIterator[SlideResult | Failure]:
-        import anyio
-
-        from cellvit_optimus.engine.wsi.inspect import failure_from
+        from cellvit_optimus.engine.wsi import failure_from
 
         position = {str(p): i for i, p in enumerate(paths)}
         key = self.run_key()

@@ -31,8 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellvit_optimus.engine.io import atomic_write_bytes, atomic_write_json, atomic_write_png, file_digest
-from cellvit_optimus.engine.pipeline.features import slide_fingerprint
-from cellvit_optimus.engine.pipeline.readpath import job_fingerprint
+from cellvit_optimus.engine.pipeline import job_fingerprint, slide_fingerprint
 from cellvit_optimus.engine.triage.cells import UNCLASSIFIED
 from cellvit_optimus.engine.triage.config import TriageConfig
 from cellvit_optimus.engine.triage.consumer import NucleiRecords, SlideState

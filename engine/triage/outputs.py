@@ -35,8 +35,7 @@ from cellvit_optimus.engine.jsondoc import JsonDict
 from cellvit_optimus.engine.triage.cells import UNCLASSIFIED, CellTable
 from cellvit_optimus.engine.triage.consumer import NucleiRecords
 from cellvit_optimus.engine.triage.results import BatchResult, SlideResult
-from cellvit_optimus.engine.wsi.inspect import Failure
-from cellvit_optimus.engine.wsi.tissue import draw_overlay
+from cellvit_optimus.engine.wsi import Failure, draw_overlay
 
 __all__ = ("TAG_COLOURS", "GilHandOff", "cells_output", "regions_geojson", "overview_image", "write_worklist",
            "finished_result", "output_owner", "retire_outputs", "SLIDE_FILES")
@@ -130,7 +129,7 @@ SLIDE_FILES = ("summary.json", "cells.geojson", "cells.geojson.gz", "regions.geo
 def output_owner(out: Path, name: str) -> str | None:
     """the slide path whose outputs ``out/name`` (and ``out/features/name.h5``) hold: what its
     summary.json records, else its feature file; None when there are none or they do not say"""
-    from cellvit_optimus.engine.pipeline.features import feature_owner
+    from cellvit_optimus.engine.pipeline import feature_owner
 
     try:
         doc = json.loads((out / name / "summary.json").read_bytes())

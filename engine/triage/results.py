@@ -11,7 +11,7 @@ from typing import Any, Literal
 from cellvit_optimus.engine.errors import ConfigError
 from cellvit_optimus.engine.jsondoc import JsonDict
 from cellvit_optimus.engine.triage.cells import CellTable
-from cellvit_optimus.engine.wsi.inspect import Failure
+from cellvit_optimus.engine.wsi import Failure
 
 __all__ = ("SlideResult", "BatchResult", "PrioritySource")
 
