@@ -15,8 +15,9 @@ Two batch sizes, for two different things:
 
 from __future__ import annotations
 
-__all__ = ("EXTRACT_READ_CHUNK", "TRIAGE_READ_CHUNK", "FORWARD_BATCH", "READER_THREADS", "REFERENCE_MPP",
-           "MIN_TISSUE_FRACTION", "TRIAGE_OVERLAP_PX", "DEFAULT_DEVICE", "forward_batch", "resolve_device")
+__all__ = ("EXTRACT_READ_CHUNK", "TRIAGE_READ_CHUNK", "FORWARD_BATCH", "BACKBONE_CPU_BATCH", "READER_THREADS",
+           "REFERENCE_MPP", "MIN_TISSUE_FRACTION", "TRIAGE_OVERLAP_PX", "DEFAULT_DEVICE", "forward_batch",
+           "resolve_device")
 
 #: tiles per read chunk when extracting features (the backbone alone, so larger chunks)
 EXTRACT_READ_CHUNK = 32
@@ -27,6 +28,9 @@ TRIAGE_READ_CHUNK = 16
 #: with the batch (bundled model, 2 threads, load 3: 170 ms/tile and 630 MiB peak RSS at 4 against
 #: 264-286 ms/tile and 960-995 MiB at 16; bench/test_bench_e2e.py -k micro_batch compares them)
 FORWARD_BATCH: dict[str, int] = {"cpu": 4, "cuda": 16}
+#: tiles per forward of a bare backbone on the CPU (feature extraction; on CUDA the batch is fitted to
+#: the memory budget, ``--vram-gb``)
+BACKBONE_CPU_BATCH = 32
 #: concurrent slide reads (``--workers``)
 READER_THREADS = 2
 #: the resolution (um/px, 40x) that HoVer-Net's post-processing sizes and its 12 px detection radius
