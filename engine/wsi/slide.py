@@ -39,7 +39,7 @@ from cellvit_optimus.engine.errors import (
 from cellvit_optimus.engine.jsondoc import JsonDict
 from cellvit_optimus.engine.wsi.backend import MPP_PLAUSIBLE, Backend, BackendName
 from cellvit_optimus.engine.wsi.jpegcheck import strict_decode
-from cellvit_optimus.engine.wsi.strips import StripLevel, is_stripped
+from cellvit_optimus.engine.wsi.strips import RawFile, StripLevel, is_stripped
 
 # re-exported: callers (the triage tests) expand slide folders through the slide module
 from cellvit_optimus.engine.wsi.paths import file_kind, iter_slide_paths
@@ -280,12 +280,10 @@ class _TileCheck:
         self.corrupt: list[tuple[int, int, int]] = []  # (level, column, row)
         self._done: set[tuple[int, int]] = set()  # (level, tile index)
         self._lock = threading.Lock()
-        self._fd = os.open(path, os.O_RDONLY)
+        self._file = RawFile(path)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
 
     def tiles_for(self, level: int, boxes: Sequence[tuple[int, int, int, int]]) -> list[int]:
         """indices of the unchecked tiles of ``level`` that the boxes (x, y, w, h; level pixels) touch"""
@@ -316,7 +314,7 @@ class _TileCheck:
         for i in todo:
             if i >= len(pg.offsets) or pg.counts[i] == 0:  # sparse tile: absent on purpose
                 continue
-            data = os.pread(self._fd, pg.counts[i], pg.offsets[i])
+            data = self._file.read(pg.counts[i], pg.offsets[i])
             if head:
                 data = head + data[2:]
             try:
@@ -353,7 +351,7 @@ class _TileCheck:
         for i in range(min(cols * rows, len(pg.offsets))):
             if pg.counts[i] == 0:
                 continue
-            data = os.pread(self._fd, pg.counts[i], pg.offsets[i])
+            data = self._file.read(pg.counts[i], pg.offsets[i])
             if head:
                 data = head + data[2:]
             r, c = divmod(i, cols)
