@@ -7,6 +7,7 @@ command's body: a bad value fails at once with the flag's own name and exit code
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import click
 
 # resolve_device is the settings module's, re-exported here where the CLI helpers have always had it
 from cellvit_optimus.engine.settings import DEFAULT_DEVICE, resolve_device
+from cellvit_optimus.engine.errors import OptimusError
 
 __all__ = ("MPP", "DEVICE", "DEVICE_HELP", "POSITIVE", "NON_NEGATIVE", "SLIDE_SUFFIXES", "NUCLEI_FORMAT",
            "MIL_FORMAT", "checkpoint_file", "cuda_device_count", "device_unavailable", "existing_file",
@@ -74,7 +76,6 @@ def cuda_device_count() -> int | str | None:
     driver; None off Linux, where torch decides later"""
     if not sys.platform.startswith("linux"):
         return None
-    import ctypes
 
     try:
         lib = ctypes.CDLL("libcuda.so.1")
@@ -189,7 +190,6 @@ def thresholds_file(ctx: click.Context, param: click.Parameter, value: str | Non
     model loads (``safety`` imports numpy and scipy only)"""
     if value is None:
         return value
-    from cellvit_optimus.engine.errors import OptimusError
     from cellvit_optimus.safety.tags import TagThresholds
 
     try:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from cellvit_optimus.engine.jsondoc import JsonDict
+from cellvit_optimus.engine.io import atomic_write_json
 
 __all__ = ("cells_to_geojson", "clip_ring", "closed_ccw", "coords_feature_json", "feature_id", "polygon_feature",
            "polygon_feature_json", "ring_area_centroid", "write_geojson")
@@ -264,6 +265,4 @@ def cells_to_geojson(
 
 def write_geojson(path: str | os.PathLike[str], collection: Mapping[str, Any]) -> None:
     """Write a FeatureCollection atomically (compact JSON)."""
-    from cellvit_optimus.engine.io import atomic_write_json
-
     atomic_write_json(path, collection, indent=None)

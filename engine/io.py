@@ -315,7 +315,7 @@ def folder_lock(folder: str | os.PathLike[str], timeout_s: float | None = None,
     so a crashed run never leaves the folder locked. (On network file systems without ``flock``
     semantics two hosts are not kept apart; Ray runs lock on the head.)
     """
-    import fcntl
+    import fcntl  # here: POSIX only, and the rest of this module imports on any platform
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

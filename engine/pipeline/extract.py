@@ -20,13 +20,16 @@ import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError
 from cellvit_optimus.engine.jsondoc import JsonDict
-from cellvit_optimus.engine.pipeline.features import (FeatureWriter, cache_key, coords_attributes, preprocessing_hash,
-                       verify_features)
+from cellvit_optimus.engine.pipeline.features import (FeatureWriter, cache_key, coords_attributes,
+                                                      preprocessing_hash, verify_features)
 # the read path moved to readpath.py; its names stay importable from here (public API)
-from cellvit_optimus.engine.pipeline.readpath import DECODERS, Decoder, TileReadPath, job_fingerprint, open_job_for
+from cellvit_optimus.engine.pipeline.readpath import (DECODERS, Decoder, TileReadPath, job_fingerprint,
+                                                      open_job_for)
 from cellvit_optimus.engine.pipeline.scheduler import (BatchOutput, ConsumerFacts, Progress, SchedulerConfig,
                                                        SlideDone, SlideJob, TileBatch, run_pipeline)
 from cellvit_optimus.engine.wsi import TilingConfig, TissueConfig
+from cellvit_optimus.engine.io import (clean_stale_temporaries, escape_path, folder_lock, move_aside,
+                                       output_name, output_names)
 
 if TYPE_CHECKING:
     from cellvit_optimus.engine.pipeline.runner import BackboneRunner
@@ -58,8 +61,6 @@ class ExtractConfig:
 
 def feature_path(out_dir: str | os.PathLike[str], slide: str | os.PathLike[str], name: str | None = None) -> Path:
     """``out_dir/features/<name>.h5``; ``name`` defaults to the slide's :func:`~.io.output_name`"""
-    from cellvit_optimus.engine.io import output_name
-
     return Path(out_dir) / "features" / f"{name or output_name(slide)}.h5"
 
 
@@ -110,7 +111,6 @@ class FeatureExtractor:
     def prepare(self, job: SlideJob) -> ConsumerFacts | None:
         import h5py
 
-        from cellvit_optimus.engine.io import move_aside
 
         key = self.key_for(job)
         job.note(cache_key=key)
@@ -131,8 +131,6 @@ class FeatureExtractor:
         return None  # another key (model, preprocessing, slide changed): rewritten by this run
 
     def consumers(self, job: SlideJob) -> list[FeatureConsumer]:
-        from cellvit_optimus.engine.io import escape_path
-
         grid, slide = job.grid, job.slide
         assert grid is not None and slide is not None
         attrs = {
@@ -192,7 +190,6 @@ async def aextract_features(paths: Sequence[str | os.PathLike[str]], out_dir: st
     The run holds the output folder's lock (:func:`~.io.folder_lock`; a second run waits up to
     ``lock_timeout_s``, default as long as it takes). Slides are written as :func:`~.io.output_names`.
     """
-    from cellvit_optimus.engine.io import clean_stale_temporaries, folder_lock, output_names
     from cellvit_optimus.engine.pipeline.features import feature_owner
 
     config = config or ExtractConfig()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError
 from cellvit_optimus.engine.jsondoc import JsonDict
+from cellvit_optimus.engine.io import AtomicFile, atomic_path, write_guard
 
 __all__ = ("FeatureWriter", "read_features", "cache_key", "slide_fingerprint", "cached", "verify_features",
            "feature_owner", "coords_attributes", "write_clam_layout", "write_trident_layout", "FEATURE_SCHEMA")
@@ -97,7 +99,6 @@ def _tile_samples(path: Path) -> bytes:
     with path.open("rb") as f:
         if f.read(4) not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
             return b""
-    import logging
 
     import tifffile
 
@@ -276,7 +277,6 @@ class FeatureWriter:
             raise ConfigError(f"n_tiles={n_tiles}, dim={dim} must be >= 0 and > 0")
         self.dest = Path(dest)
         self.dest.parent.mkdir(parents=True, exist_ok=True)
-        from cellvit_optimus.engine.io import AtomicFile
 
         self._file = AtomicFile(self.dest)
         self.tmp = self._file.tmp
@@ -297,8 +297,6 @@ class FeatureWriter:
         self._f.attrs["complete"] = False
 
     def write(self, indices: np.ndarray, features: np.ndarray, quality: dict[str, np.ndarray] | None = None):
-        from cellvit_optimus.engine.io import write_guard
-
         with write_guard(self.dest):
             self._write(indices, features, quality)
 
@@ -323,8 +321,6 @@ class FeatureWriter:
         return bool(self._written.all())
 
     def commit(self) -> Path:
-        from cellvit_optimus.engine.io import write_guard
-
         if not self.complete:
             missing = int((~self._written).sum())
             self.abort()
@@ -409,7 +405,6 @@ def write_clam_layout(out_dir: str | os.PathLike[str], pt_files: bool = True) ->
     import h5py
     import torch
 
-    from cellvit_optimus.engine.io import atomic_path
 
     pt_dir = out / "pt_files"
     pt_dir.mkdir(exist_ok=True)
@@ -447,7 +442,6 @@ def write_trident_layout(out_dir: str | os.PathLike[str], encoder: str | None = 
     """
     import h5py
 
-    from cellvit_optimus.engine.io import atomic_path
 
     out = Path(out_dir)
     feats = out / "features"

@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -163,8 +163,6 @@ class PostProcessConfig:
 
     def scaled(self, factor: float) -> PostProcessConfig:
         """Size thresholds for another resolution (``factor`` = linear scale, areas scale by its square)."""
-        from dataclasses import replace
-
         k = max(3, int(round(self.sobel_ksize * factor)) | 1)
         return replace(self, min_object_size=max(1, round(self.min_object_size * factor**2)),
                        min_marker_size=max(1, round(self.min_marker_size * factor**2)), sobel_ksize=k)
@@ -295,7 +293,6 @@ def drop_small(inst: np.ndarray, table: Any, min_px: float) -> tuple[np.ndarray,
     i + 1); the survivors are renumbered 1..M in order."""
     if min_px <= 0 or len(table) == 0:
         return inst, table
-    from dataclasses import replace
 
     keep = np.asarray(table.areas) >= min_px
     if keep.all():
@@ -507,7 +504,6 @@ def segment_image(image: np.ndarray, mpp: float, model: NucleiModel, tile: int |
     final = instance_table(inst, int(ids.size))
     row = {int(g): i for i, g in enumerate(table.ids)}
     sel = np.asarray([row[int(g)] for g in ids], np.int64) if ids.size else np.zeros(0, np.int64)
-    from dataclasses import replace
 
     scores = table.type_scores[sel] if table.type_scores is not None else None
     final = replace(final, types=table.types[sel].astype(np.int32), type_probs=table.type_probs[sel],

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 import numpy as np
 
-from cellvit_optimus.engine.errors import ConfigError
+from cellvit_optimus.engine.errors import BackendUnavailableError, ConfigError, UnsupportedFormatError
 from cellvit_optimus.engine.pipeline.features import slide_fingerprint
 from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig, SlideJob
 from cellvit_optimus.engine.wsi import TilingConfig, TissueConfig, tile_grid
@@ -72,7 +72,6 @@ class TileReadPath:
         self._lock = threading.Lock()
 
     def attach(self, job: SlideJob) -> None:
-        from cellvit_optimus.engine.errors import BackendUnavailableError, UnsupportedFormatError
         from cellvit_optimus.engine.wsi import GpuTileReader, choose_decoder
 
         slide, grid = job.slide, job.grid

@@ -33,8 +33,10 @@ Ray is an optional extra (``pip install "cellvit-optimus[ray]"``); importing thi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -50,6 +52,8 @@ from cellvit_optimus.engine.triage.config import TriageConfig
 from cellvit_optimus.engine.triage.engine import Engine
 from cellvit_optimus.engine.triage.outputs import finished_result, write_worklist
 from cellvit_optimus.engine.triage.results import BatchResult, SlideResult
+from cellvit_optimus.engine.io import (TMP_PREFIX, atomic_write_bytes, clean_stale_temporaries, folder_lock,
+                                       output_names)
 
 __all__ = ("ClusterConfig", "ClusterProgress", "WorkerProgress", "SlideAttempt", "RayTriage")
 
@@ -155,8 +159,6 @@ class _SlideWorker:
         self._progress: tuple[str, int, int] | None = None
 
     def ready(self) -> ActorInfo:
-        import socket
-
         return ActorInfo(self.engine.run_key(), os.getpid(), socket.gethostname())
 
     def set_batch_delay(self, seconds: float) -> None:
@@ -346,8 +348,6 @@ class RayTriage:
         (``skipped``: inputs not run, as ``(path, why)``, listed in the worklist too)
 
         The driver holds the output folder's lock for the whole batch (actors write under it)."""
-        from cellvit_optimus.engine.io import folder_lock
-
         out = Path(os.path.realpath(out_dir))
         with folder_lock(out, self.config.lock_timeout_s):
             return self._run_locked(slides, out, progress, skipped)
@@ -355,7 +355,6 @@ class RayTriage:
     def _run_locked(self, slides: Sequence[str | os.PathLike[str]], out: Path,
                     progress: Callable[[ClusterProgress], None] | None,
                     skipped: Sequence[tuple[str, str]]) -> BatchResult:
-        from cellvit_optimus.engine.io import clean_stale_temporaries, output_names
         from cellvit_optimus.engine.triage.outputs import output_owner
 
         ray = _import_ray()
@@ -493,11 +492,8 @@ class RayTriage:
     # -- shadow mode ---------------------------------------------------------------------------------
     def _reserve_shadow(self, paths: list[Path], out: Path) -> None:
         """count the batch's new slides in input order before any actor finishes one (see module doc)"""
-        import json
-
         from cellvit_optimus.safety import ShadowMode, Tag, TagDecision
 
-        from cellvit_optimus.engine.io import atomic_write_bytes
         from cellvit_optimus.engine.pipeline import slide_fingerprint
         from cellvit_optimus.engine.wsi import open_slide
 
@@ -563,8 +559,6 @@ def _finished(out: Path, path: Path, key: str | None, name: str) -> bool:
 
 def _remove_temporaries(out: Path, name: str) -> None:
     """what a dead actor left half-written for the slide named ``name`` (finished files are complete and stay)"""
-    from cellvit_optimus.engine.io import TMP_PREFIX
-
     stem = name
     for p in [*(out / stem).glob(TMP_PREFIX + "*"), *(out / "features").glob(f"{TMP_PREFIX}{stem}.h5*")]:
         try:

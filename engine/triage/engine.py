@@ -43,7 +43,7 @@ import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError
 from cellvit_optimus.engine.io import (clean_stale_temporaries, escape_path, folder_lock, output_name,
-                                      output_names)
+                                       output_names)
 from cellvit_optimus.engine.jsondoc import JsonDict
 from cellvit_optimus.engine.settings import REFERENCE_MPP, resolve_device
 from cellvit_optimus.engine.pipeline import (BatchOutput, ConsumerFacts, ExtractConfig, Progress, SlideJob,
@@ -359,8 +359,6 @@ class _TriageFactory:
         return self.name_of_path(str(job.path))
 
     def name_of_path(self, path: str) -> str:
-        from cellvit_optimus.engine.io import output_name
-
         return self.names.get(path) or output_name(path)
 
     def prepare(self, job: SlideJob) -> ConsumerFacts | None:

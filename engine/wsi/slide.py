@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -143,8 +144,6 @@ def _check_ifd_chain(path: Path, size: int, order: str, big: bool, first_ifd: in
     """every image directory, and every tag value it points to, must lie inside the file. A copy cut
     inside a directory otherwise loses tags silently (tifffile drops what it cannot read): a cut
     ImageDescription then surfaced as "no MPP" instead of as the truncation it is."""
-    import struct
-
     entry, count_fmt, off_fmt, inline = (20, "Q", "Q", 8) if big else (12, "H", "I", 4)
     head_n = 8 if big else 2
     seen: set[int] = set()
@@ -200,8 +199,6 @@ def _check_tiff_complete(path: Path) -> tuple[list[_JpegPage], bool]:
     copies up front instead of failing half-way through a slide), every page must have pixels, and
     strips must be able to hold them (a forged header claiming a huge image over a few bytes fails
     here, in milliseconds); returns the tiled JPEG pages and whether the first page (level 0) is stripped"""
-    import struct
-
     import tifffile
 
     size = path.stat().st_size
