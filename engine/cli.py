@@ -34,7 +34,9 @@ from cellvit_optimus.engine.cli_params import (
     writable_dir,
 )
 from cellvit_optimus.engine.errors import OptimusError
-from cellvit_optimus.engine.wsi.paths import collect_inputs
+from cellvit_optimus.engine.settings import (FORWARD_BATCH, MIN_TISSUE_FRACTION, READER_THREADS,
+                                             TRIAGE_OVERLAP_PX, TRIAGE_READ_CHUNK)
+from cellvit_optimus.engine.wsi import collect_inputs
 
 __all__ = ("main", "cli", "EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "EXIT_INTERRUPTED", "MPP", "DEVICE",
            "validate_device", "collect_inputs")
@@ -165,7 +167,7 @@ def _tiling_options(f):
     f = click.option("--tile-size", type=click.IntRange(min=16), default=224, show_default=True,
                      help="tile side in pixels")(f)
     f = click.option("--overlap", type=_Overlap(), default=0, show_default=True, help=_OVERLAP_HELP)(f)
-    f = click.option("--min-tissue", type=_FRACTION, default=0.25, show_default=True,
+    f = click.option("--min-tissue", type=_FRACTION, default=MIN_TISSUE_FRACTION, show_default=True,
                      help="minimum tissue fraction of a kept tile (0..1)")(f)
     f = click.option("--backend", type=click.Choice(_BACKENDS), default="auto", show_default=True,
                      help=_BACKEND_HELP)(f)
@@ -192,8 +194,7 @@ def inspect(slides, mpp, target_mpp, tile_size, overlap, min_tissue, backend, re
     """
     overlap = _overlap_fraction(overlap, tile_size)
     paths, skipped = _inputs(slides, recursive)
-    from cellvit_optimus.engine.wsi.inspect import Failure, inspect_many
-    from cellvit_optimus.engine.wsi.tissue import TilingConfig
+    from cellvit_optimus.engine.wsi import Failure, TilingConfig, inspect_many
 
     try:
         tiling = TilingConfig(tile_size=tile_size, target_mpp=target_mpp, overlap=overlap,
@@ -261,7 +262,8 @@ def _backbone_options(f):
                      help="tiles per backbone call (default: fitted)")(f)
     f = click.option("--vram-gb", type=click.FloatRange(min=0, min_open=True), default=12.0, show_default=True,
                      help="GPU memory budget the batch size is fitted to")(f)
-    f = click.option("--workers", type=POSITIVE, default=2, show_default=True, help="slide reader threads")(f)
+    f = click.option("--workers", type=POSITIVE, default=READER_THREADS, show_default=True,
+                     help="slide reader threads")(f)
     f = click.option("--decoder", type=click.Choice(_DECODERS), default="auto", show_default=True,
                      help=_DECODER_HELP)(f)
     f = click.option("-q", "--quiet", is_flag=True, help="no progress bars")(f)
@@ -272,7 +274,7 @@ _device = resolve_device
 
 
 def _make_runner(backbone, weights, device, dtype, batch_size, vram_gb, tokens=False):
-    from cellvit_optimus.engine.pipeline.runner import BackboneRunner
+    from cellvit_optimus.engine.pipeline import BackboneRunner
 
     if weights is None and backbone == "hoptimus0":
         weights = "hf-hub"
@@ -356,10 +358,10 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
     """Tile embeddings of SLIDES into OUT/features/<slide>.h5 (CLAM/Trident layout; a versioned cache)."""
     overlap = _overlap_fraction(overlap, tile_size)
     paths, skipped = _inputs(slides, recursive)
-    from cellvit_optimus.engine.pipeline.extract import ExtractConfig, extract_features
-    from cellvit_optimus.engine.wsi.inspect import Failure
-    from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig
-    from cellvit_optimus.engine.wsi.tissue import TilingConfig
+    from cellvit_optimus.engine.pipeline import ExtractConfig, extract_features
+    from cellvit_optimus.engine.wsi import Failure
+    from cellvit_optimus.engine.pipeline import SchedulerConfig
+    from cellvit_optimus.engine.wsi import TilingConfig
 
     try:
         config = ExtractConfig(
@@ -382,11 +384,11 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
     bad = [r for r in results if isinstance(r, Failure)]
     for r in ok:
         click.echo(f"{'cached' if r.cached else 'done  '} {escape_path(r.path)}: {r.tiles} tiles -> "
-                   f"{escape_path(r.info.get('features') or '')}")
+                   f"{escape_path(str(r.consumer_facts.get('features') or ''))}")
     for f in bad:
         click.echo(f"FAILED {f.message}", err=True)
     if clam_layout and ok:
-        from cellvit_optimus.engine.pipeline.features import write_clam_layout
+        from cellvit_optimus.engine.pipeline import write_clam_layout
 
         try:
             write_clam_layout(out_dir)
@@ -407,9 +409,9 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
               help="level-0 microns per pixel, overriding or replacing the slide's metadata")
 @click.option("--nuclei-mpp", type=_TARGET_MPP, default=None,
               help="resolution of the nuclei path in um/px (default: the nuclei model's)")
-@click.option("--overlap", "overlap_px", type=NON_NEGATIVE, default=64, show_default=True,
+@click.option("--overlap", "overlap_px", type=NON_NEGATIVE, default=TRIAGE_OVERLAP_PX, show_default=True,
               help="pixels two neighbouring tiles share, at the nuclei resolution")
-@click.option("--min-tissue", type=_FRACTION, default=0.25, show_default=True,
+@click.option("--min-tissue", type=_FRACTION, default=MIN_TISSUE_FRACTION, show_default=True,
               help="minimum tissue fraction of a kept tile (0..1)")
 @click.option("--backend", type=click.Choice(_BACKENDS), default="auto", show_default=True, help=_BACKEND_HELP)
 @click.option("-r", "--recursive", is_flag=True, help="search folders given as SLIDES recursively")
@@ -434,8 +436,13 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
               show_default=True, callback=_outputs, help="what to write (comma-separated; summary is required)")
 @click.option("--device", **DEVICE)
 @click.option("--batch-size", type=POSITIVE, default=None,
-              help="tiles per backbone call [default: 4 on the CPU, 16 on a GPU]")
-@click.option("--workers", type=POSITIVE, default=2, show_default=True, help="slide reader threads")
+              help=f"forward micro-batch: tiles per backbone call [default: {FORWARD_BATCH['cpu']} on the "
+                   f"CPU, {FORWARD_BATCH['cuda']} on a GPU]")
+@click.option("--read-chunk", type=POSITIVE, default=None,
+              help=f"read chunk: tiles a reader hands on at once [default: --batch-size when given, else "
+                   f"{TRIAGE_READ_CHUNK}]")
+@click.option("--workers", type=POSITIVE, default=READER_THREADS, show_default=True,
+              help="slide reader threads")
 @click.option("--decoder", type=click.Choice(_DECODERS), default="auto", show_default=True, help=_DECODER_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="no progress bars (services, logs)")
 @click.option("--gzip", "gzip_cells", is_flag=True,
@@ -452,8 +459,8 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 @click.option("--trident-layout", is_flag=True, help=_TRIDENT_HELP)
 def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, recursive, nuclei_weights,
            backbone_weights, mil_weights, thresholds, ood_state, shadow_slides, site_id, outputs, device, batch_size,
-           workers, decoder, quiet, gzip_cells, ray_address, ray_actors, ray_cpus_per_actor, lock_timeout,
-           trident_layout):
+           read_chunk, workers, decoder, quiet, gzip_cells, ray_address, ray_actors, ray_cpus_per_actor,
+           lock_timeout, trident_layout):
     """Triage SLIDES (files or folders; default: the bundled real slide) into a ranked worklist.
 
     Writes per slide OUT/<slide>/{cells.geojson[.gz], regions.geojson, overview.png, summary.json} and
@@ -464,14 +471,15 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
     if not site_id.strip():
         raise click.BadParameter("must not be empty", param_hint="'--site-id'")
     paths, skipped = _inputs(slides, recursive)  # before any model is loaded: a bad path fails at once
-    from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig
-    from cellvit_optimus.engine.triage.engine import Engine, TriageConfig
+    from cellvit_optimus.engine.pipeline import SchedulerConfig
+    from cellvit_optimus.engine.triage import Engine, TriageConfig
     from cellvit_optimus.safety.config import SafetyConfig
 
     try:
         safety = SafetyConfig(thresholds_path=thresholds, ood_state_path=ood_state, shadow_slides=shadow_slides,
                               site_id=site_id)
-        sched = SchedulerConfig(batch_tiles=batch_size or 16, reader_threads=workers)  # tiles per read chunk
+        chunk = read_chunk or batch_size or TRIAGE_READ_CHUNK  # a chunk at least one forward batch long
+        sched = SchedulerConfig(batch_tiles=chunk, reader_threads=workers)
         config = TriageConfig(scheduler=sched, mpp=mpp, backend=backend, decoder=decoder, nuclei_mpp=nuclei_mpp,
                               overlap_px=overlap_px, min_tissue_fraction=min_tissue, outputs=outputs, safety=safety,
                               gzip_cells=gzip_cells, lock_timeout_s=lock_timeout)
@@ -485,7 +493,7 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
                            err=True)
             engine = Engine(config, **weights)
         else:
-            from cellvit_optimus.engine.triage.distributed import ClusterConfig, RayTriage
+            from cellvit_optimus.engine.triage import ClusterConfig, RayTriage
 
             engine = RayTriage(config, cluster=ClusterConfig(address=ray_address or None, num_actors=ray_actors,
                                                              cpus_per_actor=ray_cpus_per_actor), **weights)
@@ -528,7 +536,7 @@ def _interrupted(worklist: Path | None = None) -> None:
 
 
 def _trident_layout(out_dir: str) -> None:
-    from cellvit_optimus.engine.pipeline.features import write_trident_layout
+    from cellvit_optimus.engine.pipeline import write_trident_layout
 
     try:
         written = write_trident_layout(out_dir)
@@ -547,7 +555,7 @@ def _batch_failed(exc: OptimusError) -> None:
 
 
 def _register_model_commands() -> None:
-    from cellvit_optimus.engine.training.cli import segment, train
+    from cellvit_optimus.engine.training import segment, train
 
     cli.add_command(train)
     cli.add_command(segment)

@@ -7,6 +7,7 @@ command's body: a bad value fails at once with the flag's own name and exit code
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -15,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+# resolve_device is the settings module's, re-exported here where the CLI helpers have always had it
+from cellvit_optimus.engine.settings import DEFAULT_DEVICE, resolve_device
+from cellvit_optimus.engine.errors import OptimusError
 
 __all__ = ("MPP", "DEVICE", "DEVICE_HELP", "POSITIVE", "NON_NEGATIVE", "SLIDE_SUFFIXES", "NUCLEI_FORMAT",
            "MIL_FORMAT", "checkpoint_file", "cuda_device_count", "device_unavailable", "existing_file",
@@ -71,7 +76,6 @@ def cuda_device_count() -> int | str | None:
     driver; None off Linux, where torch decides later"""
     if not sys.platform.startswith("linux"):
         return None
-    import ctypes
 
     try:
         lib = ctypes.CDLL("libcuda.so.1")
@@ -89,16 +93,8 @@ def cuda_device_count() -> int | str | None:
 
 
 #: keyword arguments of a ``--device`` option: ``click.option("--device", **DEVICE)``
-DEVICE: dict[str, Any] = dict(default="auto", show_default=True, callback=validate_device, help=DEVICE_HELP)
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; any other name unchanged"""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE: dict[str, Any] = dict(default=DEFAULT_DEVICE, show_default=True, callback=validate_device,
+                              help=DEVICE_HELP)
 
 
 def existing_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -194,7 +190,6 @@ def thresholds_file(ctx: click.Context, param: click.Parameter, value: str | Non
     model loads (``safety`` imports numpy and scipy only)"""
     if value is None:
         return value
-    from cellvit_optimus.engine.errors import OptimusError
     from cellvit_optimus.safety.tags import TagThresholds
 
     try:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from cellvit_optimus.engine.errors import OptimusError
+
 __all__ = ("Check", "doctor_command", "run_checks")
 
 Status = Literal["PASS", "WARN", "FAIL"]
@@ -104,7 +106,6 @@ def _writable(folder: Path) -> bool:
 
 def _bundled() -> Iterator[Check]:
     from cellvit_optimus.engine.data import DATA_DIR, bundled_slide, default_nuclei_model
-    from cellvit_optimus.engine.errors import OptimusError
 
     p = default_nuclei_model()
     try:

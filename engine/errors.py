@@ -8,6 +8,7 @@ failure record is useful on its own.
 
 from __future__ import annotations
 
+import errno
 from os import PathLike
 
 __all__ = (
@@ -132,8 +133,6 @@ class OutputWriteError(OptimusError, OSError):
 
     @classmethod
     def from_os_error(cls, path: str | PathLike[str], exc: OSError) -> OutputWriteError:
-        import errno
-
         # HDF5 reports a full disk inside its message ("errno = 28, ... No space left on device")
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc) or "errno = 28" in str(exc)
         where = f" writing {exc.filename}" if exc.filename and str(exc.filename) != str(path) else ""

@@ -35,6 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from cellvit_optimus.engine.jsondoc import JsonDict
+from cellvit_optimus.engine.io import atomic_write_json
+
 __all__ = ("cells_to_geojson", "clip_ring", "closed_ccw", "coords_feature_json", "feature_id", "polygon_feature",
            "polygon_feature_json", "ring_area_centroid", "write_geojson")
 
@@ -181,8 +184,8 @@ def coords_feature_json(coords: list[list[float]], class_name: str | None, color
 
 def _properties(class_name: str | None, color: Sequence[int] | None, measurements: Mapping[str, float] | None,
                 properties: Mapping[str, Any] | None, object_type: str,
-                metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
-    props: dict[str, Any] = {"objectType": object_type}
+                metadata: Mapping[str, str] | None = None) -> JsonDict:
+    props: JsonDict = {"objectType": object_type}
     if class_name is not None:
         props["classification"] = {"name": class_name, "color": [int(c) for c in (color or (255, 0, 0))]}
     if measurements:
@@ -201,7 +204,7 @@ def cells_to_geojson(
     scale: float = 1.0,
     extra_properties: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     mpp: float | None = None,
-) -> dict[str, Any]:
+) -> JsonDict:
     """A FeatureCollection of the nuclei in a ``kernels.InstanceTable``.
 
     Parameters
@@ -262,6 +265,4 @@ def cells_to_geojson(
 
 def write_geojson(path: str | os.PathLike[str], collection: Mapping[str, Any]) -> None:
     """Write a FeatureCollection atomically (compact JSON)."""
-    from cellvit_optimus.engine.io import atomic_write_json
-
     atomic_write_json(path, collection, indent=None)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from cellvit_optimus.engine.errors import OutputLockedError, OutputWriteError
+from cellvit_optimus.engine.jsondoc import FileDigest
 
 __all__ = ("AtomicFile", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "atomic_write_png", "clean_stale_temporaries", "TMP_PREFIX", "RUN_ID", "RESERVED_NAMES",
@@ -264,7 +265,7 @@ def escape_path(path: str | os.PathLike[str]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 20) -> dict[str, Any]:
+def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 20) -> FileDigest:
     """``{"bytes": size, "sha256": hex}`` of a file, read in chunks (bounded memory)"""
     h = hashlib.sha256()
     n = 0
@@ -314,7 +315,7 @@ def folder_lock(folder: str | os.PathLike[str], timeout_s: float | None = None,
     so a crashed run never leaves the folder locked. (On network file systems without ``flock``
     semantics two hosts are not kept apart; Ray runs lock on the head.)
     """
-    import fcntl
+    import fcntl  # here: POSIX only, and the rest of this module imports on any platform
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,7 @@ Conventions that the speed rests on (each measured; see bench/README.md):
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -642,15 +643,16 @@ def _scale(lo, hi):
 
 @njit(cache=True, nogil=True)
 def _stage_relief(hmap, vmap, deriv, smooth, mode, marker_thr, slope, rng, ws):
-    """Sobel, energy, marker seeds (``ws[13]``) and relief (``ws[23]``, framed like the work map),
+    """Sobel, energy, marker seeds (``ws.seeds``) and relief (``ws.relief``, framed like the work map),
     streamed row by row.
 
     ``hovernet`` mode with ``rng[4] != 0`` measures the tile-wide Sobel range first (the foreground
     pixels' Sobel values kept, energy in a second stream); returns the range used (hmin, hmax, vmin,
     vmax)."""
     h, w = hmap.shape
-    fg, seeds, ring_h, ring_v, pad = ws[11], ws[13], ws[16], ws[17], ws[18]
-    sob_h, sob_v, rowmm, ering, relief, hsum = ws[19], ws[20], ws[21], ws[22], ws[23], ws[39]
+    fg, seeds, ring_h, ring_v, pad = ws.fg, ws.seeds, ws.ring_h, ws.ring_v, ws.pad_row
+    sob_h, sob_v, rowmm, ering = ws.sobel_h, ws.sobel_v, ws.row_minmax, ws.energy_ring
+    relief, hsum = ws.relief, ws.blur_sums
     m = ring_h.shape[0] - 1
     r = deriv.shape[0] // 2
     measure = mode == MODE_HOVERNET and rng[4] != 0.0
@@ -674,8 +676,9 @@ def _stage_relief(hmap, vmap, deriv, smooth, mode, marker_thr, slope, rng, ws):
     # nobody reads. ``need[y, b]``: block b of row y holds a pixel of the 1-dilated foreground of the
     # row (from the kept component runs).
     nblk = (w + _SKIPBLOCK - 1) // _SKIPBLOCK
-    need, gneed = ws[40], ws[41]
-    cs, ce, cy, crow, clab = ws[0], ws[1], ws[2], ws[3], ws[4]  # the kept foreground runs
+    need, gneed = ws.col_need, ws.group_need
+    # the kept foreground runs
+    cs, ce, cy, crow, clab = ws.comp_start, ws.comp_end, ws.comp_y, ws.comp_rowstart, ws.comp_label
     rneed = np.ones(nblk, np.uint8)
     need[:, :] = 0
     for i in range(crow[h]):
@@ -693,7 +696,7 @@ def _stage_relief(hmap, vmap, deriv, smooth, mode, marker_thr, slope, rng, ws):
     # Measuring the range: the energy needs the Sobel values of the foreground pixels only (it is 0
     # elsewhere), so only those are kept (``kept_h``/``kept_v``, in run order from ``fgoff[y]`` for
     # row y), not the two full maps.
-    kept_h, kept_v, fgoff = ws[24].view(np.float32), ws[25].view(np.float32), ws[3].copy()
+    kept_h, kept_v, fgoff = ws.heap.view(np.float32), ws.keys.view(np.float32), ws.comp_rowstart.copy()
     if measure:
         k = 0
         for y in range(h):
@@ -795,7 +798,8 @@ def sobel_minmax(hmap, vmap, deriv, smooth, ws):
     """Tile-wide (min, max) of the Sobel of H along x and of V along y: (hmin, hmax, vmin, vmax)
     (the passes of :func:`_stage_relief`, whole rows, nothing else)."""
     h, w = hmap.shape
-    ring_h, ring_v, pad, sob_h, sob_v, rowmm = ws[16], ws[17], ws[18], ws[19], ws[20], ws[21]
+    ring_h, ring_v, pad = ws.ring_h, ws.ring_v, ws.pad_row
+    sob_h, sob_v, rowmm = ws.sobel_h, ws.sobel_v, ws.row_minmax
     m = ring_h.shape[0] - 1
     r = deriv.shape[0] // 2
     lidx = np.empty(r, np.int64)
@@ -1148,7 +1152,60 @@ def _aligned(shape: tuple, dtype: type, fill: float | None = None) -> np.ndarray
     return a
 
 
-def hv_workspace(h: int, w: int, ksize: int = 21) -> tuple:
+class HVWorkspace(NamedTuple):
+    """The scratch arrays of :func:`hv_tile` for one (h, w) tile and Sobel size (:func:`hv_workspace`).
+
+    A NamedTuple: Numba takes it as a heterogeneous tuple, and the kernels name each array. Runs are
+    row-major ``(start, end, y)`` triples with a per-row start index (``*_rowstart``, h + 1 entries).
+    ``heap`` and ``keys`` have a second use in :func:`_stage_relief`, before the flood needs them: as
+    float32 views they hold the kept foreground's Sobel H and V (one buffer each instead of two).
+    """
+
+    comp_start: np.ndarray  # foreground component runs (int32) ...
+    comp_end: np.ndarray
+    comp_y: np.ndarray
+    comp_rowstart: np.ndarray  # (h + 1,) int64
+    comp_label: np.ndarray  # ... and each run's component label
+    mark_start: np.ndarray  # marker runs ...
+    mark_end: np.ndarray
+    mark_y: np.ndarray
+    mark_rowstart: np.ndarray
+    mark_label: np.ndarray  # ... and each run's marker label
+    parent: np.ndarray  # union-find parents of runs
+    fg: np.ndarray  # (h, wp) uint8 foreground mask
+    work: np.ndarray  # (h + 2, w + 2) int32 framed work map of the floods (-1 between calls)
+    seeds: np.ndarray  # (h, wp) uint8 marker seeds
+    morph_a: np.ndarray  # (h, wp) uint8 morphology scratch
+    morph_b: np.ndarray  # (h, wp) uint8 morphology scratch
+    ring_h: np.ndarray  # row-pass H ring (float32, cache-line rows)
+    ring_v: np.ndarray  # row-pass V ring
+    pad_row: np.ndarray  # padded input row
+    sobel_h: np.ndarray  # Sobel H of a row group
+    sobel_v: np.ndarray  # Sobel V of a row group
+    row_minmax: np.ndarray  # (h, 4) int32 per-row Sobel min / max (sortable keys)
+    energy_ring: np.ndarray  # (4, w) float32 energy ring
+    relief: np.ndarray  # (h + 2, w + 2) float32 relief, framed like the work map
+    heap: np.ndarray  # int64 flood heap; first the kept foreground's Sobel H (as float32)
+    keys: np.ndarray  # int64 queued keys; first the kept foreground's Sobel V (as float32)
+    pixels: np.ndarray  # int64 queued pixels
+    bucket_next: np.ndarray  # int32 bucket lists
+    bucket_heads: np.ndarray  # int32 bucket heads
+    flood_order: np.ndarray  # int32 flood run order
+    seed_start: np.ndarray  # seed runs (hole filling) ...
+    seed_end: np.ndarray
+    seed_y: np.ndarray
+    seed_rowstart: np.ndarray
+    gap_start: np.ndarray  # background runs (hole filling) ...
+    gap_end: np.ndarray
+    gap_y: np.ndarray
+    gap_rowstart: np.ndarray
+    hole: np.ndarray  # uint8 hole flag per background run
+    blur_sums: np.ndarray  # (4, w) float64 ring of horizontal blur sums
+    col_need: np.ndarray  # (h, nblk) uint8 column blocks near the foreground, per row
+    group_need: np.ndarray  # the same, per row group
+
+
+def hv_workspace(h: int, w: int, ksize: int = 21) -> HVWorkspace:
     """Scratch arrays for one (h, w) tile and Sobel size. Kept by the caller across calls, one per
     thread: first-touch page faults of fresh buffers would cost as much as the work on a 1024 px
     tile. The float rows the Sobel passes stream through start on cache lines (with ``W`` a multiple
@@ -1164,7 +1221,7 @@ def hv_workspace(h: int, w: int, ksize: int = 21) -> tuple:
     nblk = (w + _SKIPBLOCK - 1) // _SKIPBLOCK
     i32r = lambda: np.empty(runs, np.int32)
     u8 = lambda: np.zeros((h, wp), np.uint8)
-    return (
+    return HVWorkspace(
         i32r(), i32r(), i32r(), np.empty(h + 1, np.int64), i32r(),  # 0-4 component runs + labels
         i32r(), i32r(), i32r(), np.empty(h + 1, np.int64), i32r(),  # 5-9 marker runs + labels
         i32r(),  # 10 union-find parents
@@ -1198,7 +1255,8 @@ def hv_workspace(h: int, w: int, ksize: int = 21) -> tuple:
 
 @njit(cache=True, nogil=True)
 def _stage_components(np_prob, np_thr, min_obj, ws):
-    cs, ce, cy, crow, clab, parent, fg = ws[0], ws[1], ws[2], ws[3], ws[4], ws[10], ws[11]
+    cs, ce, cy, crow, clab = ws.comp_start, ws.comp_end, ws.comp_y, ws.comp_rowstart, ws.comp_label
+    parent, fg = ws.parent, ws.fg
     h = np_prob.shape[0]
     _threshold(np_prob, np_thr, fg)
     n = _scan_runs(fg, cs, ce, cy, crow)
@@ -1210,12 +1268,13 @@ def _stage_components(np_prob, np_thr, min_obj, ws):
 
 @njit(cache=True, nogil=True)
 def _stage_markers(mode, min_marker, w, ws):
-    """Marker runs (``ws[5:10]``, labels ``ws[9]``), their labels painted into the framed work map
-    ``ws[12]``; returns (markers, marker runs)."""
-    ms, me, my, mrow, mlab, parent = ws[5], ws[6], ws[7], ws[8], ws[9], ws[10]
-    seeds, t1, t2 = ws[13], ws[14], ws[15]
-    ss, se, sy, srow = ws[30], ws[31], ws[32], ws[33]
-    gs, ge, gy, grow, hole = ws[34], ws[35], ws[36], ws[37], ws[38]
+    """Marker runs (``ws.mark_*``, labels ``ws.mark_label``), their labels painted into the framed
+    work map ``ws.work``; returns (markers, marker runs)."""
+    ms, me, my, mrow, mlab = ws.mark_start, ws.mark_end, ws.mark_y, ws.mark_rowstart, ws.mark_label
+    parent = ws.parent
+    seeds, t1, t2 = ws.seeds, ws.morph_a, ws.morph_b
+    ss, se, sy, srow = ws.seed_start, ws.seed_end, ws.seed_y, ws.seed_rowstart
+    gs, ge, gy, grow, hole = ws.gap_start, ws.gap_end, ws.gap_y, ws.gap_rowstart, ws.hole
     h = seeds.shape[0]
     _scan_runs(seeds, ss, se, sy, srow)
     if mode == MODE_HOVERNET:
@@ -1231,7 +1290,7 @@ def _stage_markers(mode, min_marker, w, ws):
         ng, n = _fill_holes_runs(ss, se, srow, h, w, gs, ge, gy, grow, parent, hole, ms, me, my, mrow)
     _union_runs(ms, me, mrow, h, parent)
     nmark = _number_runs(ms, me, n, parent, min_marker, mlab)
-    _paint_labels(ms, me, my, n, mlab, ws[12], 1)
+    _paint_labels(ms, me, my, n, mlab, ws.work, 1)
     return nmark, n
 
 
@@ -1254,7 +1313,7 @@ def hv_tile(np_prob, hmap, vmap, np_thr, min_obj, deriv, smooth, mode, marker_th
     ncomp = _stage_components(np_prob, np_thr, min_obj, ws)
     _stage_relief(hmap, vmap, deriv, smooth, mode, marker_thr, slope, rng, ws)
     nmark, nmr = _stage_markers(mode, min_marker, w, ws)
-    work = ws[12]
+    work = ws.work
     if ncomp == 0 or (nmark == 0 and not keep_unmarked):
         inst[:] = 0
         nlab = 0
@@ -1262,18 +1321,21 @@ def hv_tile(np_prob, hmap, vmap, np_thr, min_obj, deriv, smooth, mode, marker_th
         lut = nm
     else:
         nlab, nmulti, ostart, heap_base, lut, nm = _ws_prepare(
-            ws[0], ws[1], ws[2], ws[3], ws[4], ncomp, ws[5], ws[6], ws[7], ws[8], ws[9], nmr, nmark,
-            keep_unmarked, inst, ws[29],
+            ws.comp_start, ws.comp_end, ws.comp_y, ws.comp_rowstart, ws.comp_label, ncomp,
+            ws.mark_start, ws.mark_end, ws.mark_y, ws.mark_rowstart, ws.mark_label, nmr, nmark,
+            keep_unmarked, inst, ws.flood_order,
         )
-        # (the arrays bound once: each ``ws[i]`` in the call would cost reference-count updates per call)
-        order, cs, ce, cy, relief = ws[29], ws[0], ws[1], ws[2], ws[23]
-        heap, keyv, pix, nxt, heads = ws[24], ws[25], ws[26], ws[27], ws[28]
+        # (the arrays bound once: each ``ws.name`` in the call would cost reference-count updates per call)
+        order, cs, ce, cy, relief = ws.flood_order, ws.comp_start, ws.comp_end, ws.comp_y, ws.relief
+        heap, keyv, pix, nxt, heads = ws.heap, ws.keys, ws.pixels, ws.bucket_next, ws.bucket_heads
         for s in range(nmulti):
             _flood(s, order, ostart, heap_base, cs, ce, cy, work, relief, heap, keyv, pix, nxt, heads, inst)
-    _set_runs(ws[5], ws[6], ws[7], nmr, ws[9], True, work, np.int32(-1), 1)  # back to all -1
+    # back to all -1
+    _set_runs(ws.mark_start, ws.mark_end, ws.mark_y, nmr, ws.mark_label, True, work, np.int32(-1), 1)
     if not want_table or nlab == 0:
         return (nlab, np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros((0, 4), np.int32),
                 np.zeros((0, 2)), np.zeros(nlab + 1, np.int64), buf)
-    area, sx, sy, bbox, start = _table_moments(ws[0], ws[1], ws[2], ws[3], ws[4], lut, nm, inst, nlab)
+    area, sx, sy, bbox, start = _table_moments(ws.comp_start, ws.comp_end, ws.comp_y, ws.comp_rowstart,
+                                               ws.comp_label, lut, nm, inst, nlab)
     coords, offsets, buf = trace_all(inst, start, area, eps, buf)
     return nlab, area, sx, sy, bbox, coords, offsets, buf

@@ -4,9 +4,13 @@
    imported module or class. A private *module* (``kernels/_numba.py``, ``safety/_state.py``) may be
    imported by the modules of its own package, and nowhere else.
 2. The leaves (heads/, kernels/, safety/) import nothing from the engine but ``engine.errors``.
-3. Inside engine/ the wings form layers: ``base`` (errors, io, geojson, data, cli_params, the package
-   itself) <- ``wsi`` <- ``pipeline`` <- ``triage`` / ``training`` <- ``cli``; a module imports only its
-   own wing and the layers below (function-local imports count too), so there is no import loop.
+3. Inside engine/ the wings form layers: ``base`` (errors, io, geojson, jsondoc, settings, lazy, data,
+   cli_params, the package itself) <- ``wsi`` <- ``pipeline`` <- ``triage`` / ``training`` <- ``cli``; a
+   module imports only its own wing and the layers below (function-local imports count too), so there is
+   no import loop.
+4. Each wing (wsi, pipeline, triage, training) declares its public API in its ``__init__`` (``__all__``,
+   every name resolving), and a module of another wing (or the CLI) imports only those names, from the
+   wing's package: never one of its modules.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ FOLDERS = {"engine": "cellvit_optimus.engine", "heads": "cellvit_optimus.heads",
 LEAVES = ("heads", "kernels", "safety")
 #: engine wings, lowest first; a module may import from its own wing and any lower one
 LAYERS = {"base": 0, "wsi": 1, "pipeline": 2, "triage": 3, "training": 3, "cli": 4}
-BASE = {"errors", "io", "geojson", "data", "cli_params", ""}
+BASE = {"errors", "io", "geojson", "jsondoc", "settings", "lazy", "data", "cli_params", ""}
+WINGS = ("wsi", "pipeline", "triage", "training")
 
 
 def _modules() -> dict[str, Path]:
@@ -195,4 +200,80 @@ def test_one_atomic_writer():
                     node.value, ast.Name) and node.value.id == "os" or node.attr in (
                     "mkstemp", "NamedTemporaryFile") and isinstance(node.value, ast.Name)):
                 found.append(f"{_shown(path)}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not found, "\n".join(found)
+
+
+def _declared(wing: str) -> tuple[str, ...]:
+    """the ``__all__`` a wing's ``__init__`` declares (a literal tuple, read from the source)"""
+    tree = ast.parse((REPO / "engine" / wing / "__init__.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
+            return tuple(ast.literal_eval(node.value))
+    return ()
+
+
+def _wing_of(module: str) -> str | None:
+    parts = module.split(".")
+    if len(parts) > 2 and parts[:2] == ["cellvit_optimus", "engine"] and parts[2] in WINGS:
+        return parts[2]
+    return None
+
+
+def _cross_wing_uses(name: str, path: Path, declared: dict[str, tuple[str, ...]]) -> list[str]:
+    """imports by ``name`` (at ``path``) of another wing's modules, or of names its ``__init__`` does not
+    declare"""
+    own = _wing(name)
+    found = []
+    for line, src, imported, _ in _imports(name, path):
+        wing = _wing_of(src)
+        if wing is None or wing == own:
+            continue
+        package = f"cellvit_optimus.engine.{wing}"
+        if src != package:
+            found.append(f"{_shown(path)}:{line}: imports {src} (a module of the {wing} wing; "
+                         f"import from {package})")
+        elif imported is not None and imported not in declared[wing]:
+            found.append(f"{_shown(path)}:{line}: {imported} is not in {package}.__all__")
+    return found
+
+
+@pytest.mark.parametrize("wing", WINGS)
+def test_each_wing_declares_its_public_api(wing):
+    import importlib
+
+    declared = _declared(wing)
+    assert declared, f"engine/{wing}/__init__.py declares no __all__"
+    assert len(set(declared)) == len(declared)
+    package = importlib.import_module(f"cellvit_optimus.engine.{wing}")
+    missing = [n for n in declared if not hasattr(package, n)]
+    assert not missing, f"{wing}: declared but not importable: {missing}"
+
+
+def test_no_wing_imports_another_wings_modules():
+    declared = {w: _declared(w) for w in WINGS}
+    found = [f for name, path in MODULES.items() if name.startswith("cellvit_optimus.engine")
+             for f in _cross_wing_uses(name, path, declared)]
+    assert not found, "\n".join(found)
+
+
+def test_the_public_api_checker_catches_what_it_is_for(tmp_path):
+    """the rule must be able to fail: a module path of another wing and an undeclared name are reported"""
+    bad = tmp_path / "bad.py"
+    bad.write_text("from cellvit_optimus.engine.wsi.slide import open_slide\n"
+                   "from cellvit_optimus.engine.pipeline import _Pipeline\n"
+                   "from cellvit_optimus.engine.pipeline import run_pipeline\n"
+                   "from cellvit_optimus.engine.triage.outputs import write_worklist\n")
+    declared = {w: _declared(w) for w in WINGS}
+    found = _cross_wing_uses("cellvit_optimus.engine.triage.somewhere", bad, declared)
+    assert len(found) == 2, found  # the wsi module path and the undeclared name; triage's own module is fine
+
+
+@pytest.mark.parametrize("leaf", LEAVES)
+def test_leaves_import_nothing_from_the_engine_wings(leaf):
+    """the leaves (heads/, kernels/, safety/) sit below every wing: not even a function-local import of one"""
+    found = [f"{path.relative_to(REPO)}:{line}: {src}"
+             for name, path in MODULES.items() if name.startswith(FOLDERS[leaf])
+             for line, src, imported, _ in _imports(name, path)
+             if _wing_of(src) is not None or (src == "cellvit_optimus.engine" and imported in WINGS)]
     assert not found, "\n".join(found)

@@ -15,21 +15,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError
-from cellvit_optimus.engine.pipeline.features import (FeatureWriter, cache_key, coords_attributes, preprocessing_hash,
-                       verify_features)
+from cellvit_optimus.engine.jsondoc import JsonDict
+from cellvit_optimus.engine.pipeline.features import (FeatureWriter, cache_key, coords_attributes,
+                                                      preprocessing_hash, verify_features)
 # the read path moved to readpath.py; its names stay importable from here (public API)
-from cellvit_optimus.engine.pipeline.readpath import DECODERS, Decoder, TileReadPath, job_fingerprint, open_job_for
-from cellvit_optimus.engine.pipeline.scheduler import (BatchOutput, Progress, SchedulerConfig, SlideDone, SlideJob,
-                                                       TileBatch, run_pipeline)
-from cellvit_optimus.engine.wsi.tissue import TilingConfig, TissueConfig
+from cellvit_optimus.engine.pipeline.readpath import (DECODERS, Decoder, TileReadPath, job_fingerprint,
+                                                      open_job_for)
+from cellvit_optimus.engine.pipeline.scheduler import (BatchOutput, ConsumerFacts, Progress, SchedulerConfig,
+                                                       SlideDone, SlideJob, TileBatch, run_pipeline)
+from cellvit_optimus.engine.wsi import TilingConfig, TissueConfig
+from cellvit_optimus.engine.io import (clean_stale_temporaries, escape_path, folder_lock, move_aside,
+                                       output_name, output_names)
 
 if TYPE_CHECKING:
     from cellvit_optimus.engine.pipeline.runner import BackboneRunner
-    from cellvit_optimus.engine.wsi.inspect import Failure
-    from cellvit_optimus.engine.wsi.slide import BackendName
+    from cellvit_optimus.engine.wsi import BackendName, Failure
 
 __all__ = ("DECODERS", "ExtractConfig", "FeatureConsumer", "FeatureExtractor", "TileReadPath", "build_extractor",
            "extract_features", "aextract_features", "feature_path", "open_job_for")
@@ -57,8 +61,6 @@ class ExtractConfig:
 
 def feature_path(out_dir: str | os.PathLike[str], slide: str | os.PathLike[str], name: str | None = None) -> Path:
     """``out_dir/features/<name>.h5``; ``name`` defaults to the slide's :func:`~.io.output_name`"""
-    from cellvit_optimus.engine.io import output_name
-
     return Path(out_dir) / "features" / f"{name or output_name(slide)}.h5"
 
 
@@ -76,7 +78,7 @@ class FeatureConsumer:
         emb = emb.detach().float().cpu().numpy() if hasattr(emb, "detach") else np.asarray(emb, np.float32)
         self.writer.write(batch.indices, emb, batch.quality)
 
-    def finish(self, job: SlideJob) -> dict[str, Any]:
+    def finish(self, job: SlideJob) -> ConsumerFacts:
         return {"features": str(self.writer.commit())}
 
     def abort(self, job: SlideJob) -> None:
@@ -87,7 +89,7 @@ class FeatureExtractor:
     """scheduler fan-out for feature files: cache check per slide, one streaming writer per slide"""
 
     def __init__(self, out_dir: str | os.PathLike[str], config: ExtractConfig, backbone_id: str,
-                 weights_hash: str, embed_dim: int, normalisation: dict[str, Any], version: str) -> None:
+                 weights_hash: str, embed_dim: int, normalisation: JsonDict, version: str) -> None:
         self.out_dir = Path(out_dir)
         self.config = config
         self.backbone_id = backbone_id
@@ -106,13 +108,12 @@ class FeatureExtractor:
                          preprocessing=self.preprocessing, slide=job_fingerprint(job),
                          version=self.version)
 
-    def prepare(self, job: SlideJob) -> dict[str, Any] | None:
+    def prepare(self, job: SlideJob) -> ConsumerFacts | None:
         import h5py
 
-        from cellvit_optimus.engine.io import move_aside
 
         key = self.key_for(job)
-        job.info["cache_key"] = key
+        job.note(cache_key=key)
         dest = self.path_for(job)
         if not dest.exists():
             return None
@@ -130,8 +131,6 @@ class FeatureExtractor:
         return None  # another key (model, preprocessing, slide changed): rewritten by this run
 
     def consumers(self, job: SlideJob) -> list[FeatureConsumer]:
-        from cellvit_optimus.engine.io import escape_path
-
         grid, slide = job.grid, job.slide
         assert grid is not None and slide is not None
         attrs = {
@@ -146,13 +145,13 @@ class FeatureExtractor:
             "backbone": self.backbone_id,
             "weights_hash": self.weights_hash,
             "preprocessing_hash": preprocessing_hash(self.preprocessing),
-            "cache_key": job.info["cache_key"],
+            "cache_key": job.facts.cache_key,
             "slide_fingerprint": job_fingerprint(job),
             # escaped: HDF5 strings are UTF-8, a file name need not be (io.escape_path)
             "slide_name": escape_path(job.path.name),
             "slide_path": escape_path(job.path),  # whose outputs these are (io.output_names)
             "package_version": self.version,
-            "decoder": job.info.get("decoder", "slide"),
+            "decoder": job.facts.decoder or "slide",
         }
         arrays = {"coords": grid.coords.astype(np.int64), "grid_index": grid.grid_index.astype(np.int64),
                   "tissue_fraction": grid.tissue_fraction, "artefact_fraction": grid.artefact_fraction}
@@ -175,7 +174,7 @@ def build_extractor(runner: BackboneRunner, out_dir: str | os.PathLike[str], con
     valid, and extraction's caches written without a normaliser are recomputed once.)"""
     from cellvit_optimus.engine import __version__
 
-    norm: dict[str, Any] = {"mean": list(runner.preset.mean), "std": list(runner.preset.std), "dtype": runner.dtype}
+    norm: JsonDict = {"mean": list(runner.preset.mean), "std": list(runner.preset.std), "dtype": runner.dtype}
     if runner.stain_norm is not None:
         norm["stain_norm"] = getattr(runner.stain_norm, "__name__", None)
     return FeatureExtractor(Path(out_dir), config, runner.preset.name, runner.weights_id, runner.embed_dim, norm,
@@ -191,9 +190,6 @@ async def aextract_features(paths: Sequence[str | os.PathLike[str]], out_dir: st
     The run holds the output folder's lock (:func:`~.io.folder_lock`; a second run waits up to
     ``lock_timeout_s``, default as long as it takes). Slides are written as :func:`~.io.output_names`.
     """
-    import anyio
-
-    from cellvit_optimus.engine.io import clean_stale_temporaries, folder_lock, output_names
     from cellvit_optimus.engine.pipeline.features import feature_owner
 
     config = config or ExtractConfig()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ from typing import Any
 import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError
+from cellvit_optimus.engine.jsondoc import JsonDict
+from cellvit_optimus.engine.io import AtomicFile, atomic_path, write_guard
 
 __all__ = ("FeatureWriter", "read_features", "cache_key", "slide_fingerprint", "cached", "verify_features",
            "feature_owner", "coords_attributes", "write_clam_layout", "write_trident_layout", "FEATURE_SCHEMA")
@@ -96,7 +99,6 @@ def _tile_samples(path: Path) -> bytes:
     with path.open("rb") as f:
         if f.read(4) not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
             return b""
-    import logging
 
     import tifffile
 
@@ -135,7 +137,7 @@ def _canonical(obj: Any) -> Any:
     return obj
 
 
-def cache_key(*, backbone: str, weights_hash: str, preprocessing: dict[str, Any], slide: str,
+def cache_key(*, backbone: str, weights_hash: str, preprocessing: JsonDict, slide: str,
               version: str) -> str:
     """the versioned cache key: backbone + weights + preprocessing (incl. resolution) + version + slide"""
     doc = {"schema": FEATURE_SCHEMA, "backbone": backbone, "weights": weights_hash,
@@ -143,7 +145,7 @@ def cache_key(*, backbone: str, weights_hash: str, preprocessing: dict[str, Any]
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def preprocessing_hash(preprocessing: dict[str, Any]) -> str:
+def preprocessing_hash(preprocessing: JsonDict) -> str:
     return hashlib.sha256(json.dumps(_canonical(preprocessing), sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -158,7 +160,7 @@ def _magnification(mpp: float) -> np.int64 | np.float64:
 
 def coords_attributes(*, name: str, tile_size: int, target_mpp: float, level0_size: tuple[int, int],
                       stride: tuple[int, int], slide_dimensions: tuple[int, int],
-                      mpp: tuple[float, float] | None) -> dict[str, Any]:
+                      mpp: tuple[float, float] | None) -> JsonDict:
     """attributes of the ``coords`` dataset, with the names and dtypes Trident and CLAM read there
 
     Trident (``coords`` attributes of its patch-feature files): ``patch_size`` (pixels at the target
@@ -267,15 +269,14 @@ class FeatureWriter:
     Host memory stays at one batch: nothing is accumulated here.
     """
 
-    def __init__(self, dest: str | os.PathLike[str], n_tiles: int, dim: int, attrs: dict[str, Any],
-                 arrays: dict[str, np.ndarray], array_attrs: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(self, dest: str | os.PathLike[str], n_tiles: int, dim: int, attrs: JsonDict,
+                 arrays: dict[str, np.ndarray], array_attrs: dict[str, JsonDict] | None = None) -> None:
         import h5py
 
         if n_tiles < 0 or dim <= 0:
             raise ConfigError(f"n_tiles={n_tiles}, dim={dim} must be >= 0 and > 0")
         self.dest = Path(dest)
         self.dest.parent.mkdir(parents=True, exist_ok=True)
-        from cellvit_optimus.engine.io import AtomicFile
 
         self._file = AtomicFile(self.dest)
         self.tmp = self._file.tmp
@@ -286,7 +287,7 @@ class FeatureWriter:
         chunk_rows = max(1, min(n_tiles, 256))
         self._feat = self._f.create_dataset("features", shape=(n_tiles, dim), dtype="float32",
                                             chunks=(chunk_rows, dim) if n_tiles else None, track_times=False)
-        self._quality: dict[str, Any] = {}
+        self._quality: JsonDict = {}
         for name, arr in arrays.items():
             ds = self._f.create_dataset(name, data=arr, track_times=False)
             for k, v in (array_attrs or {}).get(name, {}).items():
@@ -296,8 +297,6 @@ class FeatureWriter:
         self._f.attrs["complete"] = False
 
     def write(self, indices: np.ndarray, features: np.ndarray, quality: dict[str, np.ndarray] | None = None):
-        from cellvit_optimus.engine.io import write_guard
-
         with write_guard(self.dest):
             self._write(indices, features, quality)
 
@@ -322,8 +321,6 @@ class FeatureWriter:
         return bool(self._written.all())
 
     def commit(self) -> Path:
-        from cellvit_optimus.engine.io import write_guard
-
         if not self.complete:
             missing = int((~self._written).sum())
             self.abort()
@@ -357,9 +354,9 @@ class FeatureFile:
 
     features: np.ndarray
     coords: np.ndarray
-    attrs: dict[str, Any]
+    attrs: JsonDict
     arrays: dict[str, np.ndarray]
-    coords_attrs: dict[str, Any] = field(default_factory=dict)
+    coords_attrs: JsonDict = field(default_factory=dict)
 
 
 def _plain(v: Any) -> Any:
@@ -408,7 +405,6 @@ def write_clam_layout(out_dir: str | os.PathLike[str], pt_files: bool = True) ->
     import h5py
     import torch
 
-    from cellvit_optimus.engine.io import atomic_path
 
     pt_dir = out / "pt_files"
     pt_dir.mkdir(exist_ok=True)
@@ -446,7 +442,6 @@ def write_trident_layout(out_dir: str | os.PathLike[str], encoder: str | None = 
     """
     import h5py
 
-    from cellvit_optimus.engine.io import atomic_path
 
     out = Path(out_dir)
     feats = out / "features"

@@ -23,13 +23,15 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError, WeightsError
+from cellvit_optimus.engine.jsondoc import JsonDict
+from cellvit_optimus.engine.settings import REFERENCE_MPP, forward_batch
 
 __all__ = (
     "DEFAULT_OVERLAP",
@@ -56,11 +58,6 @@ DEFAULT_OVERLAP = 64
 MPP_TOLERANCE = 0.05
 #: padding colour of images smaller than a tile (glass is white; no nuclei there)
 PAD_VALUE = 255
-#: tiles per nuclei forward by device. On the CPU small batches are both faster and far lighter: the
-#: UNETR decoder's full-resolution activations scale with the batch (bundled model, 2 threads, load 3:
-#: 170 ms/tile and 630 MiB peak RSS at 4 against 264-286 ms/tile and 960-995 MiB at 16;
-#: bench/test_bench_e2e.py -k micro_batch compares them side by side)
-DEFAULT_BATCH_SIZE = {"cpu": 4, "cuda": 16}
 
 
 def tile_origins(length: int, tile: int, stride: int) -> list[int]:
@@ -118,7 +115,7 @@ class PostProcessConfig:
         """:attr:`min_area_um2` in square pixels at ``mpp`` microns per pixel."""
         return self.min_area_um2 / (mpp * mpp)
 
-    def kernel_kwargs(self) -> dict[str, Any]:
+    def kernel_kwargs(self) -> JsonDict:
         """keyword arguments for :func:`cellvit_optimus.kernels.hv_to_instances`"""
         return {"mode": self.mode, "np_threshold": self.np_threshold, "min_object_size": self.min_object_size,
                 "sobel_ksize": self.sobel_ksize, "marker_threshold": self.marker_threshold,
@@ -166,8 +163,6 @@ class PostProcessConfig:
 
     def scaled(self, factor: float) -> PostProcessConfig:
         """Size thresholds for another resolution (``factor`` = linear scale, areas scale by its square)."""
-        from dataclasses import replace
-
         k = max(3, int(round(self.sobel_ksize * factor)) | 1)
         return replace(self, min_object_size=max(1, round(self.min_object_size * factor**2)),
                        min_marker_size=max(1, round(self.min_marker_size * factor**2)), sobel_ksize=k)
@@ -184,7 +179,7 @@ class NucleiModel:
         Weights of the backbone the head was trained on, when that backbone is not a seeded random
         init (the checkpoint's ``backbone_hash`` must match them).
     device : ``"cpu"`` / ``"cuda"``
-    batch_size : tiles per forward (default :data:`DEFAULT_BATCH_SIZE` for the device)
+    batch_size : tiles per forward (default: ``engine.settings.FORWARD_BATCH`` for the device)
     """
 
     def __init__(self, checkpoint: str | os.PathLike[str] | None = None, *,
@@ -195,7 +190,7 @@ class NucleiModel:
         from cellvit_optimus.engine.pipeline.runner import BackboneRunner
 
         if batch_size is None:
-            batch_size = DEFAULT_BATCH_SIZE["cuda" if str(device).startswith("cuda") else "cpu"]
+            batch_size = forward_batch(device)
         path = Path(checkpoint) if checkpoint is not None else default_model_path()
         if not path.is_file():
             raise WeightsError(f"{path}: nuclei checkpoint not found")
@@ -298,7 +293,6 @@ def drop_small(inst: np.ndarray, table: Any, min_px: float) -> tuple[np.ndarray,
     i + 1); the survivors are renumbered 1..M in order."""
     if min_px <= 0 or len(table) == 0:
         return inst, table
-    from dataclasses import replace
 
     keep = np.asarray(table.areas) >= min_px
     if keep.all():
@@ -464,7 +458,8 @@ def segment_image(image: np.ndarray, mpp: float, model: NucleiModel, tile: int |
         raise ConfigError(f"tile={tile}: the model's backbone takes {size}-pixel tiles")
     if not 0 <= overlap < size:
         raise ConfigError(f"overlap={overlap} must be in 0..{size - 1}")
-    post = (post or getattr(model, "post", None) or PostProcessConfig()).scaled(0.25 / model.nuclei_mpp)
+    post = (post or getattr(model, "post", None) or PostProcessConfig())
+    post = post.scaled(REFERENCE_MPP / model.nuclei_mpp)
     h0, w0 = image.shape[:2]
     scale = mpp / model.nuclei_mpp
     resampled = abs(scale - 1.0) > MPP_TOLERANCE
@@ -509,7 +504,6 @@ def segment_image(image: np.ndarray, mpp: float, model: NucleiModel, tile: int |
     final = instance_table(inst, int(ids.size))
     row = {int(g): i for i, g in enumerate(table.ids)}
     sel = np.asarray([row[int(g)] for g in ids], np.int64) if ids.size else np.zeros(0, np.int64)
-    from dataclasses import replace
 
     scores = table.type_scores[sel] if table.type_scores is not None else None
     final = replace(final, types=table.types[sel].astype(np.int32), type_probs=table.type_probs[sel],
@@ -521,7 +515,7 @@ def segment_image(image: np.ndarray, mpp: float, model: NucleiModel, tile: int |
 
 
 def evaluate(model: NucleiModel, samples: Sequence[Any], post: PostProcessConfig | None = None,
-             overlap: int = DEFAULT_OVERLAP) -> dict[str, Any]:
+             overlap: int = DEFAULT_OVERLAP) -> JsonDict:
     """bPQ, mPQ (over samples with types), Dice, AJI and detection F1 of ``model`` on annotated samples
     (``engine.datasets.NucleiSample``), scored at the samples' own resolution; plus tiles/s."""
     preds, n_tiles, secs = [], 0, 0.0
@@ -550,7 +544,7 @@ def _centroids(inst: np.ndarray) -> np.ndarray:
 
 
 def score_predictions(samples: Sequence[Any], pred_maps: Sequence[np.ndarray],
-                      pred_types: Sequence[np.ndarray] | None, num_classes: int) -> dict[str, Any]:
+                      pred_types: Sequence[np.ndarray] | None, num_classes: int) -> JsonDict:
     """The metrics of :func:`evaluate` for given predictions (used for baselines too).
 
     ``bpq`` / ``dice`` / ``aji``: per-image means; ``mpq``: PanNuke-style over the samples with types,
@@ -565,9 +559,9 @@ def score_predictions(samples: Sequence[Any], pred_maps: Sequence[np.ndarray],
     typed = [i for i, s in enumerate(samples) if s.type_map is not None]
     tp = fp = fn = 0
     for s, t, p in zip(samples, trues, preds):
-        d = detection_scores(_centroids(t), _centroids(p), radius=12.0 * 0.25 / s.mpp)
+        d = detection_scores(_centroids(t), _centroids(p), radius=12.0 * REFERENCE_MPP / s.mpp)
         tp, fp, fn = tp + d.tp, fp + d.fp, fn + d.fn
-    res: dict[str, Any] = {
+    res: JsonDict = {
         "n_images": len(samples),
         "bpq": round(bpq(trues, preds), 4),
         "mpq": None,
@@ -591,7 +585,7 @@ def score_predictions(samples: Sequence[Any], pred_maps: Sequence[np.ndarray],
 
 
 def _per_class(trues: Sequence[np.ndarray], preds: Sequence[np.ndarray], true_luts: Sequence[np.ndarray],
-               pred_luts: Sequence[np.ndarray], mpps: Sequence[float], num_classes: int) -> dict[str, Any]:
+               pred_luts: Sequence[np.ndarray], mpps: Sequence[float], num_classes: int) -> JsonDict:
     """Per class id: ground-truth count, recall (found *and* given this class), HoVer-Net F_c and PQ."""
     from cellvit_optimus.kernels import detection_scores, mpq, pair_centroids
 
@@ -606,7 +600,7 @@ def _per_class(trues: Sequence[np.ndarray], preds: Sequence[np.ndarray], true_lu
     for t, p, tl, pl, mpp in zip(trues, preds, true_luts, pred_luts, mpps):
         txy, pxy = _centroids(t), _centroids(p)
         ttyp, ptyp = ids_types(t, tl), ids_types(p, pl)
-        pairs, _, _ = pair_centroids(txy, pxy, 12.0 * 0.25 / mpp)
+        pairs, _, _ = pair_centroids(txy, pxy, 12.0 * REFERENCE_MPP / mpp)
         total += np.bincount(ttyp, minlength=num_classes + 1)[: num_classes + 1]
         ok = ttyp[pairs[:, 0]][ttyp[pairs[:, 0]] == ptyp[pairs[:, 1]]]
         found += np.bincount(ok, minlength=num_classes + 1)[: num_classes + 1]
@@ -615,9 +609,9 @@ def _per_class(trues: Sequence[np.ndarray], preds: Sequence[np.ndarray], true_lu
         tt.append(ttyp)
         pt.append(ptyp)
     # one radius for the F_c pooling: the samples of one evaluation share a resolution
-    f_c = detection_scores(ta, pa, tt, pt, radius=12.0 * 0.25 / float(np.mean(mpps)),
+    f_c = detection_scores(ta, pa, tt, pt, radius=12.0 * REFERENCE_MPP / float(np.mean(mpps)),
                            classes=range(1, num_classes + 1)).type_f1
-    out: dict[str, Any] = {}
+    out: JsonDict = {}
     for c in range(1, num_classes + 1):
         pq_c = mpq(trues, preds, true_luts, pred_luts, classes=[c])
         pq_plus = mpq(trues, preds, true_luts, pred_luts, classes=[c], mode="aggregate")

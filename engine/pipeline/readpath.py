@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 import numpy as np
 
-from cellvit_optimus.engine.errors import ConfigError
+from cellvit_optimus.engine.errors import BackendUnavailableError, ConfigError, UnsupportedFormatError
 from cellvit_optimus.engine.pipeline.features import slide_fingerprint
 from cellvit_optimus.engine.pipeline.scheduler import SchedulerConfig, SlideJob
-from cellvit_optimus.engine.wsi.tissue import TilingConfig, TissueConfig, tile_grid
+from cellvit_optimus.engine.wsi import TilingConfig, TissueConfig, tile_grid
 
 if TYPE_CHECKING:
-    from cellvit_optimus.engine.wsi.slide import BackendName
+    from cellvit_optimus.engine.wsi import BackendName
 
 __all__ = ("DECODERS", "Decoder", "SlideOpening", "TileReadPath", "job_fingerprint", "open_job_for")
 
@@ -57,7 +57,7 @@ class TileReadPath:
     """turns a slide job's tile coordinates into pixels for the scheduler's reader threads: the slide
     reader on the host, or raw JPEG tiles decoded on the GPU (:mod:`.gpu_decode`), chosen per slide.
 
-    ``attach`` (called by the slide opener) picks the path and records it in ``job.info["decoder"]``
+    ``attach`` (called by the slide opener) picks the path and records it in ``job.facts.decoder``
     with the reason; ``read`` is the scheduler's ``read_tiles``. On the GPU path tiles stay on the device
     as a uint8 torch tensor, which the runner takes without a host round trip; tile quality is computed
     there too. Slides the GPU path cannot read (JPEG 2000, DICOM, untiled) use the slide reader.
@@ -72,32 +72,31 @@ class TileReadPath:
         self._lock = threading.Lock()
 
     def attach(self, job: SlideJob) -> None:
-        from cellvit_optimus.engine.errors import BackendUnavailableError, UnsupportedFormatError
-        from cellvit_optimus.engine.wsi.gpu_decode import GpuTileReader, choose_decoder
+        from cellvit_optimus.engine.wsi import GpuTileReader, choose_decoder
 
         slide, grid = job.slide, job.grid
         assert slide is not None and grid is not None
         on_cuda = self.device.startswith("cuda")
         if self.decoder == "slide" or (self.decoder == "auto" and not on_cuda) or not len(grid):
             why = "asked for" if self.decoder == "slide" else "no tiles" if not len(grid) else "backbone not on CUDA"
-            job.info.update(decoder="slide", decoder_reason=why)
+            job.note(decoder="slide", decoder_reason=why)
             return
         name = "cpu" if self.decoder == "reference" else self.decoder  # GpuTileReader's decoder names
         try:
             reader = GpuTileReader(slide, decoder=name, device=self.device)  # type: ignore[arg-type]
         except UnsupportedFormatError as exc:
-            job.info.update(decoder="slide", decoder_reason=f"GPU read path cannot read this slide: {exc}")
+            job.note(decoder="slide", decoder_reason=f"GPU read path cannot read this slide: {exc}")
             return
         except BackendUnavailableError as exc:
             if self.decoder != "auto":
                 raise  # asked for by name: the slide fails with the message naming the package
-            job.info.update(decoder="slide", decoder_reason=f"GPU decode unavailable: {exc}")
+            job.note(decoder="slide", decoder_reason=f"GPU decode unavailable: {exc}")
             return
         except Exception as exc:  # noqa: BLE001  a decoder that fails to start (DALI pipeline, cuCIM)
             if self.decoder != "auto":
                 raise
-            job.info.update(decoder="slide", decoder_reason=f"GPU decoder failed to start: {type(exc).__name__}: "
-                            f"{exc}".splitlines()[0])
+            job.note(decoder="slide", decoder_reason=f"GPU decoder failed to start: {type(exc).__name__}: "
+                     f"{exc}".splitlines()[0])
             return
         if self.decoder == "auto":
             with self._lock:
@@ -109,13 +108,12 @@ class TileReadPath:
             use, why = self._auto
             if not use:
                 reader.close()
-                job.info.update(decoder="slide", decoder_reason=why)
+                job.note(decoder="slide", decoder_reason=why)
                 return
         else:
             why = "asked for"
         job.reader = reader
-        job.info.update(decoder=reader.decoder if self.decoder != "reference" else "reference",
-                        decoder_reason=why)
+        job.note(decoder=reader.decoder if self.decoder != "reference" else "reference", decoder_reason=why)
 
     def read(self, job: SlideJob, idx: np.ndarray) -> tuple[Any, dict[str, np.ndarray]]:
         """the scheduler's ``read_tiles``: ``(tiles, quality)`` of the grid tiles ``idx``
@@ -124,8 +122,7 @@ class TileReadPath:
         CUDA stream, which is waited for before returning (:class:`~.gpu_decode.reader_stream`): the
         reader waits for its own work, never behind the backbone's graph replays, and the tiles it hands
         on are complete."""
-        from cellvit_optimus.engine.wsi.gpu_decode import reader_stream
-        from cellvit_optimus.engine.wsi.tissue import tile_quality
+        from cellvit_optimus.engine.wsi import reader_stream, tile_quality
 
         grid = job.grid
         assert job.slide is not None and grid is not None
@@ -140,15 +137,16 @@ class TileReadPath:
             quality = tile_quality(tiles)
         fallback = getattr(job.reader, "fallback_reason", None)
         if fallback is not None:  # the GPU decoder failed on some batches: the host reader read them
-            job.info.update(decoder_fallback=fallback, decoder_fallbacks=job.reader.fallbacks)
+            job.note(decoder_fallback=fallback, decoder_fallbacks=job.reader.fallbacks)
         return tiles, quality
 
 
 def job_fingerprint(job: SlideJob) -> str:
     """the slide's fingerprint with its mtime (cache and finished-slide keys), computed once per job"""
-    fp = job.info.get("slide_fingerprint")
+    fp = job.facts.fingerprint
     if fp is None:
-        fp = job.info["slide_fingerprint"] = slide_fingerprint(job.path, mtime=True)
+        fp = job.note(fingerprint=slide_fingerprint(job.path, mtime=True)).fingerprint
+        assert fp is not None
     return fp
 
 
@@ -157,8 +155,7 @@ def open_job_for(config: SlideOpening, keep_mask: bool = False,
     """the scheduler's slide opener for ``config``: open, tissue grid, facts for the result
     (``keep_mask`` also keeps the tissue mask in ``job.mask``, for overview images;
     ``read_path`` picks the slide's tile read path, whose ``read`` the scheduler then uses)"""
-    from cellvit_optimus.engine.wsi.slide import open_slide
-    from cellvit_optimus.engine.wsi.tissue import detect_tissue
+    from cellvit_optimus.engine.wsi import detect_tissue, open_slide
 
     def open_job(job: SlideJob) -> None:
         slide = open_slide(job.path, backend=config.backend, mpp=config.mpp,
@@ -166,8 +163,9 @@ def open_job_for(config: SlideOpening, keep_mask: bool = False,
         job.slide = slide
         mask = detect_tissue(slide, config.tissue)
         job.grid = tile_grid(slide, config.tiling, mask=mask)
-        job.info.update(backend=slide.backend, mpp=list(slide.mpp) if slide.mpp else None,
-                        mpp_source=slide.mpp_source, dimensions=list(slide.dimensions))
+        job.note(backend=slide.backend, mpp=tuple(slide.mpp) if slide.mpp else None,
+                 mpp_source=slide.mpp_source, dimensions=tuple(slide.dimensions),
+                 level=slide.best_level_for(job.grid.target_mpp) if slide.mpp else None)
         if keep_mask:
             job.mask = mask
         if read_path is not None:

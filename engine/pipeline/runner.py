@@ -45,6 +45,8 @@ from cellvit_optimus.heads.backbone import Backbone, BackbonePreset, build_backb
 from torch import nn
 
 from cellvit_optimus.engine.errors import BackendUnavailableError, ConfigError
+from cellvit_optimus.engine.settings import BACKBONE_CPU_BATCH
+from cellvit_optimus.engine.jsondoc import JsonDict
 from cellvit_optimus.engine.pipeline.timing import DeviceSpan, StageTimes
 
 __all__ = (
@@ -73,8 +75,8 @@ WARMUP_ITERS = 2
 PROBE_SIZES: tuple[int, int] = (4, 8)
 #: fraction of the VRAM budget (and of the device's memory) the fitted peak may use
 BUDGET_HEADROOM = 0.9
-#: batch size on the CPU when none is given
-DEFAULT_CPU_BATCH_SIZE = 32
+#: batch size of a bare backbone (feature extraction) on the CPU when none is given (engine.settings)
+DEFAULT_CPU_BATCH_SIZE = BACKBONE_CPU_BATCH
 #: memory the probe cannot see, added to the fitted peak when graphs are captured: the graph pool's
 #: segment rounding (the probe runs on the runner's own stream, so its cuBLAS workspace is counted)
 GRAPH_OVERHEAD_BYTES = 64 * 2**20
@@ -422,7 +424,7 @@ class BackboneRunner:
         self.stain_norm = stain_norm
         self.tokens = bool(tokens)
         self.stats = RunnerStats()
-        self.probe: dict[str, Any] | None = None  # memory fit from the batch-size probe (CUDA)
+        self.probe: JsonDict | None = None  # memory fit from the batch-size probe (CUDA)
         #: device time per stage (CUDA events on the runner's stream; the wall clock on the CPU)
         self.stage_times = StageTimes()
         self._lock = threading.Lock()

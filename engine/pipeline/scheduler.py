@@ -37,26 +37,36 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import anyio
 import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError, OptimusError
+from cellvit_optimus.engine.settings import EXTRACT_READ_CHUNK, READER_THREADS
+from cellvit_optimus.engine.wsi import SlideFacts
 
 if TYPE_CHECKING:
-    from cellvit_optimus.engine.wsi.inspect import Failure
-    from cellvit_optimus.engine.wsi.slide import Slide
-    from cellvit_optimus.engine.wsi.tissue import TileGrid, TissueMask
+    import torch
+
+    from cellvit_optimus.engine.pipeline.nuclei import NucleiMaps
+    from cellvit_optimus.engine.pipeline.timing import DeviceSpan
+    from cellvit_optimus.engine.wsi import Failure, Slide, TileGrid, TissueMask
 
 __all__ = ("SchedulerConfig", "SlideJob", "BatchOutput", "TileBatch", "SlideConsumer", "ConsumerFactory",
-           "Progress", "SlideDone", "run_pipeline")
+           "Progress", "SlideDone", "ConsumerFacts", "run_pipeline")
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often a thread blocked on a full/empty hand-off queue checks for cancellation
-_TIMINGS_LOCK = threading.Lock()  # reader threads add to one slide's timings at once
+_TIMINGS_LOCK = threading.Lock()  # reader threads add to one slide's timings (and facts) at once
+
+#: what a consumer's ``finish`` (or a factory's cache hit) adds to a slide's result: named public
+#: facts, e.g. ``{"features": "<the feature file>"}``; shown in :attr:`SlideDone.info`
+ConsumerFacts = Mapping[str, object]
 
 
 def _add_time(job: SlideJob, key: str, seconds: float) -> None:
@@ -68,8 +78,8 @@ def _add_time(job: SlideJob, key: str, seconds: float) -> None:
 class SchedulerConfig:
     """sizes of the pipeline's stages and buffers"""
 
-    batch_tiles: int = 32  # tiles per read chunk and per backbone call
-    reader_threads: int = 2  # concurrent slide reads (each decodes a chunk; cuCIM adds its own threads)
+    batch_tiles: int = EXTRACT_READ_CHUNK  # tiles per read chunk (settings: read chunk vs forward batch)
+    reader_threads: int = READER_THREADS  # concurrent slide reads (each decodes a chunk; cuCIM adds threads)
     queue_batches: int = 4  # capacity of each stream between stages, in batches
     slides_in_flight: int = 2  # slides open at once (the next one starts while the last drains)
     decode_workers: int = 2  # cuCIM decoder threads per batched read
@@ -94,9 +104,16 @@ class SlideJob:
     failed: BaseException | None = None
     started: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
+    facts: SlideFacts = field(default_factory=SlideFacts)
     reader: Any = None  # a per-slide tile reader beside the slide (the GPU read path), closed with it
     mask: TissueMask | None = None  # the tissue mask, kept by openers asked to (overview images need it)
+
+    def note(self, **changes: Any) -> SlideFacts:
+        """record facts about the slide (fields of :class:`SlideFacts`): ``facts`` is replaced by a new
+        record, under a lock, since reader threads add to it while others read it"""
+        with _TIMINGS_LOCK:
+            self.facts = replace(self.facts, **changes)
+            return self.facts
 
     def close(self) -> None:
         """close the slide and its tile reader (idempotent)"""
@@ -117,10 +134,10 @@ class BatchOutput:
     ``BackboneOutput.spans``), added to the slide's timings once the consumers are done with it.
     """
 
-    embedding: Any
-    tokens: tuple[Any, ...] = ()
-    nuclei: Any = None
-    spans: tuple[Any, ...] = ()
+    embedding: np.ndarray | torch.Tensor
+    tokens: tuple[torch.Tensor, ...] = ()
+    nuclei: NucleiMaps | None = None
+    spans: tuple[DeviceSpan, ...] = ()
 
 
 @dataclass
@@ -139,7 +156,7 @@ class SlideConsumer(Protocol):
 
     def on_batch(self, batch: TileBatch) -> None: ...
 
-    def finish(self, job: SlideJob) -> dict[str, Any]: ...  # returns facts merged into the slide result
+    def finish(self, job: SlideJob) -> ConsumerFacts: ...  # returns facts merged into the slide result
 
     def abort(self, job: SlideJob) -> None: ...
 
@@ -147,7 +164,7 @@ class SlideConsumer(Protocol):
 class ConsumerFactory(Protocol):
     """per slide: either a finished result (cache hit: nothing to compute) or the consumers to feed"""
 
-    def prepare(self, job: SlideJob) -> dict[str, Any] | None: ...
+    def prepare(self, job: SlideJob) -> ConsumerFacts | None: ...
 
     def consumers(self, job: SlideJob) -> list[SlideConsumer]: ...
 
@@ -167,16 +184,24 @@ class Progress:
 
 @dataclass
 class SlideDone:
-    """a slide that went through every stage (or was served from the cache); ``info`` holds public
-    facts only (the opener's, the factory's cache hit, the consumers' ``finish``): per-slide state a
-    factory needs afterwards it keeps itself, by ``index``"""
+    """a slide that went through every stage (or was served from the cache)
+
+    ``facts`` is what the slide carried through the run (:class:`SlideFacts`); ``consumer_facts`` what
+    the factory's cache hit or the consumers' ``finish`` added (public facts only, e.g. ``features``);
+    per-slide state a factory needs afterwards it keeps itself, by ``index``."""
 
     index: int
     path: str
     tiles: int
     cached: bool
     timings: dict[str, float]
-    info: dict[str, Any]
+    facts: SlideFacts = field(default_factory=SlideFacts)
+    consumer_facts: ConsumerFacts = field(default_factory=dict)
+
+    @property
+    def info(self) -> dict[str, object]:
+        """``facts`` and ``consumer_facts`` as one plain mapping (with :meth:`SlideFacts.as_info`'s keys)"""
+        return {**self.facts.as_info(), **self.consumer_facts}
 
 
 class _Pipeline:
@@ -186,8 +211,6 @@ class _Pipeline:
                  factory: ConsumerFactory, compute: Callable[[np.ndarray], BatchOutput], cfg: SchedulerConfig,
                  read_tiles: Callable[[SlideJob, np.ndarray], tuple[np.ndarray, dict[str, np.ndarray]]] | None,
                  progress: Callable[[Progress], None] | None) -> None:
-        import anyio
-
         self.paths, self.open_job, self.factory, self.compute = paths, open_job, factory, compute
         self.cfg, self.progress = cfg, progress
         self.reader = read_tiles or _default_read
@@ -222,19 +245,17 @@ class _Pipeline:
 
     async def finish(self, job: SlideJob, ok: bool) -> None:
         """close one slide: commit or abort its consumers, emit its result, free its slot"""
-        import anyio
-
-        from cellvit_optimus.engine.wsi.inspect import failure_from
+        from cellvit_optimus.engine.wsi import failure_from
 
         self.active.pop(job.index, None)
         try:
             if ok and job.failed is None:
-                info: dict[str, Any] = {}
+                added: dict[str, object] = {}
                 for c in job.consumers:
-                    info.update(await anyio.to_thread.run_sync(c.finish, job, limiter=self.consume_limiter))
+                    added.update(await anyio.to_thread.run_sync(c.finish, job, limiter=self.consume_limiter))
                 job.timings["total_s"] = time.perf_counter() - job.started
                 await self.result_send.send(SlideDone(job.index, str(job.path), len(job.grid) if job.grid else 0,
-                                                      False, job.timings, {**job.info, **info}))
+                                                      False, job.timings, job.facts, added))
             else:
                 for c in job.consumers:
                     await anyio.to_thread.run_sync(c.abort, job, limiter=self.consume_limiter)
@@ -263,8 +284,6 @@ class _Pipeline:
     async def start_slide(self, job: SlideJob) -> bool:
         """open ``job`` and ask the factory for a cache hit or its consumers; False when the slide
         needs no tiles read (served from the cache, or failed: its result is already sent)"""
-        import anyio
-
         try:
             t = time.perf_counter()
             await anyio.to_thread.run_sync(self.open_job, job, limiter=self.open_limiter)
@@ -274,9 +293,10 @@ class _Pipeline:
                 job.close()
                 self.slides_done += 1
                 self.slide_slots.release()
-                n = len(job.grid) if job.grid is not None else int(hit.get("tiles", 0))
+                tiles = hit.get("tiles", 0)  # an opener that lays no grid may name the count
+                n = len(job.grid) if job.grid is not None else int(tiles) if isinstance(tiles, int) else 0
                 await self.result_send.send(SlideDone(job.index, str(job.path), n, True, job.timings,
-                                                      {**job.info, **hit}))
+                                                      job.facts, dict(hit)))
                 self.report(job.path.name)
                 return False
             job.consumers = await anyio.to_thread.run_sync(self.factory.consumers, job,
@@ -314,8 +334,6 @@ class _Pipeline:
                     await self.drop(job, n - sent)
 
     async def read_worker(self, send: Any) -> None:
-        import anyio
-
         async with send:
             async for job, idx in self.chunk_recv:
                 if job.failed is not None:
@@ -350,21 +368,15 @@ class _Pipeline:
         _put(self.computed, None)
 
     async def compute_worker(self) -> None:
-        import anyio
-
         await anyio.to_thread.run_sync(self.compute_loop, limiter=self.compute_limiter)
 
     async def feed_compute(self) -> None:
-        import anyio
-
         async with self.tile_recv:
             async for batch in self.tile_recv:
                 await anyio.to_thread.run_sync(_put, self.ready, batch, limiter=self.feed_limiter)
         await anyio.to_thread.run_sync(_put, self.ready, None, limiter=self.feed_limiter)
 
     async def fanout(self) -> None:
-        import anyio
-
         # waiting for the backbone holds its own limiter, so consumer calls of other slides go on
         while (batch := await anyio.to_thread.run_sync(_get, self.computed, limiter=self.fanout_limiter)) is not None:
             job = batch.job
@@ -378,8 +390,6 @@ class _Pipeline:
                 await self.finish(job, ok=job.failed is None)
 
     async def run_all(self) -> None:
-        import anyio
-
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.source)
             async with self.tile_send:
@@ -404,7 +414,7 @@ class _Pipeline:
 
 def _default_read(job: SlideJob, idx: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """the slide reader at the grid's resolution, plus tile quality"""
-    from cellvit_optimus.engine.wsi.tissue import tile_quality
+    from cellvit_optimus.engine.wsi import tile_quality
 
     grid = job.grid
     assert job.slide is not None and grid is not None
@@ -415,8 +425,6 @@ def _default_read(job: SlideJob, idx: np.ndarray) -> tuple[np.ndarray, dict[str,
 
 def _put(q: queue.Queue[Any], item: Any) -> None:
     """a blocking put that still notices the pipeline being cancelled"""
-    import anyio
-
     while True:
         try:
             q.put(item, timeout=_POLL_S)
@@ -426,8 +434,6 @@ def _put(q: queue.Queue[Any], item: Any) -> None:
 
 
 def _get(q: queue.Queue[Any]) -> Any:
-    import anyio
-
     while True:
         try:
             return q.get(timeout=_POLL_S)
@@ -473,8 +479,6 @@ async def run_pipeline(
     (run in a thread) maps uint8 tiles (n, S, S, 3) to the batch's :class:`BatchOutput`; ``read_tiles``
     (thread) reads a chunk (default: ``slide.read_tiles`` at the grid's resolution plus tile quality).
     """
-    import anyio
-
     run = _Pipeline(paths, open_job, factory, compute, config or SchedulerConfig(), read_tiles, progress)
     async with anyio.create_task_group() as tg:
         tg.start_soon(run.run_all)

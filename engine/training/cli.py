@@ -172,7 +172,7 @@ def _train_e2e(train_s, test_s, profile, nuclei_mpp, backbone, backbone_weights,
                            extra_record={"datasets": list(datasets), "cli_params": params})
     metrics = None
     if res.finished and test_s:
-        from cellvit_optimus.engine.pipeline.nuclei import NucleiModel, evaluate
+        from cellvit_optimus.engine.pipeline import NucleiModel, evaluate
 
         metrics = evaluate(NucleiModel(res.checkpoint), test_s)
     click.echo(json.dumps({"checkpoint": str(res.checkpoint) if res.checkpoint else None,
@@ -226,7 +226,7 @@ def segment(images, mpp, out_dir, model_path, backbone_weights, overlap, device)
         raise click.BadParameter(f"{', '.join(missing)}: no such file", param_hint="IMAGES")
     from cellvit_optimus.engine.geojson import cells_to_geojson, write_geojson
     from cellvit_optimus.engine.io import atomic_path, output_names
-    from cellvit_optimus.engine.pipeline.nuclei import NucleiModel, segment_image
+    from cellvit_optimus.engine.pipeline import NucleiModel, segment_image
     from cellvit_optimus.engine.training.datasets import read_image
 
     try:

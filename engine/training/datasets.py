@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError
-from cellvit_optimus.engine.pipeline.nuclei import MPP_TOLERANCE
+from cellvit_optimus.engine.pipeline import MPP_TOLERANCE
 
 __all__ = (
     "CONSEP_CLASSES",

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError
-from cellvit_optimus.engine.pipeline.nuclei import PAD_VALUE, tile_origins
+from cellvit_optimus.engine.pipeline import PAD_VALUE, tile_origins
 from cellvit_optimus.engine.training.datasets import NucleiSample, relabel, resample_sample
 
 __all__ = ("TOKEN_CACHE_SCHEMA", "TileSet", "TokenCache", "dataset_fingerprint", "make_tiles")
@@ -93,7 +93,7 @@ class TokenCache:
 
     def __init__(self, cache_dir: str | os.PathLike[str], runner: Any, tiles: TileSet, nuclei_mpp: float) -> None:
         from cellvit_optimus.engine import __version__
-        from cellvit_optimus.engine.pipeline.features import cache_key
+        from cellvit_optimus.engine.pipeline import cache_key
 
         self.runner = runner
         self.tiles = tiles

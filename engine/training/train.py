@@ -152,7 +152,7 @@ def train_nuclei(
     from cellvit_optimus.heads.unetr import UNETRHead
     from cellvit_optimus.kernels import instances_to_hv
 
-    from cellvit_optimus.engine.pipeline.runner import BackboneRunner
+    from cellvit_optimus.engine.pipeline import BackboneRunner
 
     cfg = config
     if cfg.threads:
@@ -272,7 +272,7 @@ def train_nuclei(
     }
     metrics = None
     if val_samples:
-        from cellvit_optimus.engine.pipeline.nuclei import NucleiModel, evaluate
+        from cellvit_optimus.engine.pipeline import NucleiModel, evaluate
 
         model = NucleiModel.from_parts(head, prof, runner, cfg.nuclei_mpp)
         metrics = evaluate(model, val_samples)
@@ -329,7 +329,7 @@ def train_mil(
     from cellvit_optimus.heads.checkpoint import save_mil
     from cellvit_optimus.heads.mil import fit_mil, predict_mil
 
-    from cellvit_optimus.engine.pipeline.features import read_features
+    from cellvit_optimus.engine.pipeline import read_features
 
     labels = _read_labels(Path(labels_csv))
     files = sorted(Path(bags_dir).glob("*.h5"))

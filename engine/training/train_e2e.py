@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from cellvit_optimus.engine.errors import ConfigError
-from cellvit_optimus.engine.pipeline.nuclei import PAD_VALUE
+from cellvit_optimus.engine.pipeline import PAD_VALUE
 from cellvit_optimus.engine.training.augment import AugmentConfig, augment, resize_crop
 from cellvit_optimus.engine.training.datasets import NucleiSample, resample_sample
 
@@ -229,7 +229,7 @@ def background_crops(paths: Sequence[str | os.PathLike[str]], mpp: float, size: 
     """
     from PIL import Image
 
-    from cellvit_optimus.engine.wsi.slide import open_slide
+    from cellvit_optimus.engine.wsi import open_slide
 
     rng = np.random.default_rng(seed)
     out: list[np.ndarray] = []
@@ -444,9 +444,9 @@ def train_nuclei_e2e(
                                  "config": json.dumps(cfg.identity()), "history": json.dumps(history)})
 
     def evaluate_now() -> dict[str, Any]:
-        from cellvit_optimus.engine.pipeline.nuclei import NucleiModel, evaluate
+        from cellvit_optimus.engine.pipeline import NucleiModel, evaluate
 
-        from cellvit_optimus.engine.pipeline.runner import BackboneRunner
+        from cellvit_optimus.engine.pipeline import BackboneRunner
 
         bb = copy.deepcopy(net.backbone).eval()
         hd = copy.deepcopy(net.head).eval().to(memory_format=torch.contiguous_format)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cellvit_optimus.engine.errors import BackendUnavailableError, ConfigError
+from cellvit_optimus.engine.jsondoc import JsonDict
 
 __all__ = ("CellTable", "UNCLASSIFIED")
 
@@ -94,7 +95,7 @@ class CellTable:
         ids, contours, tid, tname, prob, trust, sizes = [], [], [], [], [], [], []
         ac: list[tuple[float, float, float]] = []
         for f in feats:
-            props: dict[str, Any] = f.get("properties", {})
+            props: JsonDict = f.get("properties", {})
             ring = f["geometry"]["coordinates"][0]
             name = props.get("classification", {}).get("name")
             meas, meta = props.get("measurements", {}), props.get("metadata", {})

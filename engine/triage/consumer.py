@@ -8,7 +8,8 @@ HV post-processing of each batch as it arrives, keeping each nucleus in the one 
 tile minus half the overlap on sides that have a neighbour) holds its centroid, so no slide-sized map
 is ever held, plus per-tile uncertainty (NP/NT entropy, HV consistency) and nuclei counts. What a slide
 hands on to :mod:`.finalise` is a :class:`SlideState` (the job, its :class:`NucleiRecords` and the
-tiles' sharpness), kept by the engine's factory by job index, never inside the public ``SlideDone.info``.
+tiles' sharpness), kept by the engine's factory by job index, never inside the public
+``SlideDone.consumer_facts``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cellvit_optimus.engine.pipeline.scheduler import SlideJob, TileBatch
+from cellvit_optimus.engine.pipeline import ConsumerFacts, SlideJob, TileBatch
 from cellvit_optimus.kernels import smooth_ring
 
 #: level-0 px per nuclei-grid px above which outlines are smoothed before scaling (a 40x slide under a
@@ -27,8 +28,7 @@ from cellvit_optimus.kernels import smooth_ring
 SMOOTH_ABOVE_SCALE = 1.25
 
 if TYPE_CHECKING:
-    from cellvit_optimus.engine.pipeline.extract import FeatureConsumer
-    from cellvit_optimus.engine.pipeline.nuclei import PostProcessConfig
+    from cellvit_optimus.engine.pipeline import FeatureConsumer, PostProcessConfig
 
 __all__ = ("NucleiRecords", "NucleiConsumer", "SlideState", "TriageConsumer")
 
@@ -82,7 +82,7 @@ class NucleiConsumer:
         self.scale = grid.level0_size[0] / grid.tile_size  # level-0 px per nuclei-grid px
         # nuclei below the checkpoint's minimum area (um^2) are specks, never reported; the grid's pixel is
         # scale level-0 pixels, whose true size is the slide's MPP (target_mpp is met only to a tolerance)
-        mpp0 = getattr(job.slide, "mpp", None)
+        mpp0 = job.facts.mpp
         self.min_px = post.min_area_px(float(np.mean(mpp0)) * self.scale if mpp0 else grid.target_mpp)
         n = len(grid)
         self.n_tiles = n
@@ -97,7 +97,7 @@ class NucleiConsumer:
         self.num_types = num_types
 
     def on_batch(self, batch: TileBatch) -> None:
-        from cellvit_optimus.engine.pipeline.nuclei import tile_to_instances
+        from cellvit_optimus.engine.pipeline import tile_to_instances
         from cellvit_optimus.safety import tile_uncertainty
 
         assert batch.output is not None and batch.output.nuclei is not None
@@ -155,7 +155,7 @@ class NucleiConsumer:
         tm["postprocess_s"] = tm.get("postprocess_s", 0.0) + post_s
         tm["stitch_s"] = tm.get("stitch_s", 0.0) + (time.perf_counter() - t_start - post_s)
 
-    def finish(self, job: SlideJob) -> dict[str, Any]:
+    def finish(self, job: SlideJob) -> ConsumerFacts:
         return {}  # the engine finalises the slide with the records collected here
 
     def abort(self, job: SlideJob) -> None:
@@ -188,7 +188,7 @@ class TriageConsumer:
         self.state.blur[batch.indices] = batch.quality["blur"]
         self.nuclei.on_batch(batch)
 
-    def finish(self, job: SlideJob) -> dict[str, Any]:
+    def finish(self, job: SlideJob) -> ConsumerFacts:
         return self.features.finish(job) if self.features is not None else {}
 
     def abort(self, job: SlideJob) -> None:

@@ -33,22 +33,27 @@ Ray is an optional extra (``pip install "cellvit-optimus[ray]"``); importing thi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cellvit_optimus.engine.errors import BackendUnavailableError, ConfigError
-from cellvit_optimus.engine.wsi.inspect import Failure
-from cellvit_optimus.engine.pipeline.scheduler import Progress
+from cellvit_optimus.engine.settings import DEFAULT_DEVICE, resolve_device
+from cellvit_optimus.engine.wsi import Failure
+from cellvit_optimus.engine.pipeline import Progress
 from cellvit_optimus.engine.triage.config import TriageConfig
 from cellvit_optimus.engine.triage.engine import Engine
 from cellvit_optimus.engine.triage.outputs import finished_result, write_worklist
 from cellvit_optimus.engine.triage.results import BatchResult, SlideResult
+from cellvit_optimus.engine.io import (TMP_PREFIX, atomic_write_bytes, clean_stale_temporaries, folder_lock,
+                                       output_names)
 
 __all__ = ("ClusterConfig", "ClusterProgress", "WorkerProgress", "SlideAttempt", "RayTriage")
 
@@ -124,6 +129,24 @@ class SlideAttempt:
     wall_s: float
 
 
+class ActorInfo(NamedTuple):
+    """what a started actor reports: its engine's run key and where it runs"""
+
+    run_key: str
+    pid: int
+    host: str
+
+
+class SlideOutcome(NamedTuple):
+    """what an actor hands back for one slide: a :class:`SlideResult` or :class:`Failure` as a plain
+    mapping (``kind`` says which), the backbone tiles it computed and its wall time"""
+
+    kind: str  # "result" or "failure"
+    value: dict[str, object]
+    tiles_computed: int
+    wall_s: float
+
+
 class _SlideWorker:
     """a Ray actor's body: one Engine, one slide per call (plus progress queries from a second thread)"""
 
@@ -131,16 +154,12 @@ class _SlideWorker:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        device = engine_kwargs.pop("device", "auto")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(engine_kwargs.pop("device", DEFAULT_DEVICE))
         self.engine = Engine(config, device=device, **engine_kwargs)
         self._progress: tuple[str, int, int] | None = None
 
-    def ready(self) -> dict[str, Any]:
-        import socket
-
-        return {"run_key": self.engine.run_key(), "pid": os.getpid(), "host": socket.gethostname()}
+    def ready(self) -> ActorInfo:
+        return ActorInfo(self.engine.run_key(), os.getpid(), socket.gethostname())
 
     def set_batch_delay(self, seconds: float) -> None:
         """test and diagnostics hook: sleep this long before every backbone batch (``Engine.batch_delay_s``)"""
@@ -149,7 +168,7 @@ class _SlideWorker:
     def progress(self) -> tuple[str, int, int] | None:
         return self._progress
 
-    def triage(self, path: str, out_dir: str, output_name: str | None = None) -> dict[str, Any]:
+    def triage(self, path: str, out_dir: str, output_name: str | None = None) -> SlideOutcome:
         import anyio
 
         name = Path(path).name
@@ -174,8 +193,7 @@ class _SlideWorker:
         tiles = self.engine.model.runner.tiles_processed - before
         [r] = got
         kind = "failure" if isinstance(r, Failure) else "result"
-        return {"kind": kind, "value": r.to_dict(), "tiles_computed": tiles,
-                "wall_s": time.perf_counter() - t0}
+        return SlideOutcome(kind, r.to_dict(), tiles, time.perf_counter() - t0)
 
 
 @dataclass
@@ -224,7 +242,7 @@ class RayTriage:
     def __init__(self, config: TriageConfig | None = None, *, cluster: ClusterConfig | None = None,
                  nuclei_weights: str | os.PathLike[str] | None = None,
                  backbone_weights: str | os.PathLike[str] | None = None,
-                 mil_weights: str | os.PathLike[str] | None = None, device: str = "auto",
+                 mil_weights: str | os.PathLike[str] | None = None, device: str = DEFAULT_DEVICE,
                  batch_size: int | None = None, ray_init: dict[str, Any] | None = None) -> None:
         self.config = config or TriageConfig()
         self.cluster = cluster or ClusterConfig()
@@ -280,7 +298,7 @@ class RayTriage:
         self._restarts_left = n if c.max_actor_restarts is None else c.max_actor_restarts
         self.slots = [self._new_slot(i) for i in range(n)]
         infos = self._ready(self.slots)
-        keys = {i["run_key"] for i in infos}
+        keys = {i.run_key for i in infos}
         if len(keys) != 1:
             raise ConfigError(f"actors disagree on the run key ({sorted(keys)}): different package "
                               "versions or weights files on the nodes")
@@ -293,11 +311,11 @@ class RayTriage:
                                                                 self._threads)
         return _Slot(index=index, handle=handle)
 
-    def _ready(self, slots: list[_Slot]) -> list[dict[str, Any]]:
+    def _ready(self, slots: list[_Slot]) -> list[ActorInfo]:
         ray = _import_ray()
-        infos = ray.get([s.handle.ready.remote() for s in slots])
+        infos: list[ActorInfo] = ray.get([s.handle.ready.remote() for s in slots])
         for s, info in zip(slots, infos):
-            s.pid, s.host = info["pid"], info["host"]
+            s.pid, s.host = info.pid, info.host
         return infos
 
     def close(self) -> None:
@@ -330,8 +348,6 @@ class RayTriage:
         (``skipped``: inputs not run, as ``(path, why)``, listed in the worklist too)
 
         The driver holds the output folder's lock for the whole batch (actors write under it)."""
-        from cellvit_optimus.engine.io import folder_lock
-
         out = Path(os.path.realpath(out_dir))
         with folder_lock(out, self.config.lock_timeout_s):
             return self._run_locked(slides, out, progress, skipped)
@@ -339,7 +355,6 @@ class RayTriage:
     def _run_locked(self, slides: Sequence[str | os.PathLike[str]], out: Path,
                     progress: Callable[[ClusterProgress], None] | None,
                     skipped: Sequence[tuple[str, str]]) -> BatchResult:
-        from cellvit_optimus.engine.io import clean_stale_temporaries, output_names
         from cellvit_optimus.engine.triage.outputs import output_owner
 
         ray = _import_ray()
@@ -395,7 +410,7 @@ class RayTriage:
                  out: Path) -> None:
         """one finished call: a result, a failure, or a dead actor whose slide goes back to the queue"""
         ray = _import_ray()
-        from cellvit_optimus.engine.wsi.inspect import failure_from
+        from cellvit_optimus.engine.wsi import failure_from
 
         i, slot.busy = slot.slide, None
         wall = time.perf_counter() - slot.started
@@ -421,16 +436,16 @@ class RayTriage:
             cause = getattr(exc, "cause", None) or exc
             st.results[i] = failure_from(paths[i], cause)
             return
-        if doc["kind"] == "failure":
-            st.results[i] = Failure(**doc["value"])
+        if doc.kind == "failure":
+            st.results[i] = Failure(**doc.value)
             status = "failed"
         else:
-            res = SlideResult(**doc["value"])
+            res = SlideResult(**doc.value)
             st.results[i] = res
             st.tiles_done += res.tiles
             status = "cached" if res.cached else "done"
         self.attempts.append(SlideAttempt(paths[i].name, slot.index, st.attempts[i], slot.order, status,
-                                          int(doc["tiles_computed"]), wall))
+                                          int(doc.tiles_computed), wall))
 
     def _replace(self, slot: _Slot) -> None:
         """start a fresh actor in a dead one's slot while the restart budget lasts (without waiting:
@@ -447,11 +462,11 @@ class RayTriage:
         ray = _import_ray()
         slot.starting = None
         try:
-            info = ray.get(ref)
+            info: ActorInfo = ray.get(ref)
         except Exception as exc:  # the cluster cannot host another one: go on with the rest
             log.warning("could not replace ray actor %d: %s", slot.index, exc)
             return
-        slot.pid, slot.host, slot.alive = info["pid"], info["host"], True
+        slot.pid, slot.host, slot.alive = info.pid, info.host, True
 
     def _progress(self, st: _State, total: int, elapsed: float) -> ClusterProgress:
         ray = _import_ray()
@@ -477,13 +492,10 @@ class RayTriage:
     # -- shadow mode ---------------------------------------------------------------------------------
     def _reserve_shadow(self, paths: list[Path], out: Path) -> None:
         """count the batch's new slides in input order before any actor finishes one (see module doc)"""
-        import json
-
         from cellvit_optimus.safety import ShadowMode, Tag, TagDecision
 
-        from cellvit_optimus.engine.io import atomic_write_bytes
-        from cellvit_optimus.engine.pipeline.features import slide_fingerprint
-        from cellvit_optimus.engine.wsi.slide import open_slide
+        from cellvit_optimus.engine.pipeline import slide_fingerprint
+        from cellvit_optimus.engine.wsi import open_slide
 
         cfg = self.config
         safety = cfg.safety
@@ -537,7 +549,7 @@ def _size(p: Path) -> int:
 def _finished(out: Path, path: Path, key: str | None, name: str) -> bool:
     """the resume rule of the single-process engine (:func:`~.outputs.finished_result`), for a slide
     file the driver has not opened (a file that vanished or cannot be read counts as not finished)"""
-    from cellvit_optimus.engine.pipeline.features import slide_fingerprint
+    from cellvit_optimus.engine.pipeline import slide_fingerprint
 
     try:
         return finished_result(out / name / "summary.json", path, key, slide_fingerprint(path, mtime=True)) is not None
@@ -547,8 +559,6 @@ def _finished(out: Path, path: Path, key: str | None, name: str) -> bool:
 
 def _remove_temporaries(out: Path, name: str) -> None:
     """what a dead actor left half-written for the slide named ``name`` (finished files are complete and stay)"""
-    from cellvit_optimus.engine.io import TMP_PREFIX
-
     stem = name
     for p in [*(out / stem).glob(TMP_PREFIX + "*"), *(out / "features").glob(f"{TMP_PREFIX}{stem}.h5*")]:
         try:

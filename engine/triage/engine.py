@@ -38,14 +38,17 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError
 from cellvit_optimus.engine.io import (clean_stale_temporaries, escape_path, folder_lock, output_name,
-                                      output_names)
-from cellvit_optimus.engine.pipeline.extract import ExtractConfig, build_extractor
-from cellvit_optimus.engine.pipeline.readpath import TileReadPath, job_fingerprint, open_job_for
-from cellvit_optimus.engine.pipeline.scheduler import BatchOutput, Progress, SlideJob, run_pipeline
+                                       output_names)
+from cellvit_optimus.engine.jsondoc import JsonDict
+from cellvit_optimus.engine.settings import REFERENCE_MPP, resolve_device
+from cellvit_optimus.engine.pipeline import (BatchOutput, ConsumerFacts, ExtractConfig, Progress, SlideJob,
+                                             TileReadPath, build_extractor, job_fingerprint, open_job_for,
+                                             run_pipeline)
 from cellvit_optimus.engine.triage.config import OUTPUTS, TriageConfig
 from cellvit_optimus.engine.triage.consumer import NucleiConsumer, SlideState, TriageConsumer
 from cellvit_optimus.engine.triage.finalise import (FALLBACK_DENSITY_HALF, PRIORITY_RULE, FinaliseContext,
@@ -53,8 +56,7 @@ from cellvit_optimus.engine.triage.finalise import (FALLBACK_DENSITY_HALF, PRIOR
 from cellvit_optimus.engine.triage.outputs import (finished_result, output_owner, retire_outputs,
                                                    write_worklist)
 from cellvit_optimus.engine.triage.results import BatchResult, SlideResult
-from cellvit_optimus.engine.wsi.inspect import Failure
-from cellvit_optimus.engine.wsi.tissue import TilingConfig
+from cellvit_optimus.engine.wsi import Failure, TilingConfig
 
 __all__ = ("TriageConfig", "SlideResult", "BatchResult", "Engine", "OUTPUTS", "FALLBACK_DENSITY_HALF",
            "fallback_priority")
@@ -83,13 +85,10 @@ class Engine:
                  backbone_weights: str | os.PathLike[str] | None = None,
                  mil_weights: str | os.PathLike[str] | None = None, device: str = "cpu",
                  batch_size: int | None = None) -> None:
-        from cellvit_optimus.engine.pipeline.nuclei import NucleiModel, PostProcessConfig
+        from cellvit_optimus.engine.pipeline import NucleiModel, PostProcessConfig
 
         self.config = config or TriageConfig()
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device)
         self.model = NucleiModel(nuclei_weights, backbone_weights=backbone_weights, device=device,
                                  batch_size=batch_size)
         from cellvit_optimus.heads.backbone import check_finite
@@ -99,7 +98,8 @@ class Engine:
         check_finite(self.model.head, self.model.path or nuclei_weights, " (nuclei head)")
         self.nuclei_mpp = float(self.config.nuclei_mpp or self.model.nuclei_mpp)
         # the checkpoint's tuned post-processing; its sizes are HoVer-Net's at 0.25 um/px (40x)
-        self.post = (getattr(self.model, "post", None) or PostProcessConfig()).scaled(0.25 / self.nuclei_mpp)
+        post = getattr(self.model, "post", None) or PostProcessConfig()
+        self.post = post.scaled(REFERENCE_MPP / self.nuclei_mpp)
         self.mil = None
         if mil_weights is not None:
             from cellvit_optimus.heads.checkpoint import load_mil
@@ -146,7 +146,7 @@ class Engine:
         if configured is not None:
             return configured
         from cellvit_optimus.engine.data import DATA_DIR
-        from cellvit_optimus.engine.pipeline.nuclei import default_model_path
+        from cellvit_optimus.engine.pipeline import default_model_path
 
         bundled = DATA_DIR / bundled_name
         if not bundled.is_file() or self.model.path is None:
@@ -212,9 +212,7 @@ class Engine:
 
         Works from plain code and from inside a running event loop (a notebook): the work then runs
         on its own loop in a worker thread while this call waits (see :mod:`.aio`)."""
-        import anyio
-
-        from cellvit_optimus.engine.pipeline.aio import run_sync
+        from cellvit_optimus.engine.pipeline import run_sync
 
         out = Path(os.path.realpath(out_dir))
         order: dict[str, int] = {}
@@ -243,8 +241,6 @@ class Engine:
     @contextlib.asynccontextmanager
     async def _own_folder(self, out: Path) -> AsyncIterator[None]:
         """hold ``out``'s lock (waiting in a thread: the host's loop runs on) and clean what dead runs left"""
-        import anyio
-
         lock = folder_lock(out, self.config.lock_timeout_s)
 
         def enter() -> None:
@@ -276,8 +272,6 @@ class Engine:
         already holds the lock elsewhere (Ray actors): no lock, no clean-up. ``names`` maps
         ``str(path)`` to output names (default: :func:`~.io.output_names` of this batch).
         """
-        import anyio
-
         out = Path(os.path.realpath(out_dir))
         if clean_temporaries:
             async with self._own_folder(out):
@@ -292,9 +286,7 @@ class Engine:
 
     async def _stream_locked(self, paths: list[Path], out: Path, progress: Callable[[Progress], None] | None,
                              names: dict[str, str]) -> AsyncIterator[SlideResult | Failure]:
-        import anyio
-
-        from cellvit_optimus.engine.wsi.inspect import failure_from
+        from cellvit_optimus.engine.wsi import failure_from
 
         position = {str(p): i for i, p in enumerate(paths)}
         key = self.run_key()
@@ -310,7 +302,7 @@ class Engine:
                 await anyio.to_thread.run_sync(factory.retire, r.path)
                 return r
             if r.cached:
-                return SlideResult(**r.info["result"], cached=True)
+                return SlideResult(**factory.finished.pop(r.index), cached=True)
             state = factory.slides.pop(r.index)
             try:
                 return await anyio.to_thread.run_sync(finalise_slide, ctx, state, r.timings, out, key,
@@ -352,6 +344,8 @@ class _TriageFactory:
         self.key = key
         self.names = names or {}
         self.slides: dict[int, SlideState] = {}
+        #: the summary's result of each slide a rerun serves whole, by job index, until it is settled
+        self.finished: dict[int, dict[str, object]] = {}
         self.feature_keys: dict[str, str] = {}  # str(path) -> cache key of its feature file in this run
         runner = engine.model.runner
         cfg = ExtractConfig(tiling=engine.tiling, tissue=engine.config.tissue, scheduler=engine.config.scheduler,
@@ -365,18 +359,19 @@ class _TriageFactory:
         return self.name_of_path(str(job.path))
 
     def name_of_path(self, path: str) -> str:
-        from cellvit_optimus.engine.io import output_name
-
         return self.names.get(path) or output_name(path)
 
-    def prepare(self, job: SlideJob) -> dict[str, Any] | None:
-        result = finished_result(self.out / self.name_of(job) / "summary.json", job.path, self.key,
-                                 job_fingerprint(job))
+    def prepare(self, job: SlideJob) -> ConsumerFacts | None:
+        summary = self.out / self.name_of(job) / "summary.json"
+        result = finished_result(summary, job.path, self.key, job_fingerprint(job))
         if result is not None:
             job.mask = None
-            return {"result": result}
+            self.finished[job.index] = result
+            return {"summary": str(summary)}
         self.features.prepare(job)  # sets the feature cache key (and moves a damaged feature file aside)
-        self.feature_keys[str(job.path)] = job.info["cache_key"]
+        cache_key = job.facts.cache_key
+        assert cache_key is not None  # FeatureExtractor.prepare noted it
+        self.feature_keys[str(job.path)] = cache_key
         _warn_if_upsampled(job, self.engine.nuclei_mpp)
         return None
 
@@ -447,7 +442,7 @@ def _with_interrupted(got: Sequence[SlideResult | Failure],
     return [*got, *rest]
 
 
-def _key_thresholds(thresholds: Any) -> dict[str, Any]:
+def _key_thresholds(thresholds: Any) -> JsonDict:
     """the thresholds as the run key lists them: the quality-flag limits only when they differ from
     the values built into the engine before they became thresholds, so that slides finished by
     earlier runs keep their key (and are not recomputed) while a changed limit still recomputes"""

@@ -31,8 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellvit_optimus.engine.io import atomic_write_bytes, atomic_write_json, atomic_write_png, file_digest
-from cellvit_optimus.engine.pipeline.features import slide_fingerprint
-from cellvit_optimus.engine.pipeline.readpath import job_fingerprint
+from cellvit_optimus.engine.pipeline import job_fingerprint, slide_fingerprint
 from cellvit_optimus.engine.triage.cells import UNCLASSIFIED
 from cellvit_optimus.engine.triage.config import TriageConfig
 from cellvit_optimus.engine.triage.consumer import NucleiRecords, SlideState
@@ -146,7 +145,7 @@ def finalise_slide(ctx: FinaliseContext, state: SlideState, timings: dict[str, f
     per_type = np.bincount(cells.type_id.astype(np.int64), minlength=profile.num_classes + 1)
     counts = {profile.label(c): int(per_type[c]) for c in range(1, profile.num_classes + 1)}
     counts[UNCLASSIFIED] = int(per_type[0])
-    mpp0 = (job.info.get("mpp") or [ctx.nuclei_mpp])[0]
+    mpp0 = (job.facts.mpp or (ctx.nuclei_mpp,))[0]
     tissue_mm2 = float(np.sum(grid.tissue_fraction)) * (grid.stride[0] * grid.stride[1]) * mpp0 ** 2 / 1e6
     attention = None
     density = None

@@ -31,11 +31,11 @@ import numpy as np
 
 from cellvit_optimus.engine.io import (atomic_write_bytes, atomic_write_json, digest_problem, escape_path,
                                       move_aside, output_names)
+from cellvit_optimus.engine.jsondoc import JsonDict
 from cellvit_optimus.engine.triage.cells import UNCLASSIFIED, CellTable
 from cellvit_optimus.engine.triage.consumer import NucleiRecords
 from cellvit_optimus.engine.triage.results import BatchResult, SlideResult
-from cellvit_optimus.engine.wsi.inspect import Failure
-from cellvit_optimus.engine.wsi.tissue import draw_overlay
+from cellvit_optimus.engine.wsi import Failure, draw_overlay
 
 __all__ = ("TAG_COLOURS", "GilHandOff", "cells_output", "regions_geojson", "overview_image", "write_worklist",
            "finished_result", "output_owner", "retire_outputs", "SLIDE_FILES")
@@ -71,7 +71,7 @@ def _summary_problem(doc: Any) -> str | None:
     return None
 
 
-def finished_result(summary: Path, slide: Path, key: str | None, fingerprint: str) -> dict[str, Any] | None:
+def finished_result(summary: Path, slide: Path, key: str | None, fingerprint: str) -> JsonDict | None:
     """the resume rule: the recorded result when ``summary`` says this slide file (path and fingerprint)
     was finished under run ``key`` and every file it delivered still matches the checksum recorded
     when it was written, else None. A summary that cannot be read or is malformed is moved aside
@@ -129,7 +129,7 @@ SLIDE_FILES = ("summary.json", "cells.geojson", "cells.geojson.gz", "regions.geo
 def output_owner(out: Path, name: str) -> str | None:
     """the slide path whose outputs ``out/name`` (and ``out/features/name.h5``) hold: what its
     summary.json records, else its feature file; None when there are none or they do not say"""
-    from cellvit_optimus.engine.pipeline.features import feature_owner
+    from cellvit_optimus.engine.pipeline import feature_owner
 
     try:
         doc = json.loads((out / name / "summary.json").read_bytes())
@@ -263,7 +263,7 @@ def cells_output(records: NucleiRecords, profile: Any, tile_tags: list[str], set
     return table, parts
 
 
-def regions_geojson(grid: Any, tags: Any, namespace: uuid.UUID) -> dict[str, Any]:
+def regions_geojson(grid: Any, tags: Any, namespace: uuid.UUID) -> JsonDict:
     """one QuPath annotation per region (8-connected tile group): union of its tiles' footprints,
     clipped to the slide, exteriors counter-clockwise (RFC 7946); tag as classification, reason in the
     name (QuPath 0.4 keeps names, not metadata) and as metadata, tile count and ``trust_level`` as

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from cellvit_optimus.engine.errors import ConfigError
+from cellvit_optimus.engine.jsondoc import JsonDict
 from cellvit_optimus.engine.triage.cells import CellTable
-from cellvit_optimus.engine.wsi.inspect import Failure
+from cellvit_optimus.engine.wsi import Failure
 
 __all__ = ("SlideResult", "BatchResult", "PrioritySource")
 
@@ -60,7 +61,7 @@ class SlideResult:
     cells: CellTable | None = field(default=_LazyCells(),  # type: ignore[assignment]
                                    repr=False, compare=False)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonDict:
         """plain-JSON fields (everything but the cells)"""
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "cells"}
 

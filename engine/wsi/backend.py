@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cellvit_optimus.engine.jsondoc import JsonDict
+
 __all__ = ("Backend", "BackendName", "MPP_PLAUSIBLE", "flatten", "plausible_mpp", "rgb",
            "tiff_resolution_mpp", "to_float")
 
@@ -31,7 +33,7 @@ class Backend:
     level_downsamples: tuple[float, ...]
     mpp: tuple[float, float] | None = None
     vendor: str | None = None
-    properties: dict[str, Any]
+    properties: JsonDict
 
     def read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
         """read an in-bounds region; (x, y) in level-0 pixels, (w, h) in level pixels"""
@@ -57,7 +59,7 @@ class Backend:
     def close(self) -> None:
         pass
 
-    def adopt_openslide_api(self, s: Any, prefix: str) -> dict[str, Any]:
+    def adopt_openslide_api(self, s: Any, prefix: str) -> JsonDict:
         """take levels, properties and MPP from a reader with OpenSlide's API (tiffslide, OpenSlide) whose
         properties hold ``<prefix>.mpp-x`` / ``<prefix>.mpp-y``; returns the properties"""
         self.level_dimensions = tuple((int(w), int(h)) for w, h in s.level_dimensions)
@@ -110,9 +112,9 @@ def to_float(v: Any) -> float | None:
         return None
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> JsonDict:
     """nested metadata dicts as one dict with dotted keys (``aperio.MPP``)"""
-    out: dict[str, Any] = {}
+    out: JsonDict = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cellvit_optimus.engine.errors import OptimusError, SlideError
+from cellvit_optimus.engine.jsondoc import JsonDict
 from cellvit_optimus.engine.wsi.slide import BackendName, open_slide
 from cellvit_optimus.engine.wsi.tissue import TilingConfig, TissueConfig, detect_tissue, draw_overlay, tile_grid
 
@@ -62,9 +63,9 @@ class SlideReport:
     tissue_tiles: int
     tissue_fraction: float
     thumbnail_path: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    extras: JsonDict = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonDict:
         d = asdict(self)
         d["dimensions"] = list(self.dimensions)
         d["mpp"] = list(self.mpp) if self.mpp else None
@@ -80,7 +81,6 @@ def inspect_slide(path: str | os.PathLike[str], *, mpp: float | None = None, bac
     """
     tiling = tiling or TilingConfig()
     with open_slide(path, backend=backend, mpp=mpp) as slide:
-        info = slide.info()
         mask = detect_tissue(slide, tissue)
         grid = tile_grid(slide, tiling, mask=mask)
         thumb_path = None
@@ -92,9 +92,9 @@ def inspect_slide(path: str | os.PathLike[str], *, mpp: float | None = None, bac
             thumb_path = str(out)
         return SlideReport(path=str(path), backend=slide.backend, vendor=slide.vendor,
                            dimensions=slide.dimensions, level_count=slide.level_count,
-                           level_dimensions=info["level_dimensions"],
-                           level_downsamples=info["level_downsamples"], mpp=slide.mpp,
-                           mpp_source=slide.mpp_source, associated_images=info["associated_images"],
+                           level_dimensions=[list(d) for d in slide.level_dimensions],
+                           level_downsamples=[round(d, 4) for d in slide.level_downsamples], mpp=slide.mpp,
+                           mpp_source=slide.mpp_source, associated_images=sorted(slide.associated_images),
                            target_mpp=tiling.target_mpp, tile_size=tiling.tile_size,
                            tissue_tiles=len(grid), tissue_fraction=mask.tissue_fraction,
                            thumbnail_path=thumb_path)

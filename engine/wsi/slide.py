@@ -18,11 +18,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from cellvit_optimus.engine.errors import (
@@ -37,9 +37,10 @@ from cellvit_optimus.engine.errors import (
     SlideTooLargeError,
     UnsupportedFormatError,
 )
+from cellvit_optimus.engine.jsondoc import JsonDict
 from cellvit_optimus.engine.wsi.backend import MPP_PLAUSIBLE, Backend, BackendName
 from cellvit_optimus.engine.wsi.jpegcheck import strict_decode
-from cellvit_optimus.engine.wsi.strips import StripLevel, is_stripped
+from cellvit_optimus.engine.wsi.strips import RawFile, StripLevel, is_stripped
 
 # re-exported: callers (the triage tests) expand slide folders through the slide module
 from cellvit_optimus.engine.wsi.paths import file_kind, iter_slide_paths
@@ -143,8 +144,6 @@ def _check_ifd_chain(path: Path, size: int, order: str, big: bool, first_ifd: in
     """every image directory, and every tag value it points to, must lie inside the file. A copy cut
     inside a directory otherwise loses tags silently (tifffile drops what it cannot read): a cut
     ImageDescription then surfaced as "no MPP" instead of as the truncation it is."""
-    import struct
-
     entry, count_fmt, off_fmt, inline = (20, "Q", "Q", 8) if big else (12, "H", "I", 4)
     head_n = 8 if big else 2
     seen: set[int] = set()
@@ -200,8 +199,6 @@ def _check_tiff_complete(path: Path) -> tuple[list[_JpegPage], bool]:
     copies up front instead of failing half-way through a slide), every page must have pixels, and
     strips must be able to hold them (a forged header claiming a huge image over a few bytes fails
     here, in milliseconds); returns the tiled JPEG pages and whether the first page (level 0) is stripped"""
-    import struct
-
     import tifffile
 
     size = path.stat().st_size
@@ -280,12 +277,10 @@ class _TileCheck:
         self.corrupt: list[tuple[int, int, int]] = []  # (level, column, row)
         self._done: set[tuple[int, int]] = set()  # (level, tile index)
         self._lock = threading.Lock()
-        self._fd = os.open(path, os.O_RDONLY)
+        self._file = RawFile(path)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
 
     def tiles_for(self, level: int, boxes: Sequence[tuple[int, int, int, int]]) -> list[int]:
         """indices of the unchecked tiles of ``level`` that the boxes (x, y, w, h; level pixels) touch"""
@@ -316,7 +311,7 @@ class _TileCheck:
         for i in todo:
             if i >= len(pg.offsets) or pg.counts[i] == 0:  # sparse tile: absent on purpose
                 continue
-            data = os.pread(self._fd, pg.counts[i], pg.offsets[i])
+            data = self._file.read(pg.counts[i], pg.offsets[i])
             if head:
                 data = head + data[2:]
             try:
@@ -353,7 +348,7 @@ class _TileCheck:
         for i in range(min(cols * rows, len(pg.offsets))):
             if pg.counts[i] == 0:
                 continue
-            data = os.pread(self._fd, pg.counts[i], pg.offsets[i])
+            data = self._file.read(pg.counts[i], pg.offsets[i])
             if head:
                 data = head + data[2:]
             r, c = divmod(i, cols)
@@ -373,7 +368,7 @@ class _TileCheck:
             self._fail(corrupt)
         return out[:-(-H // 8), :-(-W // 8)]
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> JsonDict:
         """for summary.json: tiles checked and the corrupt ones' positions"""
         with self._lock:
             return {"checked": self.checked, "corrupt": len(self.corrupt),
@@ -417,13 +412,13 @@ class Slide:
     mpp: tuple[float, float] | None
     mpp_source: str
     vendor: str | None
-    properties: dict[str, Any] = field(repr=False)
+    properties: JsonDict = field(repr=False)
     _impl: Backend = field(repr=False, default=None)  # type: ignore[assignment]
     _associated: dict[str, np.ndarray] | None = field(default=None, repr=False)
     #: strict check of the JPEG tiles each read touches (tiled JPEG TIFF levels; None elsewhere)
     _tiles: _TileCheck | None = field(default=None, repr=False)
 
-    def tile_check(self) -> dict[str, Any] | None:
+    def tile_check(self) -> JsonDict | None:
         """tiles verified so far and the corrupt ones (level, column, row); None when not checked"""
         return None if self._tiles is None else self._tiles.report()
 
@@ -650,7 +645,7 @@ class Slide:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> JsonDict:
         """plain facts for tables and JSON"""
         return {
             "path": str(self.path),

@@ -33,8 +33,8 @@ import numpy as np
 
 from cellvit_optimus.engine.errors import CorruptSlideError, SlideTooLargeError, UnsupportedFormatError
 
-__all__ = ("STRIP_DECODE_MAX_BYTES", "STRIP_CACHE_BYTES", "CHUNK_BYTES", "CHECKPOINT_BYTES", "StripLevel",
-           "is_stripped")
+__all__ = ("STRIP_DECODE_MAX_BYTES", "STRIP_CACHE_BYTES", "CHUNK_BYTES", "CHECKPOINT_BYTES", "RawFile",
+           "StripLevel", "is_stripped")
 
 #: a strip up to this many decoded bytes is decoded whole (tifffile writes strips of about 64 KiB)
 STRIP_DECODE_MAX_BYTES = 64 << 20
@@ -48,6 +48,24 @@ CHECKPOINT_BYTES = 8 << 20
 _READ_BYTES = 1 << 20  # compressed bytes read per step of an inflate
 _DEFLATE = (8, 32946)  # Adobe deflate, old-style deflate
 _MAX_DEFLATE_RATIO = 1032  # deflate cannot expand a byte to more than about this many
+
+
+class RawFile:
+    """a slide file held open for positional byte reads (``os.pread``: no shared offset, so reader
+    threads need no lock), closed once; the tile check of slide.py and the strip reader share it"""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def read(self, n: int, offset: int) -> bytes:
+        """``n`` bytes at ``offset`` (fewer at the end of the file)"""
+        return os.pread(self.fd, n, offset)
+
+    def close(self) -> None:
+        """idempotent"""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def is_stripped(page: Any) -> bool:
@@ -103,12 +121,10 @@ class StripLevel:
         # strip -> row -> (inflater, input offset, output pending at that row)
         self._checkpoints: dict[int, dict[int, tuple[Any, int, bytes]]] = {}
         self._lock = threading.Lock()
-        self._fd = os.open(path, os.O_RDONLY)
+        self._file = RawFile(path)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
         self._cache.clear()
         self._checkpoints.clear()
 
@@ -170,7 +186,7 @@ class StripLevel:
             rows = min(self.rows_per_strip, self.height - s * self.rows_per_strip)
             arr = np.zeros((rows, self.width, self.samples), np.uint8)
         else:
-            data = os.pread(self._fd, self.counts[s], self.offsets[s])
+            data = self._file.read(self.counts[s], self.offsets[s])
             try:
                 seg, _, shape = self._decode(data, s, jpegtables=self._jpegtables)
             except Exception as exc:
@@ -202,7 +218,7 @@ class StripLevel:
         step = self._chunk_rows()
         for r in range(a, b, step):
             n = min(step, b - r)
-            data = os.pread(self._fd, n * self.row_bytes, self.offsets[s] + r * self.row_bytes)
+            data = self._file.read(n * self.row_bytes, self.offsets[s] + r * self.row_bytes)
             if len(data) < n * self.row_bytes:
                 raise CorruptSlideError(self.path, f"uncompressed strip {s} ends inside row {r}")
             yield r, self._undo_predictor(np.frombuffer(data, np.uint8), n)
@@ -242,7 +258,7 @@ class StripLevel:
             elif d.eof or pos >= end:
                 raise CorruptSlideError(self.path, f"deflate strip {s} ends after {row} of its rows")
             else:
-                data = os.pread(self._fd, min(_READ_BYTES, end - pos), pos)
+                data = self._file.read(min(_READ_BYTES, end - pos), pos)
                 pos += len(data)
                 if not data:
                     raise CorruptSlideError(self.path, f"deflate strip {s} ends after {row} of its rows")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError, NoTissueError
+from cellvit_optimus.engine.settings import MIN_TISSUE_FRACTION
 
 if TYPE_CHECKING:
     from cellvit_optimus.engine.wsi.slide import Slide
@@ -62,7 +63,7 @@ class TilingConfig:
     tile_size: int = 224
     target_mpp: float = 0.5
     overlap: float = 0.0  # fraction of the tile shared with the next one
-    min_tissue_fraction: float = 0.25
+    min_tissue_fraction: float = MIN_TISSUE_FRACTION
 
     def __post_init__(self) -> None:
         if self.tile_size < 16:

@@ -17,7 +17,7 @@ import pytest
 from bench_scripts import bench_script
 from cellvit_optimus.engine.errors import StateMismatchError
 from cellvit_optimus.engine.io import atomic_write_bytes
-from cellvit_optimus.safety import MahalanobisOOD
+from cellvit_optimus.safety import MahalanobisOOD, SafetyConfig
 from cellvit_optimus.safety.ood_features import EMBEDDING, EMBEDDING_TILE_STATS
 from ood_tiles import (
     MPP,
@@ -162,7 +162,7 @@ def _mosaic(path: Path, slides_dir: Path) -> Path:
 def test_engine_tags_the_ihc_region_out_of_domain(tmp_path, slides_dir):
     from cellvit_optimus.engine.triage.engine import Engine, TriageConfig
 
-    engine = Engine(TriageConfig(shadow_slides=0))
+    engine = Engine(TriageConfig(safety=SafetyConfig(shadow_slides=0)))
     assert engine.ood is not None and engine.ood.features == EMBEDDING_TILE_STATS  # the bundled state
     batch = engine.run([_mosaic(tmp_path / "he-ihc.tif", slides_dir)], tmp_path / "out")
     [r] = batch.results

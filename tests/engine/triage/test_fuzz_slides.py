@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cellvit_optimus.engine.triage.engine import Engine, TriageConfig
+from cellvit_optimus.safety import SafetyConfig
 
 SRC = Path(__file__).resolve().parents[3] / "engine" / "data" / "cmu_small_region.svs"
 #: a slide may fail for these reasons only: each says what is wrong with the file
@@ -101,7 +102,8 @@ def test_mutated_copies_of_a_real_slide_end_done_identical_or_failed_named(tmp_p
     paths = [clean] + [slides / f"{n}.svs" for n in made]
     out = tmp_path / "out"
     # shadow_slides=0: tags must not depend on a slide's place in the batch
-    batch = Engine(TriageConfig(nuclei_mpp=4.0, overlap_px=32, shadow_slides=0)).run(paths, out)
+    cfg = TriageConfig(nuclei_mpp=4.0, overlap_px=32, safety=SafetyConfig(shadow_slides=0))
+    batch = Engine(cfg).run(paths, out)
 
     done = {Path(r.path).stem: r for r in batch.results}
     failed = {Path(f.path).stem: f for f in batch.failures}

@@ -26,6 +26,7 @@ import pytest
 from bigslide import flipped_cmu
 
 from cellvit_optimus.engine.triage.engine import Engine, TriageConfig
+from cellvit_optimus.safety import SafetyConfig
 
 COARSE = dict(nuclei_mpp=4.0, overlap_px=32)
 CMU = "cmu-1-small-region.svs"
@@ -37,7 +38,7 @@ BAD_NAME = os.fsdecode(b"bad\xff\xfe.svs")  # a name the OS accepts that is not 
 @pytest.fixture(scope="module")
 def engine():
     # shadow_slides=0: tags must not depend on how many slides a folder has seen
-    return Engine(TriageConfig(**COARSE, shadow_slides=0))
+    return Engine(TriageConfig(**COARSE, safety=SafetyConfig(shadow_slides=0)))
 
 
 

@@ -21,6 +21,7 @@ import pytest
 from killing import kill_during_second_slide
 
 from cellvit_optimus.engine.triage.engine import Engine, TriageConfig
+from cellvit_optimus.safety import SafetyConfig
 
 COARSE = dict(nuclei_mpp=4.0, overlap_px=32)
 
@@ -379,7 +380,7 @@ def test_async_stream_leaves_the_event_loop_responsive(tmp_path, slides_dir):
 
 def test_two_engines_in_one_process_do_not_share_state(tmp_path, slides_dir):
     a = Engine(TriageConfig(**COARSE))
-    b = Engine(TriageConfig(**COARSE, shadow_slides=0))
+    b = Engine(TriageConfig(**COARSE, safety=SafetyConfig(shadow_slides=0)))
     ra = a.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "a").results[0]
     rb = b.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "b").results[0]
     assert a.model is not b.model and a.model.runner is not b.model.runner
@@ -394,24 +395,20 @@ def test_config_errors_name_the_value():
         TriageConfig(outputs=("cells",))
 
 
-def test_old_safety_keywords_set_the_composed_safety_config():
+def test_the_safety_options_live_in_the_composed_safety_config():
     from dataclasses import replace
 
-    from cellvit_optimus.safety import SafetyConfig
-
-    old = TriageConfig(**COARSE, thresholds="t.json", ood_state="o.npz", nucleus_conformal="c.json",
-                       shadow_slides=0, site_state="s.json", site_id="lab-2")
-    new = TriageConfig(**COARSE, safety=SafetyConfig(thresholds_path="t.json", ood_state_path="o.npz",
+    cfg = TriageConfig(**COARSE, safety=SafetyConfig(thresholds_path="t.json", ood_state_path="o.npz",
                                                      conformal_state_path="c.json", shadow_slides=0,
                                                      site_state_path="s.json", site_id="lab-2"))
-    assert old == new and old.safety.site_id == "lab-2" and old.safety.shadow_slides == 0
+    assert cfg.safety.site_id == "lab-2" and cfg.safety.shadow_slides == 0
     # replace keeps the safety options unless it is given new ones
-    assert replace(old, overlap_px=16).safety == old.safety
-    assert replace(old, safety=SafetyConfig(shadow_slides=5)).safety.shadow_slides == 5
-    with pytest.raises(ValueError, match="shadow_slides=-1"):
-        TriageConfig(shadow_slides=-1)
-    with pytest.raises(ValueError, match="site_id"):
-        TriageConfig(site_id="")
+    assert replace(cfg, overlap_px=16).safety == cfg.safety
+    assert replace(cfg, safety=SafetyConfig(shadow_slides=5)).safety.shadow_slides == 5
+    # the flat keywords of v0.1's first drafts are gone: a caller still using one is told at once
+    for old in ("thresholds", "ood_state", "nucleus_conformal", "shadow_slides", "site_state", "site_id"):
+        with pytest.raises(TypeError, match=old):
+            TriageConfig(**{old: "x"})
 
 
 def test_forward_hands_on_embeddings_and_nuclei_maps_and_honours_the_batch_delay(slides_dir, engine, monkeypatch):
@@ -444,7 +441,7 @@ def test_quality_flags_follow_the_threshold_file(tmp_path, slides_dir, engine):
 
     path = tmp_path / "thresholds.json"
     atomic_write_bytes(path, TagThresholds(blur_flag_min=1e9).to_bytes())  # every tile is "blurred"
-    strict = Engine(TriageConfig(**COARSE, shadow_slides=0, thresholds=str(path)))
+    strict = Engine(TriageConfig(**COARSE, safety=SafetyConfig(shadow_slides=0, thresholds_path=str(path))))
     assert strict.thresholds.blur_flag_min == 1e9
     r = strict.run([slides_dir / "cmu-1-small-region.svs"], tmp_path / "out").results[0]
     summary = json.loads(Path(r.outputs["summary"]).read_text())
