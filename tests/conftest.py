@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (the README's test command: 2 workers on CI's 2 cores) each worker, and every process
+# it starts, gets one OpenMP/BLAS thread unless told otherwise: two workers with torch's default of one
+# thread per core would put four busy threads on two cores. Set here, before any test module imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("OPTIMUS_SHARED_DATA", REPO.parent / "shared" / "data"))
 SLIDES = SHARED / "slides"
