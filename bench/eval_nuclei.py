@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nuclei_baseline import otsu_watershed  # noqa: E402
 from train_default_nuclei import HELD_OUT, splits  # noqa: E402
 
-from cellvit_optimus.engine.pipeline.nuclei import NucleiModel, score_predictions, segment_image  # noqa: E402
+from cellvit_optimus.engine.pipeline.nuclei import NucleiModel, segment_image  # noqa: E402
+from cellvit_optimus.engine.training.scoring import score_predictions  # noqa: E402
 
 
 #: HoVer-Net's published figures (Graham et al. 2019, Table 2/4): CoNSeP test (14 images, whole) and

@@ -23,7 +23,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from cellvit_optimus.engine.pipeline.nuclei import NucleiModel, score_predictions, segment_image
+from cellvit_optimus.engine.pipeline.nuclei import NucleiModel, segment_image
+from cellvit_optimus.engine.training.scoring import score_predictions
 from cellvit_optimus.engine.training.datasets import load_consep, load_monuseg
 from nuclei_baseline import otsu_watershed
 from train_default_nuclei import HELD_OUT

@@ -77,7 +77,8 @@ def tune_types(model, val, base: dict, priors: list[float]) -> tuple[list[dict],
 
 
 def score(model, val, post) -> dict:
-    from cellvit_optimus.engine.pipeline.nuclei import score_predictions, segment_image
+    from cellvit_optimus.engine.pipeline.nuclei import segment_image
+    from cellvit_optimus.engine.training.scoring import score_predictions
 
     preds = [segment_image(s.image, s.mpp, model, post=post) for s in val]
     out = {}

@@ -555,7 +555,7 @@ def _batch_failed(exc: OptimusError) -> None:
 
 
 def _register_model_commands() -> None:
-    from cellvit_optimus.engine.training import segment, train
+    from cellvit_optimus.engine.training import segment_command as segment, train_command as train
 
     cli.add_command(train)
     cli.add_command(segment)

@@ -18,10 +18,10 @@ if TYPE_CHECKING:
     from cellvit_optimus.engine.pipeline.features import (FeatureFile, cache_key, feature_owner,
                                                           read_features, slide_fingerprint, write_clam_layout,
                                                           write_trident_layout)
-    from cellvit_optimus.engine.pipeline.nuclei import (MPP_TOLERANCE, PAD_VALUE, NucleiMaps, NucleiModel,
-                                                        PostProcessConfig, SegmentResult, default_model_path,
-                                                        evaluate, score_predictions, segment_image,
-                                                        tile_origins, tile_to_instances)
+    from cellvit_optimus.engine.pipeline.nuclei import (DEFAULT_OVERLAP, MPP_TOLERANCE, PAD_VALUE, NucleiMaps,
+                                                        NucleiModel, PostProcessConfig, SegmentResult,
+                                                        default_model_path, segment_image, tile_origins,
+                                                        tile_to_instances)
     from cellvit_optimus.engine.pipeline.readpath import (DECODERS, Decoder, TileReadPath, job_fingerprint,
                                                           open_job_for)
     from cellvit_optimus.engine.pipeline.runner import BackboneOutput, BackboneRunner
@@ -37,9 +37,10 @@ _EXPORTS = {
     "FeatureFile": ".features", "cache_key": ".features", "feature_owner": ".features",
     "read_features": ".features", "slide_fingerprint": ".features", "write_clam_layout": ".features",
     "write_trident_layout": ".features",
-    "MPP_TOLERANCE": ".nuclei", "PAD_VALUE": ".nuclei", "NucleiMaps": ".nuclei", "NucleiModel": ".nuclei",
+    "DEFAULT_OVERLAP": ".nuclei", "MPP_TOLERANCE": ".nuclei", "PAD_VALUE": ".nuclei", "NucleiMaps": ".nuclei",
+    "NucleiModel": ".nuclei",
     "PostProcessConfig": ".nuclei", "SegmentResult": ".nuclei", "default_model_path": ".nuclei",
-    "evaluate": ".nuclei", "score_predictions": ".nuclei", "segment_image": ".nuclei",
+    "segment_image": ".nuclei",
     "tile_origins": ".nuclei", "tile_to_instances": ".nuclei",
     "DECODERS": ".readpath", "Decoder": ".readpath", "TileReadPath": ".readpath",
     "job_fingerprint": ".readpath", "open_job_for": ".readpath",
@@ -52,9 +53,10 @@ _EXPORTS = {
 
 __all__ = ("run_sync", "ExtractConfig", "FeatureConsumer", "FeatureExtractor", "aextract_features",
            "build_extractor", "extract_features", "feature_path", "FeatureFile", "cache_key", "feature_owner",
-           "read_features", "slide_fingerprint", "write_clam_layout", "write_trident_layout", "MPP_TOLERANCE",
+           "read_features", "slide_fingerprint", "write_clam_layout", "write_trident_layout",
+           "DEFAULT_OVERLAP", "MPP_TOLERANCE",
            "PAD_VALUE", "NucleiMaps", "NucleiModel", "PostProcessConfig", "SegmentResult",
-           "default_model_path", "evaluate", "score_predictions", "segment_image", "tile_origins",
+           "default_model_path", "segment_image", "tile_origins",
            "tile_to_instances", "DECODERS", "Decoder", "TileReadPath", "job_fingerprint", "open_job_for",
            "BackboneOutput", "BackboneRunner", "BatchOutput", "ConsumerFacts", "ConsumerFactory", "Progress",
            "SchedulerConfig", "SlideConsumer", "SlideDone", "SlideJob", "TileBatch", "run_pipeline")

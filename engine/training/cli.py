@@ -26,7 +26,7 @@ from cellvit_optimus.engine.cli_params import (
 )
 from cellvit_optimus.engine.errors import OptimusError
 
-__all__ = ("train", "segment")
+__all__ = ("train", "segment", "train_command", "segment_command")
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,8 @@ def _train_e2e(train_s, test_s, profile, nuclei_mpp, backbone, backbone_weights,
                            extra_record={"datasets": list(datasets), "cli_params": params})
     metrics = None
     if res.finished and test_s:
-        from cellvit_optimus.engine.pipeline import NucleiModel, evaluate
+        from cellvit_optimus.engine.pipeline import NucleiModel
+        from cellvit_optimus.engine.training.scoring import evaluate
 
         metrics = evaluate(NucleiModel(res.checkpoint), test_s)
     click.echo(json.dumps({"checkpoint": str(res.checkpoint) if res.checkpoint else None,
@@ -275,3 +276,9 @@ def _profile(name: str | None):
 
 def _round(rec: dict) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}
+
+
+# the names the wing exports (engine/training/__init__.py): a package attribute called ``train`` would be
+# replaced by the submodule ``training.train`` as soon as anything imports that module
+train_command = train
+segment_command = segment

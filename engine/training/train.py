@@ -140,7 +140,8 @@ def train_nuclei(
     train_samples : annotated images (any MPP; resampled to ``config.nuclei_mpp``)
     out : checkpoint path (``.safetensors``), or None to skip saving
     profile : ClassProfile of the type labels (default: CoNSeP for CoNSeP data, PanNuke for PanNuke)
-    val_samples : held-out images, evaluated with :func:`cellvit_optimus.engine.pipeline.nuclei.evaluate` at the end
+    val_samples : held-out images, evaluated with
+        :func:`cellvit_optimus.engine.training.scoring.evaluate` at the end
     runner : a BackboneRunner to use (default: built from ``config.backbone`` / ``backbone_weights``)
     progress : called with each epoch's record (the CLI prints it)
     """
@@ -272,7 +273,8 @@ def train_nuclei(
     }
     metrics = None
     if val_samples:
-        from cellvit_optimus.engine.pipeline import NucleiModel, evaluate
+        from cellvit_optimus.engine.pipeline import NucleiModel
+        from cellvit_optimus.engine.training.scoring import evaluate
 
         model = NucleiModel.from_parts(head, prof, runner, cfg.nuclei_mpp)
         metrics = evaluate(model, val_samples)

@@ -444,9 +444,8 @@ def train_nuclei_e2e(
                                  "config": json.dumps(cfg.identity()), "history": json.dumps(history)})
 
     def evaluate_now() -> dict[str, Any]:
-        from cellvit_optimus.engine.pipeline import NucleiModel, evaluate
-
-        from cellvit_optimus.engine.pipeline import BackboneRunner
+        from cellvit_optimus.engine.pipeline import BackboneRunner, NucleiModel
+        from cellvit_optimus.engine.training.scoring import evaluate
 
         bb = copy.deepcopy(net.backbone).eval()
         hd = copy.deepcopy(net.head).eval().to(memory_format=torch.contiguous_format)

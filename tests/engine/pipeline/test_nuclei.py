@@ -15,9 +15,9 @@ from cellvit_optimus.engine.training.datasets import NucleiSample, load_consep, 
 from cellvit_optimus.engine.pipeline.nuclei import (  # noqa: E402
     NucleiModel,
     default_model_path,
-    score_predictions,
     segment_image,
 )
+from cellvit_optimus.engine.training.scoring import score_predictions  # noqa: E402
 
 from nuclei_baseline import otsu_watershed  # noqa: E402
 
