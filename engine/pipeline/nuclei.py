@@ -32,7 +32,7 @@ import numpy as np
 
 from cellvit_optimus.engine.errors import ConfigError, WeightsError
 from cellvit_optimus.engine.jsondoc import JsonDict
-from cellvit_optimus.engine.settings import REFERENCE_MPP, forward_batch
+from cellvit_optimus.engine.settings import REFERENCE_MPP, TRIAGE_OVERLAP_PX, forward_batch
 
 __all__ = (
     "DEFAULT_OVERLAP",
@@ -50,8 +50,9 @@ __all__ = (
 
 logger = logging.getLogger(__name__)
 
-#: tile overlap in pixels at the nuclei MPP: nuclei up to 32 px radius are whole in their owner tile
-DEFAULT_OVERLAP = 64
+#: tile overlap in pixels at the nuclei MPP: the triage overlap (settings), nuclei up to 32 px radius are
+#: whole in their owner tile
+DEFAULT_OVERLAP = TRIAGE_OVERLAP_PX
 #: relative MPP difference below which an image is used at its own resolution (MoNuSeg's 0.2527 vs 0.25);
 #: training (``training.datasets.resample_sample``) uses the same so it sees the pixels inference sees
 MPP_TOLERANCE = 0.05
