@@ -36,7 +36,7 @@ from cellvit_optimus.engine.cli_params import (
 from cellvit_optimus.engine.errors import OptimusError
 from cellvit_optimus.engine.settings import (FORWARD_BATCH, MIN_TISSUE_FRACTION, READER_THREADS,
                                              TRIAGE_OVERLAP_PX, TRIAGE_READ_CHUNK)
-from cellvit_optimus.engine.wsi import collect_inputs
+from cellvit_optimus.engine.wsi import NATIVE_NOISE, collect_inputs
 
 __all__ = ("main", "cli", "EXIT_OK", "EXIT_PARTIAL", "EXIT_FAILED", "EXIT_INTERRUPTED", "MPP", "DEVICE",
            "validate_device", "collect_inputs")
@@ -573,16 +573,12 @@ def _register_doctor() -> None:
 _register_doctor()
 
 
-#: what native libraries print that tells a user nothing: cuCIM's cuFile start-up on a machine without a
-#: GPU driver (printf, twice per process: at ``import cucim`` and at the first slide it opens)
-_NATIVE_NOISE = re.compile(rb"dlopen error libcuda\.so|missing cuda symbols while dynamic loading|"
-                           rb"cuFile initialization failed")
 
 
 def _route_native_output() -> None:
     """Keep native libraries' printing out of our output: Python's ``sys.stdout`` / ``sys.stderr`` keep the
     real standard output and error, while what C code writes to file descriptors 1 and 2 goes through a
-    pipe whose reader drops :data:`_NATIVE_NOISE` (logged at debug level) and passes the rest to stderr.
+    pipe whose reader drops :data:`NATIVE_NOISE` (logged at debug level) and passes the rest to stderr.
 
     With CUDA 13 libraries installed but no GPU, cuCIM's cuFile start-up prints "dlopen error libcuda.so.1
     ... cuFile initialization failed" on every run (seen on the CPU CI with torch 2.14.1+cu130), and on
@@ -608,7 +604,7 @@ def _route_native_output() -> None:
     def forward() -> None:
         with os.fdopen(read_end, "rb", buffering=0) as pipe:
             for line in iter(pipe.readline, b""):
-                if _NATIVE_NOISE.search(line):
+                if NATIVE_NOISE.search(line):
                     text = line.decode(errors="replace").strip()
                     logging.getLogger(__name__).debug("native output: %s", text)
                 else:

@@ -12,6 +12,7 @@ from cellvit_optimus.engine.lazy import exports
 
 if TYPE_CHECKING:
     from cellvit_optimus.engine.wsi.backend import BackendName
+    from cellvit_optimus.engine.wsi.cucim import NATIVE_NOISE, quiet_native_output
     from cellvit_optimus.engine.wsi.facts import SlideFacts
     from cellvit_optimus.engine.wsi.gpu_decode import (GpuTileReader, choose_decoder, gpu_decoders_available,
                                                        reader_stream)
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "BackendName": ".backend",
+    "NATIVE_NOISE": ".cucim", "quiet_native_output": ".cucim",
     "SlideFacts": ".facts",
     "GpuTileReader": ".gpu_decode", "choose_decoder": ".gpu_decode", "gpu_decoders_available": ".gpu_decode",
     "reader_stream": ".gpu_decode",
@@ -37,8 +39,8 @@ _EXPORTS = {
     "detect_tissue": ".tissue", "draw_overlay": ".tissue", "tile_grid": ".tissue", "tile_quality": ".tissue",
 }
 
-__all__ = ("BackendName", "SlideFacts", "GpuTileReader", "choose_decoder", "gpu_decoders_available",
-           "reader_stream", "Failure", "SlideReport", "failure_from", "inspect_many", "inspect_slide",
+__all__ = ("BackendName", "NATIVE_NOISE", "quiet_native_output", "SlideFacts", "GpuTileReader",
+           "choose_decoder", "gpu_decoders_available", "reader_stream", "Failure", "SlideReport", "failure_from", "inspect_many", "inspect_slide",
            "strict_decode", "collect_inputs", "iter_slide_paths", "Slide", "available_backends", "open_slide",
            "resize_batch", "TileGrid", "TilingConfig", "TissueConfig", "TissueMask", "detect_tissue",
            "draw_overlay", "tile_grid", "tile_quality")

@@ -2,25 +2,103 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from cellvit_optimus.engine.wsi.backend import Backend, flatten, plausible_mpp, rgb, tiff_resolution_mpp
 
-__all__ = ("CuCIMBackend",)
+__all__ = ("CuCIMBackend", "import_cucim", "open_cuimage")
 
 log = logging.getLogger(__name__)
+
+#: what cuCIM's cuFile start-up prints (C ``printf``, at ``import cucim`` and at the first slide it opens)
+#: on a machine with CUDA 13 libraries but no GPU driver; it tells a user nothing
+NATIVE_NOISE = re.compile(rb"dlopen error libcuda\.so|missing cuda symbols while dynamic loading|"
+                          rb"cuFile initialization failed")
+_started = False
+_start_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_native_output() -> Iterator[None]:
+    """While the block runs, what native code writes to file descriptors 1 and 2 goes to temporary files;
+    afterwards every line but :data:`NATIVE_NOISE` (logged at debug level) is written back to the stream
+    it was meant for. Library users (not only the CLI, which filters its whole run) so no longer see
+    cuCIM's cuFile lines. C's own stdio buffer is flushed before the descriptors are restored, or a
+    buffered ``printf`` would land on the real stream later."""
+    import ctypes
+
+    try:
+        libc: Any = ctypes.CDLL(None)
+    except OSError:  # pragma: no cover - no C library to flush: leave the streams alone
+        yield
+        return
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            f.flush()
+    saved = [os.dup(1), os.dup(2)]
+    tmps = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+    try:
+        for fd, t in zip((1, 2), tmps):
+            os.dup2(t.fileno(), fd)
+        try:
+            yield
+        finally:
+            libc.fflush(None)
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd)
+        for fd, t in zip((1, 2), tmps):
+            t.seek(0)
+            for line in t.read().splitlines(keepends=True):
+                if NATIVE_NOISE.search(line):
+                    log.debug("native output: %s", line.decode(errors="replace").strip())
+                else:
+                    os.write(fd, line)
+    finally:
+        for x in saved:
+            os.close(x)
+        for t in tmps:
+            t.close()
+
+
+def import_cucim() -> Any:
+    """``import cucim``, the first time under :func:`quiet_native_output` (its cuFile start-up prints)"""
+    if "cucim" in sys.modules:
+        return sys.modules["cucim"]
+    with _start_lock, quiet_native_output():
+        import cucim  # heavy, optional
+
+    return cucim
+
+
+def open_cuimage(path: Path) -> Any:
+    """``cucim.CuImage(path)``; the first open in a process (where cuCIM's cuFile start-up prints again)
+    runs under :func:`quiet_native_output`"""
+    global _started
+    CuImage = import_cucim().CuImage
+    if _started:
+        return CuImage(str(path))
+    with _start_lock, quiet_native_output():
+        img = CuImage(str(path))
+        _started = True
+    return img
 
 
 class CuCIMBackend(Backend):
     name = "cucim"
 
     def __init__(self, path: Path, num_workers: int) -> None:
-        from cucim import CuImage  # heavy, optional
-
-        self._img = CuImage(str(path))
+        self._img = open_cuimage(path)
         res = self._img.resolutions
         self.level_dimensions = tuple((int(w), int(h)) for w, h in res["level_dimensions"])
         self.level_downsamples = tuple(float(d) for d in res["level_downsamples"])

@@ -630,9 +630,9 @@ class GpuTileReader:
         self._raw: RawJpegTiles | None = None
         self._decode: _StreamDecoder
         if decoder == "cucim":
-            from cucim import CuImage
+            from cellvit_optimus.engine.wsi.cucim import open_cuimage
 
-            self._cucim = CuImage(str(slide.path))
+            self._cucim = open_cuimage(slide.path)
             return
         self._raw = RawJpegTiles(slide.path)
         self._levels = [self._raw.level_index(d) for d in slide.level_dimensions]

@@ -77,7 +77,7 @@ def available_backends() -> tuple[str, ...]:
     for name, module in (("cucim", "cucim"), ("tiffslide", "tiffslide"), ("dicom", "pydicom"),
                          ("openslide", "openslide")):
         try:
-            __import__(module)
+            _import_backend_module(module)
         except Exception:  # a broken optional install counts as missing
             continue
         names.append(name)
@@ -763,12 +763,22 @@ def _probe_decode(impl: Backend, path: Path) -> None:
         raise _CannotDecode(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
 
 
+def _import_backend_module(module: str) -> None:
+    """import a backend's library; cuCIM's first import runs with its native start-up lines filtered"""
+    if module == "cucim":
+        from cellvit_optimus.engine.wsi.cucim import import_cucim
+
+        import_cucim()
+    else:
+        __import__(module)
+
+
 def _make_backend(name: str, path: Path, num_workers: int) -> Backend:
     module = {"cucim": "cucim", "tiffslide": "tiffslide", "dicom": "pydicom", "openslide": "openslide"}.get(name)
     if module is None:
         raise ConfigError(f"backend={name!r} is not one of auto, cucim, tiffslide, dicom, openslide")
     try:
-        __import__(module)
+        _import_backend_module(module)
     except Exception as exc:
         hint = {"cucim": 'pip install --no-deps "cucim-cu13==26.10.*"',
                 "openslide": "pip install 'cellvit-optimus[openslide]'"}.get(name, f"pip install {module}")
