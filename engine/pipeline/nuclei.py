@@ -393,7 +393,8 @@ def refine_upsampled(label: np.ndarray, prob: np.ndarray, threshold: float, fact
 
     A pixel is foreground where the upsampled probability reaches ``threshold``; foreground pixels take the
     label of the nearest labelled pixel within ``factor`` + 1 pixels (so a boundary moves by at most about
-    one model pixel), the rest of the labels' pixels outside the foreground become background. Instances
+    one model pixel), the rest of the labels' pixels outside the foreground become background, and each
+    label keeps only its largest connected piece (one outline per nucleus). Instances
     the reshaping would erase keep their upsampled pixels, so the set of nuclei (and their ids) never
     changes; only their outlines leave the ``factor``-pixel staircase of the model's grid.
 
@@ -416,6 +417,17 @@ def refine_upsampled(label: np.ndarray, prob: np.ndarray, threshold: float, fact
     out = np.where(fg & (dist <= factor + 1.0), near, 0).astype(label.dtype)
     ids = np.unique(label)
     ids = ids[ids > 0]
+    # the growth can leave a few pixels of an id apart from its body (a foreground speck nearest to it
+    # across background): each id keeps its largest connected piece, so its outline is one polygon
+    for i, sl in enumerate(ndimage.find_objects(out), start=1):
+        if sl is None:
+            continue
+        own = out[sl] == i
+        pieces, n = ndimage.label(own)
+        if n > 1:
+            sizes = np.bincount(pieces.ravel())
+            sizes[0] = 0
+            out[sl][own & (pieces != int(sizes.argmax()))] = 0
     kept = np.zeros(int(label.max()) + 1, bool)
     kept[np.unique(out)] = True
     lost = ids[~kept[ids]]

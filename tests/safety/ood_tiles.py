@@ -25,6 +25,7 @@ shifts
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,14 +123,15 @@ def _tile_image(img: np.ndarray, step: int) -> np.ndarray:
     return np.stack([img[y:y + TILE, x:x + TILE] for y in ys for x in xs])
 
 
-def monuseg_tiles(nuclei_dir: Path) -> TileSet:
+def monuseg_tiles(nuclei_dir: Path, exclude: Collection[str] = ()) -> TileSet:
+    """the MoNuSeg images' tiles; ``exclude``: groups (``"monuseg/<stem>"``) never opened"""
     from PIL import Image
 
     imgs = sorted((nuclei_dir / "monuseg-train" / "images").glob("*.png"))
     extra = nuclei_dir / "tiles" / "tiatoolbox_target_image.png"  # MoNuSeg TCGA-38-6178, not in the 13
     tiles, groups = [], []
     for p in [*imgs, extra]:
-        if not p.is_file():
+        if not p.is_file() or f"monuseg/{p.stem}" in exclude:
             continue
         with Image.open(p) as im:
             img = _downsample(np.asarray(im.convert("RGB")), 0.2527)
@@ -150,10 +152,11 @@ def slide_tissue_tiles(slides_dir: Path, name: str, source: str, max_tiles: int 
     return TileSet(tiles, _quadrant_groups(source, coords, dims, w0), np.array([source] * len(tiles)))
 
 
-def in_domain(shared: Path, max_per_slide: int | None = None) -> TileSet:
-    """all in-domain tiles (MoNuSeg images, CMU-1 and the TCGA frozen section)."""
+def in_domain(shared: Path, max_per_slide: int | None = None, exclude: Collection[str] = ()) -> TileSet:
+    """all in-domain tiles (MoNuSeg images, CMU-1 and the TCGA frozen section); the MoNuSeg images named
+    in ``exclude`` (groups, e.g. the nuclei model's held-out images) are left out unread"""
     return TileSet.concat([
-        monuseg_tiles(shared / "nuclei"),
+        monuseg_tiles(shared / "nuclei", exclude),
         slide_tissue_tiles(shared / "slides", "cmu-1-small-region.svs", "cmu1", max_per_slide),
         slide_tissue_tiles(shared / "slides", "tcga-cr-7395-01a-01-ts1.svs", "tcga_fs", max_per_slide),
     ])

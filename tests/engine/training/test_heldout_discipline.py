@@ -19,11 +19,9 @@ from PIL import Image
 
 from bench_scripts import BENCH, bench_script
 
-#: scripts whose outputs ship: the weights, their post-processing and the nucleus-type calibration.
-#: bench/fit_default_ood.py joins when the retrained model ships with an OOD state refitted for it
-#: (issue 27): today it reads every MoNuSeg image (leaving the three held-out ones out cost the shipped
-#: state its IHC separation, 79 % -> 45 % of IHC tiles out of domain)
-FITTING_SCRIPTS = ("train_default_nuclei", "tune_postprocess", "fit_nucleus_conformal")
+#: scripts whose outputs ship: the weights, their post-processing, the nucleus-type calibration and
+#: the OOD state
+FITTING_SCRIPTS = ("train_default_nuclei", "tune_postprocess", "fit_nucleus_conformal", "fit_default_ood")
 
 
 @pytest.fixture
@@ -78,9 +76,22 @@ def test_the_conformal_calibration_reads_validation_images_only(reads, nuclei_di
     assert reads and not set(reads) & held_out_files(nuclei_dir)
 
 
+def test_the_ood_reference_reads_no_held_out_image(reads, shared_data, nuclei_dir):
+    fit = bench_script("fit_default_ood")
+    ind = fit.reference_tiles(shared_data)
+    monuseg = {g for g in ind.groups if g.startswith("monuseg/")}
+    assert len(monuseg) == 13 + 1 - 3  # MoNuSeg train + the TIAToolbox image, less the held-out three
+    assert not monuseg & set(fit.HELD_OUT)
+    assert reads and not set(reads) & held_out_files(nuclei_dir)
+    # the fit refuses a reference that holds a held-out image's tiles
+    with pytest.raises(ValueError, match="held-out"):
+        fit.reference_fit(np.zeros((40, 3)), np.array(["monuseg/TCGA-A7-A13E-01Z-00-DX1"] * 40))
+
+
 def test_fitting_scripts_load_their_data_only_through_the_checked_functions():
-    """every ``splits(...)`` call in the fitting scripts passes ``held_out=False``, and none calls a raw
-    loader (load_consep / load_monuseg / in_domain) outside the functions checked above"""
+    """every ``splits(...)`` call in the fitting scripts passes ``held_out=False``, every ``in_domain``
+    call passes the held-out list as ``exclude``, and none calls a raw loader (load_consep /
+    load_monuseg / monuseg_tiles) outside the functions checked above"""
     checked = {"all_samples", "splits", "consep_val_draw", "calibration_samples"}
 
     def calls(node, inside=()):
@@ -90,15 +101,20 @@ def test_fitting_scripts_load_their_data_only_through_the_checked_functions():
                 yield scope, child
             yield from calls(child, scope)
 
-    n_splits = 0
+    n_splits = n_in_domain = 0
     for name in FITTING_SCRIPTS:
         for scope, node in calls(ast.parse((BENCH / f"{name}.py").read_text())):
             if set(scope) & checked:
                 continue
             callee = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-            assert callee not in ("load_consep", "load_monuseg", "in_domain", "monuseg_tiles"), (name, callee)
+            assert callee not in ("load_consep", "load_monuseg", "monuseg_tiles"), (name, callee)
+            if callee == "in_domain":
+                n_in_domain += 1
+                kw = {k.arg: k.value for k in node.keywords}
+                assert isinstance(kw.get("exclude"), ast.Name) and kw["exclude"].id == "HELD_OUT", name
             if callee == "splits":
                 n_splits += 1
                 kw = {k.arg: k.value for k in node.keywords}
                 assert isinstance(kw.get("held_out"), ast.Constant) and kw["held_out"].value is False, name
     assert n_splits == 2  # the training and the tuning script
+    assert n_in_domain == 1  # the OOD reference
