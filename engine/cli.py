@@ -11,7 +11,6 @@ import atexit
 import json
 import logging
 import os
-import re
 import sys
 import threading
 from pathlib import Path
