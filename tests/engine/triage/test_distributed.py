@@ -215,3 +215,42 @@ def test_killed_actor_loses_only_its_slide(tmp_path, slides_dir, nuclei_weights,
     # finished slides are never recomputed
     assert [r.cached for r in rerun.results] == [True] * len(paths)
     assert sum(a.tiles_computed for a in rt.attempts) == 0
+
+
+@pytest.mark.slow
+def test_a_slide_whose_actor_keeps_dying_leaves_no_earlier_output_looking_current(tmp_path, slides_dir,
+                                                                                  nuclei_weights, ray_cluster):
+    [path] = _batch(tmp_path / "batch", slides_dir, copies=1)[:1]
+    out = tmp_path / "out"
+    cfg = TriageConfig(**COARSE, scheduler=SchedulerConfig(batch_tiles=1, reader_threads=1))
+    # one attempt per slide, and no replacement actor (it would only load models for nothing here)
+    rt = RayTriage(cfg, cluster=ClusterConfig(num_actors=1, poll_s=0.2, max_attempts=1, max_actor_restarts=0),
+                   nuclei_weights=nuclei_weights, device="cpu").start()
+    try:
+        first = rt.run([path], out)
+        assert first.status == "complete" and (out / "cmu-0" / "summary.json").is_file()
+        with open(path, "ab") as f:  # the slide changed since: the earlier outputs are not its outputs now
+            f.write(b"\0" * 512)
+        ray_cluster.get(rt.actors[0].set_batch_delay.remote(1.0))
+        victim = rt.pids[0]
+        killed: list[int] = []
+
+        def progress(p):
+            for w in p.workers:
+                if not killed and 0 < w.tiles_done < w.tiles_total:
+                    killed.append(w.tiles_done)
+                    os.kill(victim, signal.SIGKILL)
+
+        second = rt.run([path], out, progress=progress)
+    finally:
+        rt.close()
+
+    assert killed, "the actor was never seen mid-slide"
+    assert second.results == []
+    [r] = second.failures
+    assert r.error == "ActorDiedError" and "died 1 times" in r.message, r
+    # as one process does for a failed slide: the earlier run's files are moved aside, none left current
+    left = sorted(p.name for p in (out / "cmu-0").iterdir())
+    assert left and all(".stale-" in n for n in left), left
+    assert "summary.json" in {n.split(".stale-")[0] for n in left}
+    assert list((out / "features").glob("cmu-0.h5.stale-*")) and not (out / "features" / "cmu-0.h5").exists()
