@@ -3,8 +3,8 @@
 ``python bench/eval_nuclei_20x.py [CKPT ...] [--threads 2] [--json OUT]`` (default: the bundled model)
 
 The held-out images (bench/eval_nuclei.py's: CoNSeP test_1..test_5 as whole 1000x1000 images and 3
-MoNuSeg images, all 40x) are box-downsampled 2x, which is about what a 20x scanner records (0.5 um/px); the ground truth is
-subsampled alike (every second pixel, instances renumbered). Each checkpoint segments them as the
+MoNuSeg images, all 40x) are box-downsampled 2x, which is about what a 20x scanner records (0.5 um/px);
+the ground truth is subsampled alike (every second pixel, instances renumbered). Each checkpoint segments them as the
 engine would (:func:`segment_image` resamples to the checkpoint's own resolution and maps back), and
 is scored per source at 0.5 um/px beside the Otsu baseline. A 0.25 um/px checkpoint therefore sees
 upsampled tiles here, as it would on a 20x slide such as the bundled one.

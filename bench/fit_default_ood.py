@@ -3,7 +3,7 @@
 ``python bench/fit_default_ood.py [--out PATH] [--threads 1]``
 
 Reference: the real in-domain H&E tiles of ``tests/safety/ood_tiles.py`` at the model's 0.5 um/px
-(the MoNuSeg training images + the TIAToolbox target image, 3 x 3 tiles each; the tissue tiles of
+(the MoNuSeg training images + the TIAToolbox target image, 4 x 4 tiles each; the tissue tiles of
 CMU-1-Small-Region and of the TCGA frozen section on the triage engine's own grid) **without the
 nuclei model's held-out images** (``train_default_nuclei.HELD_OUT``: three MoNuSeg images, never
 opened here; issue 27), scored with the bundled model's backbone and the product's tile statistics

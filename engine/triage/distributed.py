@@ -50,10 +50,10 @@ from cellvit_optimus.engine.wsi import Failure
 from cellvit_optimus.engine.pipeline import Progress
 from cellvit_optimus.engine.triage.config import TriageConfig
 from cellvit_optimus.engine.triage.engine import Engine
-from cellvit_optimus.engine.triage.outputs import finished_result, write_worklist
+from cellvit_optimus.engine.triage.outputs import finished_result, retire_outputs, write_worklist
 from cellvit_optimus.engine.triage.results import BatchResult, SlideResult
-from cellvit_optimus.engine.io import (TMP_PREFIX, atomic_write_bytes, clean_stale_temporaries, escape_path,
-                                       folder_lock, output_names)
+from cellvit_optimus.engine.io import (TMP_PREFIX, atomic_write_bytes, clean_stale_temporaries, folder_lock,
+                                       output_names)
 
 __all__ = ("ClusterConfig", "ClusterProgress", "WorkerProgress", "SlideAttempt", "RayTriage")
 
@@ -429,14 +429,16 @@ class RayTriage:
             else:
                 st.results[i] = Failure(str(paths[i]), "ActorDiedError", "worker died",
                                         f"{paths[i]}: its Ray actor died {st.attempts[i]} times ({exc})")
-                self._retire(out, paths[i])
+                # failed on the driver's side: as in one process, no earlier output may look current (an
+                # actor retires a slide's outputs itself when the slide fails inside it)
+                retire_outputs(out, self._names[str(paths[i])], str(paths[i]))
             return
         except Exception as exc:  # the call itself raised (a bug, not the slide): this slide fails alone
             self.attempts.append(SlideAttempt(paths[i].name, slot.index, st.attempts[i], slot.order, "failed",
                                               0, wall))
             cause = getattr(exc, "cause", None) or exc
             st.results[i] = failure_from(paths[i], cause)
-            self._retire(out, paths[i])
+            retire_outputs(out, self._names[str(paths[i])], str(paths[i]))
             return
         if doc.kind == "failure":
             st.results[i] = Failure(**doc.value)
@@ -448,17 +450,6 @@ class RayTriage:
             status = "cached" if res.cached else "done"
         self.attempts.append(SlideAttempt(paths[i].name, slot.index, st.attempts[i], slot.order, status,
                                           int(doc.tiles_computed), wall))
-
-    def _retire(self, out: Path, path: Path) -> None:
-        """a slide failed on the driver's side (its actor died, or the call raised): as one process
-        does, none of its earlier outputs may look current (the actor retires them itself when the
-        slide fails inside it)"""
-        from cellvit_optimus.engine.triage.outputs import retire_outputs
-
-        try:
-            retire_outputs(out, self._names[str(path)], str(path))
-        except Exception as exc:  # the failure is reported either way; never stop the batch over this
-            log.warning("%s: could not move its earlier outputs aside: %s", escape_path(path), exc)
 
     def _replace(self, slot: _Slot) -> None:
         """start a fresh actor in a dead one's slot while the restart budget lasts (without waiting:

@@ -377,11 +377,8 @@ class _TriageFactory:
 
     def retire(self, path: str) -> None:
         """the slide at ``path`` failed: none of its earlier outputs may look current (its feature file
-        stays only if this run wrote it for the slide as it is now)"""
-        try:
-            retire_outputs(self.out, self.name_of_path(path), path, self.feature_keys.get(path))
-        except Exception as exc:  # the failure is reported either way; never stop the batch over this
-            log.warning("%s: could not move its earlier outputs aside: %s", escape_path(path), exc)
+        stays only if this run wrote it for the slide as it is now; never raises)"""
+        retire_outputs(self.out, self.name_of_path(path), path, self.feature_keys.get(path))
 
     def consumers(self, job: SlideJob) -> list[TriageConsumer]:
         assert job.grid is not None

@@ -145,11 +145,21 @@ def retire_outputs(out: Path, name: str, slide: str, keep_features_key: str | No
     """a slide failed: move aside (``<file>.stale-<time>``, warning naming each) every output under its
     name, so that nothing of an earlier run (or of this one, before it failed) looks current. Its feature
     file stays only when it was written for this slide as it is now (cache key ``keep_features_key``).
-    Returns the new paths."""
+    Returns the new paths. Never raises: the slide is reported as failed either way and a batch never
+    stops over this (a warning says what could not be moved)."""
+    moved: list[Path] = []
+    try:
+        _move_outputs_aside(out, name, slide, keep_features_key, moved)
+    except Exception as exc:
+        log.warning("%s: could not move its earlier outputs aside: %s", escape_path(slide), exc)
+    return moved
+
+
+def _move_outputs_aside(out: Path, name: str, slide: str, keep_features_key: str | None,
+                        moved: list[Path]) -> None:
     import h5py
 
     why = f"left from an earlier run; {escape_path(slide)} failed in this one"
-    moved = []
     for f in SLIDE_FILES:
         p = out / name / f
         if p.exists():
@@ -168,7 +178,6 @@ def retire_outputs(out: Path, name: str, slide: str, keep_features_key: str | No
             dest = move_aside(h5, why, kind="stale", then="the slide is listed as failed")
             if dest is not None:
                 moved.append(dest)
-    return moved
 
 
 #: a long pure-Python loop in a worker thread pauses this long every HAND_OFF_EVERY_S (see GilHandOff)
