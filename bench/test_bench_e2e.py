@@ -149,6 +149,40 @@ def test_nuclei_forward_micro_batch(benchmark, slides_dir, batch_size):
     record(benchmark, tiles=len(tiles))
 
 
+_HEAD_MEANS: dict[str, float] = {}
+
+
+@pytest.mark.benchmark(group="nuclei-head-fused")
+@pytest.mark.parametrize("head", ["as_trained", "fused"])
+def test_nuclei_forward_head_fused(benchmark, slides_dir, head):
+    """the bundled nuclei model on the same 32 real tissue tiles at the CPU micro-batch, with its UNETR head
+    as trained (conv, batch norm, dropout; contiguous) and as ``NucleiModel`` runs it
+    (``heads.unetr.fuse_for_inference``: folded, channels-last); ``extra_info['fused_over_as_trained']``
+    is the ratio of mean times (run ``as_trained`` first)"""
+    import numpy as np
+
+    if not default_nuclei_model().is_file():
+        pytest.skip(f"bundled nuclei model {default_nuclei_model()} absent (trained separately)")
+    from cellvit_optimus.engine.pipeline.nuclei import NucleiModel
+    from cellvit_optimus.heads.checkpoint import load_nuclei_head
+
+    model = NucleiModel()
+    if head == "as_trained":
+        model.head = load_nuclei_head(model.path, backbone_id=model.metadata["backbone_id"]).head.eval()
+    with open_slide(slides_dir / "cmu-1-small-region.svs") as s:
+        coords = tile_grid(s, TilingConfig(tile_size=model.tile_size, target_mpp=model.nuclei_mpp)).coords
+        idx = np.random.default_rng(0).choice(len(coords), 32, replace=len(coords) < 32)
+        tiles = s.read_tiles([tuple(map(int, c)) for c in coords[idx]], model.tile_size, model.nuclei_mpp)
+    model.forward(tiles[:model.batch_size])  # warm-up outside the timing
+    benchmark.pedantic(lambda: model.forward(tiles), rounds=3, warmup_rounds=0)
+    benchmark.extra_info.update(head=head, batch_size=model.batch_size)
+    mean = record(benchmark, tiles=len(tiles))
+    if mean is not None:
+        _HEAD_MEANS[head] = mean
+        if head == "fused" and "as_trained" in _HEAD_MEANS:
+            benchmark.extra_info["fused_over_as_trained"] = round(mean / _HEAD_MEANS["as_trained"], 3)
+
+
 #: the commit whose bundled nuclei model (and its OOD / conformal states) the ``triage-model`` group
 #: compares against: the model before issue 27's retraining
 PREVIOUS_MODEL_COMMIT = "685c514"

@@ -297,3 +297,35 @@ def test_cells_of_a_40x_image_are_outlined_at_its_own_resolution(model, nuclei_d
     v0 = np.concatenate([np.asarray(c) for c in r0.table.contours])
     assert np.mean(v0 % 2 != 0) < 0.01
     assert len(r.table) == len(r0.table)
+
+
+def test_the_model_runs_a_folded_copy_of_its_head_with_the_same_maps(model, nuclei_dir):
+    """NucleiModel runs ``fuse_for_inference`` of the checkpoint's head (conv + batch norm folded,
+    channels-last): on a real validation image its maps match the head as trained, and the same
+    nuclei come out."""
+    from cellvit_optimus.heads.checkpoint import load_nuclei_head
+    from cellvit_optimus.heads.unetr import fuse_for_inference
+
+    trained = load_nuclei_head(model.path, backbone_id=model.metadata["backbone_id"]).head.eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.head.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in trained.modules()) > 20
+
+    # a CoNSeP validation image (never held out), at the model's 0.5 um/px, as the first 4 tiles
+    sample = next(s for s in load_consep(nuclei_dir, split="train", whole=True) if s.group == "consep/train_20")
+    img = sample.image[::2, ::2][:448, :448]
+    tiles = np.ascontiguousarray(img.reshape(2, 224, 2, 224, 3).transpose(0, 2, 1, 3, 4).reshape(4, 224, 224, 3))
+    fused_maps = model.predict(tiles)
+    folded = model.head
+    try:
+        model.head = trained
+        trained_maps = model.predict(tiles)
+    finally:
+        model.head = folded
+    np.testing.assert_allclose(fused_maps.np, trained_maps.np, atol=1e-4)
+    np.testing.assert_allclose(fused_maps.hv, trained_maps.hv, atol=1e-4)
+    np.testing.assert_allclose(fused_maps.nt, trained_maps.nt, atol=1e-4)
+    assert 0.05 < float((fused_maps.np > 0.5).mean()) < 0.6  # real nuclei, not an empty map
+
+    # folding a head leaves the head itself as it was (training keeps its batch norm)
+    again = fuse_for_inference(trained)
+    assert again is not trained and sum(isinstance(m, torch.nn.BatchNorm2d) for m in trained.modules()) > 20
