@@ -183,6 +183,51 @@ def test_nuclei_forward_head_fused(benchmark, slides_dir, head):
             benchmark.extra_info["fused_over_as_trained"] = round(mean / _HEAD_MEANS["as_trained"], 3)
 
 
+_ARCH_MEANS: dict[str, float] = {}
+
+
+@pytest.mark.benchmark(group="nuclei-arch-cost")
+@pytest.mark.parametrize("arch", ["bundled", "decoder_x2", "patch8", "small_backbone"])
+def test_nuclei_architecture_forward_cost(benchmark, arch):
+    """what a larger nuclei model would cost per tile on this machine, as inference runs it (folded head,
+    4 tiles a forward, 32 tiles): the bundled architecture (tiny ViT, patch 14, decoder 16/32/64/128),
+    the decoder twice as wide (32/64/128/256, CellViT's ratios at half its width), a patch-8 token grid
+    (28 x 28 tokens) and the ``small`` backbone (384 dims x 12 blocks) with the bundled decoder; random weights (the cost does not depend on them).
+    ``extra_info['over_bundled']``: the ratio of mean times (run ``bundled`` first). Warm triage of the
+    bundled slide is about all nuclei forward (issue 27, session 13: 96 %), so this ratio is about what
+    the model would do to triage time."""
+    import dataclasses
+
+    import torch
+
+    from cellvit_optimus.heads.backbone import build_backbone, get_preset
+    from cellvit_optimus.heads.unetr import SMALL_DECODER, UNETRHead, fuse_for_inference
+
+    preset = get_preset("small" if arch == "small_backbone" else "tiny")
+    if arch == "patch8":
+        preset = dataclasses.replace(preset, name="tiny-patch8", patch_size=8)
+    decoder = tuple(2 * c for c in SMALL_DECODER) if arch == "decoder_x2" else SMALL_DECODER
+    backbone = build_backbone(preset, seed=0)
+    head = fuse_for_inference(UNETRHead(preset.embed_dim, 4, patch_size=preset.patch_size,
+                                        tile_size=preset.tile_size, decoder_channels=decoder))
+    x = torch.randn(32, 3, preset.tile_size, preset.tile_size).contiguous(memory_format=torch.channels_last)
+
+    def forward():
+        with torch.inference_mode():
+            for s in range(0, len(x), 4):
+                _, tokens = backbone(x[s:s + 4], tokens=True)
+                head(tokens, x[s:s + 4])
+
+    forward()
+    benchmark.pedantic(forward, rounds=3, warmup_rounds=0)
+    benchmark.extra_info.update(arch=arch, decoder=list(decoder), patch_size=preset.patch_size)
+    mean = record(benchmark, tiles=len(x))
+    if mean is not None:
+        _ARCH_MEANS[arch] = mean
+        if arch != "bundled" and "bundled" in _ARCH_MEANS:
+            benchmark.extra_info["over_bundled"] = round(mean / _ARCH_MEANS["bundled"], 3)
+
+
 #: the commit whose bundled nuclei model (and its OOD / conformal states) the ``triage-model`` group
 #: compares against: the model before issue 27's retraining
 PREVIOUS_MODEL_COMMIT = "685c514"

@@ -167,6 +167,38 @@ def test_score_predictions_reports_per_class_recall_f1_and_pq():
     assert r["bpq"] == 1.0 and r["f1_det"] == 1.0
 
 
+def test_error_analysis_tells_missed_merged_and_found_nuclei_apart(nuclei_dir):
+    """bench/nuclei_error_analysis.py on a real annotated CoNSeP training patch, edited where the answer is
+    known: one nucleus deleted (missed), two touching nuclei given one label (the smaller merged, the
+    larger still found at IoU > 0.5), one shrunk to a sliver (other), the rest untouched (found)."""
+    from scipy import ndimage as ndi
+
+    ea = bench_script("nuclei_error_analysis")
+    true = next(s for s in load_consep(nuclei_dir, split="train") if s.group == "consep/train_1").inst_map
+    ids, areas = np.unique(true[true > 0], return_counts=True)
+    assert len(ids) > 20
+    # two touching nuclei: a pixel of one has a 4-neighbour in the other
+    grown = ndi.grey_dilation(true, size=(3, 3))
+    touch = (true > 0) & (grown > 0) & (grown != true)
+    a = int(true[touch][0])
+    b = int(grown[touch & (true == a)][0])
+    big, small = (a, b) if areas[ids == a][0] >= areas[ids == b][0] else (b, a)
+    gone = int(next(g for g in ids if g not in (a, b)))
+    sliver = int(next(g for g in ids if g not in (a, b, gone) and areas[ids == g][0] > 100))
+    pred = true.copy()
+    pred[true == gone] = 0
+    pred[true == small] = big
+    ys, xs = np.nonzero(true == sliver)
+    keep = np.zeros_like(true, bool)
+    keep[ys[: len(ys) // 3 + 1], xs[: len(xs) // 3 + 1]] = True  # a third of its pixels: covered, IoU < 0.5
+    pred[(true == sliver) & ~keep] = 0
+    got_ids, outcome, got_areas = ea.classify(true, pred)
+    assert np.array_equal(got_ids, ids) and np.array_equal(got_areas, areas)
+    by_id = dict(zip(got_ids.tolist(), outcome.tolist(), strict=True))
+    assert by_id[gone] == 1 and by_id[small] == 2 and by_id[big] == 0 and by_id[sliver] == 3
+    assert sum(v == 0 for v in by_id.values()) == len(ids) - 3
+
+
 def test_default_triage_reports_no_nucleus_under_the_minimum_area(tmp_path):
     """issue 14: the README's first command (default settings, bundled slide) reports no specks"""
     from cellvit_optimus.engine.data import DATA_DIR
