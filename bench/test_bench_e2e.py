@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from benchutil import record
+from benchutil import record, smoke
 from cellvit_optimus.engine.data import bundled_slide, default_nuclei_model
 from cellvit_optimus.engine.errors import WeightsError
 from cellvit_optimus.engine.pipeline.extract import ExtractConfig, extract_features
@@ -171,9 +171,11 @@ def test_nuclei_forward_head_fused(benchmark, slides_dir, head):
         model.head = load_nuclei_head(model.path, backbone_id=model.metadata["backbone_id"]).head.eval()
     with open_slide(slides_dir / "cmu-1-small-region.svs") as s:
         coords = tile_grid(s, TilingConfig(tile_size=model.tile_size, target_mpp=model.nuclei_mpp)).coords
-        idx = np.random.default_rng(0).choice(len(coords), 32, replace=len(coords) < 32)
+        n = smoke(benchmark, 32, 4)
+        idx = np.random.default_rng(0).choice(len(coords), n, replace=len(coords) < n)
         tiles = s.read_tiles([tuple(map(int, c)) for c in coords[idx]], model.tile_size, model.nuclei_mpp)
-    model.forward(tiles[:model.batch_size])  # warm-up outside the timing
+    if not benchmark.disabled:
+        model.forward(tiles[:model.batch_size])  # warm-up outside the timing
     benchmark.pedantic(lambda: model.forward(tiles), rounds=3, warmup_rounds=0)
     benchmark.extra_info.update(head=head, batch_size=model.batch_size)
     mean = record(benchmark, tiles=len(tiles))
@@ -210,7 +212,8 @@ def test_nuclei_architecture_forward_cost(benchmark, arch):
     backbone = build_backbone(preset, seed=0)
     head = fuse_for_inference(UNETRHead(preset.embed_dim, 4, patch_size=preset.patch_size,
                                         tile_size=preset.tile_size, decoder_channels=decoder))
-    x = torch.randn(32, 3, preset.tile_size, preset.tile_size).contiguous(memory_format=torch.channels_last)
+    n = smoke(benchmark, 32, 4)
+    x = torch.randn(n, 3, preset.tile_size, preset.tile_size).contiguous(memory_format=torch.channels_last)
 
     def forward():
         with torch.inference_mode():
@@ -218,7 +221,8 @@ def test_nuclei_architecture_forward_cost(benchmark, arch):
                 _, tokens = backbone(x[s:s + 4], tokens=True)
                 head(tokens, x[s:s + 4])
 
-    forward()
+    if not benchmark.disabled:
+        forward()  # warm-up outside the timing
     benchmark.pedantic(forward, rounds=3, warmup_rounds=0)
     benchmark.extra_info.update(arch=arch, decoder=list(decoder), patch_size=preset.patch_size)
     mean = record(benchmark, tiles=len(x))
