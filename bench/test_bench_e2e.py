@@ -149,6 +149,32 @@ def test_nuclei_forward_micro_batch(benchmark, slides_dir, batch_size):
     record(benchmark, tiles=len(tiles))
 
 
+_TRIAGE_DTYPE_MEANS: dict[str, float] = {}
+
+
+@pytest.mark.benchmark(group="e2e-triage-head-dtype")
+@pytest.mark.parametrize("head_dtype", ["fp32", "bf16"])
+def test_triage_warm_head_dtype(benchmark, tmp_path, head_dtype):
+    """warm triage of the bundled slide with the nuclei decoder in fp32 (the default) and in bf16
+    (``--head-dtype bf16``); ``extra_info['bf16_over_fp32']`` is the ratio of mean times (run fp32
+    first). On a CPU without native bfloat16 the bf16 round is slower, which this ratio shows."""
+    from cellvit_optimus.engine.pipeline.nuclei import cpu_has_native_bf16
+    from cellvit_optimus.engine.triage.engine import Engine, TriageConfig
+
+    if benchmark.disabled and head_dtype == "fp32":
+        pytest.skip("smoke run: the fp32 path is test_triage_end_to_end's")
+    engine = Engine(TriageConfig(), head_dtype=head_dtype)
+    once = _bundled_slide_runs(engine, tmp_path)
+    res = benchmark.pedantic(once, rounds=3, warmup_rounds=1)
+    benchmark.extra_info.update(head_dtype=head_dtype, native_bf16=cpu_has_native_bf16(), nuclei=res.nuclei,
+                                tag=res.tag, priority=round(res.priority, 4))
+    mean = record(benchmark, tiles=res.tiles)
+    if mean is not None:
+        _TRIAGE_DTYPE_MEANS[head_dtype] = mean
+        if head_dtype == "bf16" and "fp32" in _TRIAGE_DTYPE_MEANS:
+            benchmark.extra_info["bf16_over_fp32"] = round(mean / _TRIAGE_DTYPE_MEANS["fp32"], 3)
+
+
 _HEAD_MEANS: dict[str, float] = {}
 
 

@@ -19,6 +19,7 @@ import click
 
 from cellvit_optimus.engine.cli_params import (
     DEVICE,
+    HEAD_DTYPE,
     MIL_FORMAT,
     MPP,
     NON_NEGATIVE,
@@ -456,10 +457,11 @@ def extract(slides, out_dir, mpp, target_mpp, tile_size, overlap, min_tissue, ba
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
               help="seconds to wait when another run is writing to OUT (default: wait until it ends; 0: fail at once)")
 @click.option("--trident-layout", is_flag=True, help=_TRIDENT_HELP)
+@click.option("--head-dtype", **HEAD_DTYPE)
 def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, recursive, nuclei_weights,
            backbone_weights, mil_weights, thresholds, ood_state, shadow_slides, site_id, outputs, device, batch_size,
            read_chunk, workers, decoder, quiet, gzip_cells, ray_address, ray_actors, ray_cpus_per_actor,
-           lock_timeout, trident_layout):
+           lock_timeout, trident_layout, head_dtype):
     """Triage SLIDES (files or folders; default: the bundled real slide) into a ranked worklist.
 
     Writes per slide OUT/<slide>/{cells.geojson[.gz], regions.geojson, overview.png, summary.json} and
@@ -483,7 +485,7 @@ def triage(slides, out_dir, mpp, nuclei_mpp, overlap_px, min_tissue, backend, re
                               overlap_px=overlap_px, min_tissue_fraction=min_tissue, outputs=outputs, safety=safety,
                               gzip_cells=gzip_cells, lock_timeout_s=lock_timeout)
         weights = dict(nuclei_weights=nuclei_weights, backbone_weights=backbone_weights, mil_weights=mil_weights,
-                       device=device, batch_size=batch_size)
+                       device=device, batch_size=batch_size, head_dtype=head_dtype)
         if ray_address is None:
             from cellvit_optimus.kernels import kernels_cached
 

@@ -16,6 +16,7 @@ import click
 
 from cellvit_optimus.engine.cli_params import (
     DEVICE,
+    HEAD_DTYPE,
     MPP,
     NON_NEGATIVE,
     POSITIVE,
@@ -216,7 +217,8 @@ def train_mil_cmd(bags_dir, labels_csv, epochs, lr, hidden_dim, seed, out):
 @click.option("--overlap", type=NON_NEGATIVE, default=64, show_default=True,
               help="pixels two neighbouring tiles share, at the nuclei resolution")
 @click.option("--device", **DEVICE)
-def segment(images, mpp, out_dir, model_path, backbone_weights, overlap, device):
+@click.option("--head-dtype", **HEAD_DTYPE)
+def segment(images, mpp, out_dir, model_path, backbone_weights, overlap, device, head_dtype):
     """Segment and classify nuclei in plain IMAGES (PNG/JPEG/TIFF, any size).
 
     Writes <stem>_instances.npy (int32 ids), <stem>_types.npy (class ids) and <stem>_cells.geojson
@@ -231,7 +233,8 @@ def segment(images, mpp, out_dir, model_path, backbone_weights, overlap, device)
     from cellvit_optimus.engine.training.datasets import read_image
 
     try:
-        model = NucleiModel(model_path, backbone_weights=backbone_weights, device=resolve_device(device))
+        model = NucleiModel(model_path, backbone_weights=backbone_weights, device=resolve_device(device),
+                            head_dtype=head_dtype)
     except OptimusError as exc:
         raise click.UsageError(str(exc)) from exc
     out = Path(out_dir)

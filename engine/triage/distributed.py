@@ -236,6 +236,7 @@ class RayTriage:
     nuclei_weights, backbone_weights, mil_weights : as for ``Engine``; paths must exist on every node
     device : ``"auto"`` (CUDA on actors given a GPU), ``"cpu"`` or ``"cuda"``
     batch_size : tiles per backbone call (default: the nuclei model's for each actor's device)
+    head_dtype : the nuclei decoder's precision on every actor, as for ``Engine``
     ray_init : extra keyword arguments for ``ray.init`` when this object starts or joins Ray
     """
 
@@ -243,14 +244,15 @@ class RayTriage:
                  nuclei_weights: str | os.PathLike[str] | None = None,
                  backbone_weights: str | os.PathLike[str] | None = None,
                  mil_weights: str | os.PathLike[str] | None = None, device: str = DEFAULT_DEVICE,
-                 batch_size: int | None = None, ray_init: dict[str, Any] | None = None) -> None:
+                 batch_size: int | None = None, head_dtype: str = "fp32",
+                 ray_init: dict[str, Any] | None = None) -> None:
         self.config = config or TriageConfig()
         self.cluster = cluster or ClusterConfig()
         self.engine_kwargs: dict[str, Any] = {
             "nuclei_weights": None if nuclei_weights is None else os.path.abspath(nuclei_weights),
             "backbone_weights": None if backbone_weights is None else os.path.abspath(backbone_weights),
             "mil_weights": None if mil_weights is None else os.path.abspath(mil_weights),
-            "device": device, "batch_size": batch_size}
+            "device": device, "batch_size": batch_size, "head_dtype": head_dtype}
         self.ray_init = dict(ray_init or {})
         self.slots: list[_Slot] = []
         self.attempts: list[SlideAttempt] = []  # every hand-out of the last run, in the order they ended

@@ -79,18 +79,20 @@ class Engine:
     mil_weights : optional gated-attention MIL checkpoint for the slide score
     device : ``"cpu"``, ``"cuda"``, ``"auto"``
     batch_size : tiles per backbone call (default: the nuclei model's for the device, 4 on the CPU)
+    head_dtype : ``"fp32"`` or ``"bf16"``: the nuclei decoder's precision (:class:`NucleiModel`); part
+        of :meth:`run_key`, so a rerun in the other precision recomputes
     """
 
     def __init__(self, config: TriageConfig | None = None, *, nuclei_weights: str | os.PathLike[str] | None = None,
                  backbone_weights: str | os.PathLike[str] | None = None,
                  mil_weights: str | os.PathLike[str] | None = None, device: str = "cpu",
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, head_dtype: str = "fp32") -> None:
         from cellvit_optimus.engine.pipeline import NucleiModel, PostProcessConfig
 
         self.config = config or TriageConfig()
         device = resolve_device(device)
         self.model = NucleiModel(nuclei_weights, backbone_weights=backbone_weights, device=device,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, head_dtype=head_dtype)
         from cellvit_optimus.heads.backbone import check_finite
 
         # NaN/inf weights would give all-NaN outputs that still look like a finished slide
@@ -201,6 +203,8 @@ class Engine:
                # 2: QuPath fields in measurements / metadata, UUID ids, geometry clipped to the slide;
                # 3: trust_level measurement and the reason in region names (QuPath 0.4 drops metadata)
                "geojson": 3, "gzip_cells": self.config.gzip_cells}
+        if self.model.head_dtype != "fp32":  # fp32 runs keep the keys they had before the option existed
+            doc["head_dtype"] = self.model.head_dtype
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     # -- running -----------------------------------------------------------------------------------

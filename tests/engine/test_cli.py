@@ -173,6 +173,10 @@ def test_cli_decoder_choices_and_slide_suffixes_are_the_engines():
 
     assert cli_module._DECODERS == DECODERS
     assert SLIDE_SUFFIXES == inspect.signature(iter_slide_paths).parameters["suffixes"].default
+    from cellvit_optimus.engine.cli_params import HEAD_DTYPES
+    from cellvit_optimus.engine.pipeline.nuclei import HEAD_DTYPES as MODEL_HEAD_DTYPES
+
+    assert HEAD_DTYPES == MODEL_HEAD_DTYPES
 
 
 def test_triage_gzip_writes_compressed_cells(tmp_path, slides_dir):

@@ -459,6 +459,21 @@ def test_quality_flags_follow_the_threshold_file(tmp_path, slides_dir, engine):
     assert len(keys) == 4
 
 
+def test_a_bf16_decoder_keys_another_run_and_fp32_keeps_the_old_key(engine):
+    """slides finished with the fp32 decoder are not served to a bf16 run (its cells differ slightly), and
+    the fp32 key is the one runs had before the option existed (no key field added for it)"""
+    import torch
+
+    from cellvit_optimus.engine.errors import ConfigError
+
+    bf16 = Engine(TriageConfig(**COARSE), head_dtype="bf16")
+    assert bf16.model.head_dtype == "bf16" and next(bf16.model.head.parameters()).dtype == torch.bfloat16
+    assert bf16.run_key() != engine.run_key()
+    assert Engine(TriageConfig(**COARSE), head_dtype="fp32").run_key() == engine.run_key()
+    with pytest.raises(ConfigError, match="head_dtype='fp16'"):
+        Engine(TriageConfig(**COARSE), head_dtype="fp16")
+
+
 def test_the_run_key_follows_the_model_file_content_not_its_path(tmp_path, engine):
     """a copy of the same checkpoint elsewhere (another node's install) keys the same run; other weights
     key another"""
