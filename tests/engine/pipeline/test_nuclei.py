@@ -150,6 +150,35 @@ def test_cli_segment_writes_maps_and_geojson(held_out, tmp_path):
     assert "missing.png: failed" in r.output
 
 
+def test_cli_segment_head_dtype_reaches_the_model(nuclei_dir, tmp_path, monkeypatch):
+    """``segment --head-dtype bf16`` builds the model with a bfloat16 decoder and writes its cells; another
+    precision is refused by click before any model loads"""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from cellvit_optimus.engine.pipeline import nuclei as nuclei_module
+    from cellvit_optimus.engine.training.cli import segment
+
+    built = []
+    real = nuclei_module.NucleiModel.__init__
+
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        built.append(next(self.head.parameters()).dtype)
+
+    monkeypatch.setattr(nuclei_module.NucleiModel, "__init__", spy)
+    sample = next(s for s in load_consep(nuclei_dir, split="train") if s.group == "consep/train_1")
+    Image.fromarray(sample.image).save(tmp_path / "v.png")
+    r = CliRunner().invoke(segment, [str(tmp_path / "v.png"), "--mpp", "0.25", "--out", str(tmp_path / "out"),
+                                     "--head-dtype", "bf16"])
+    assert r.exit_code == 0, r.output
+    assert built == [torch.bfloat16]
+    assert np.load(tmp_path / "out" / "v_instances.npy").max() > 10
+    r = CliRunner().invoke(segment, [str(tmp_path / "v.png"), "--mpp", "0.25", "--out", str(tmp_path / "o2"),
+                                     "--head-dtype", "fp16"])
+    assert r.exit_code == 2 and "fp16" in r.output and len(built) == 1
+
+
 def test_score_predictions_reports_per_class_recall_f1_and_pq():
     """Per-class figures on maps where the answer is known: class 2 found but called class 1."""
     inst = np.zeros((60, 60), np.int32)
