@@ -44,3 +44,16 @@ def record(benchmark: Any, **amounts: float) -> float | None:
         benchmark.extra_info[f"{unit}_per_s"] = round(amount / mean, 3)
         benchmark.extra_info[unit] = amount
     return mean
+
+
+def record_ratio(benchmark: Any, means: dict[str, float], label: str, mean: float | None, baseline: str,
+                 key: str) -> None:
+    """keep ``mean`` (a :func:`record` result) as ``means[label]``; when ``label`` is not ``baseline`` and the
+    baseline ran earlier in this session, store ``extra_info[key] = mean / baseline mean`` (3 decimals):
+    the side-by-side ratio these benchmarks report"""
+    if mean is None:
+        return
+    means[label] = mean
+    if label != baseline and baseline in means:
+        benchmark.extra_info[key] = round(mean / means[baseline], 3)
+

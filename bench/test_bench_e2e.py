@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from benchutil import record, smoke
+from benchutil import record, record_ratio, smoke
 from cellvit_optimus.engine.data import bundled_slide, default_nuclei_model
 from cellvit_optimus.engine.errors import WeightsError
 from cellvit_optimus.engine.pipeline.extract import ExtractConfig, extract_features
@@ -168,11 +168,8 @@ def test_triage_warm_head_dtype(benchmark, tmp_path, head_dtype):
     res = benchmark.pedantic(once, rounds=3, warmup_rounds=1)
     benchmark.extra_info.update(head_dtype=head_dtype, native_bf16=cpu_has_native_bf16(), nuclei=res.nuclei,
                                 tag=res.tag, priority=round(res.priority, 4))
-    mean = record(benchmark, tiles=res.tiles)
-    if mean is not None:
-        _TRIAGE_DTYPE_MEANS[head_dtype] = mean
-        if head_dtype == "bf16" and "fp32" in _TRIAGE_DTYPE_MEANS:
-            benchmark.extra_info["bf16_over_fp32"] = round(mean / _TRIAGE_DTYPE_MEANS["fp32"], 3)
+    record_ratio(benchmark, _TRIAGE_DTYPE_MEANS, head_dtype, record(benchmark, tiles=res.tiles), "fp32",
+                 "bf16_over_fp32")
 
 
 _HEAD_MEANS: dict[str, float] = {}
@@ -204,11 +201,8 @@ def test_nuclei_forward_head_fused(benchmark, slides_dir, head):
         model.forward(tiles[:model.batch_size])  # warm-up outside the timing
     benchmark.pedantic(lambda: model.forward(tiles), rounds=3, warmup_rounds=0)
     benchmark.extra_info.update(head=head, batch_size=model.batch_size)
-    mean = record(benchmark, tiles=len(tiles))
-    if mean is not None:
-        _HEAD_MEANS[head] = mean
-        if head == "fused" and "as_trained" in _HEAD_MEANS:
-            benchmark.extra_info["fused_over_as_trained"] = round(mean / _HEAD_MEANS["as_trained"], 3)
+    record_ratio(benchmark, _HEAD_MEANS, head, record(benchmark, tiles=len(tiles)), "as_trained",
+                 "fused_over_as_trained")
 
 
 _ARCH_MEANS: dict[str, float] = {}
@@ -220,7 +214,8 @@ def test_nuclei_architecture_forward_cost(benchmark, arch):
     """what a larger nuclei model would cost per tile on this machine, as inference runs it (folded head,
     4 tiles a forward, 32 tiles): the bundled architecture (tiny ViT, patch 14, decoder 16/32/64/128),
     the decoder twice as wide (32/64/128/256, CellViT's ratios at half its width), a patch-8 token grid
-    (28 x 28 tokens) and the ``small`` backbone (384 dims x 12 blocks) with the bundled decoder; random weights (the cost does not depend on them).
+    (28 x 28 tokens) and the ``small`` backbone (384 dims x 12 blocks) with the bundled decoder; random
+    weights (the cost does not depend on them).
     ``extra_info['over_bundled']``: the ratio of mean times (run ``bundled`` first). Warm triage of the
     bundled slide is about all nuclei forward (issue 27, session 13: 96 %), so this ratio is about what
     the model would do to triage time."""
@@ -251,11 +246,7 @@ def test_nuclei_architecture_forward_cost(benchmark, arch):
         forward()  # warm-up outside the timing
     benchmark.pedantic(forward, rounds=3, warmup_rounds=0)
     benchmark.extra_info.update(arch=arch, decoder=list(decoder), patch_size=preset.patch_size)
-    mean = record(benchmark, tiles=len(x))
-    if mean is not None:
-        _ARCH_MEANS[arch] = mean
-        if arch != "bundled" and "bundled" in _ARCH_MEANS:
-            benchmark.extra_info["over_bundled"] = round(mean / _ARCH_MEANS["bundled"], 3)
+    record_ratio(benchmark, _ARCH_MEANS, arch, record(benchmark, tiles=len(x)), "bundled", "over_bundled")
 
 
 #: the commit whose bundled nuclei model (and its OOD / conformal states) the ``triage-model`` group
@@ -302,8 +293,5 @@ def test_triage_warm_previous_vs_bundled_model(benchmark, tmp_path, model):
     once = _bundled_slide_runs(engine, tmp_path)
     res = benchmark.pedantic(once, rounds=3, warmup_rounds=1)
     benchmark.extra_info.update(model=model, nuclei=res.nuclei, tag=res.tag)
-    mean = record(benchmark, tiles=res.tiles)
-    if mean is not None:
-        _TRIAGE_MODEL_MEANS[model] = mean
-        if model == "bundled" and "previous" in _TRIAGE_MODEL_MEANS:
-            benchmark.extra_info["bundled_over_previous"] = round(mean / _TRIAGE_MODEL_MEANS["previous"], 3)
+    record_ratio(benchmark, _TRIAGE_MODEL_MEANS, model, record(benchmark, tiles=res.tiles), "previous",
+                 "bundled_over_previous")
