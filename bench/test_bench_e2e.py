@@ -123,6 +123,17 @@ def test_triage_end_to_end(benchmark, tmp_path):
     record(benchmark, tiles=res.tiles)
 
 
+def _real_tiles(slides_dir, model, n: int):
+    """``n`` real tissue tiles of CMU-1-Small-Region at ``model``'s tile size and nuclei MPP, drawn with a
+    fixed seed (the same tiles for every parametrisation of a benchmark)"""
+    import numpy as np
+
+    with open_slide(slides_dir / "cmu-1-small-region.svs") as s:
+        coords = tile_grid(s, TilingConfig(tile_size=model.tile_size, target_mpp=model.nuclei_mpp)).coords
+        idx = np.random.default_rng(0).choice(len(coords), n, replace=len(coords) < n)
+        return s.read_tiles([tuple(map(int, c)) for c in coords[idx]], model.tile_size, model.nuclei_mpp)
+
+
 @pytest.mark.benchmark(group="nuclei-micro-batch")
 @pytest.mark.parametrize("batch_size", [1, 4, 16])
 def test_nuclei_forward_micro_batch(benchmark, slides_dir, batch_size):
@@ -131,17 +142,12 @@ def test_nuclei_forward_micro_batch(benchmark, slides_dir, batch_size):
     in this order: 1 and 4 first, so a rise is the larger batch's)"""
     import resource
 
-    import numpy as np
-
     if not default_nuclei_model().is_file():
         pytest.skip(f"bundled nuclei model {default_nuclei_model()} absent (trained separately)")
     from cellvit_optimus.engine.pipeline.nuclei import NucleiModel
 
     model = NucleiModel(batch_size=batch_size)
-    with open_slide(slides_dir / "cmu-1-small-region.svs") as s:
-        coords = tile_grid(s, TilingConfig(tile_size=model.tile_size, target_mpp=model.nuclei_mpp)).coords
-        idx = np.random.default_rng(0).choice(len(coords), 32, replace=len(coords) < 32)
-        tiles = s.read_tiles([tuple(map(int, c)) for c in coords[idx]], model.tile_size, model.nuclei_mpp)
+    tiles = _real_tiles(slides_dir, model, 32)
     model.forward(tiles[:batch_size])  # warm-up outside the timing
     benchmark.pedantic(lambda: model.forward(tiles), rounds=3, warmup_rounds=0)
     benchmark.extra_info.update(batch_size=batch_size,
@@ -182,8 +188,6 @@ def test_nuclei_forward_head_fused(benchmark, slides_dir, head):
     as trained (conv, batch norm, dropout; contiguous) and as ``NucleiModel`` runs it
     (``heads.unetr.fuse_for_inference``: folded, channels-last); ``extra_info['fused_over_as_trained']``
     is the ratio of mean times (run ``as_trained`` first)"""
-    import numpy as np
-
     if not default_nuclei_model().is_file():
         pytest.skip(f"bundled nuclei model {default_nuclei_model()} absent (trained separately)")
     from cellvit_optimus.engine.pipeline.nuclei import NucleiModel
@@ -192,11 +196,7 @@ def test_nuclei_forward_head_fused(benchmark, slides_dir, head):
     model = NucleiModel()
     if head == "as_trained":
         model.head = load_nuclei_head(model.path, backbone_id=model.metadata["backbone_id"]).head.eval()
-    with open_slide(slides_dir / "cmu-1-small-region.svs") as s:
-        coords = tile_grid(s, TilingConfig(tile_size=model.tile_size, target_mpp=model.nuclei_mpp)).coords
-        n = smoke(benchmark, 32, 4)
-        idx = np.random.default_rng(0).choice(len(coords), n, replace=len(coords) < n)
-        tiles = s.read_tiles([tuple(map(int, c)) for c in coords[idx]], model.tile_size, model.nuclei_mpp)
+    tiles = _real_tiles(slides_dir, model, smoke(benchmark, 32, 4))
     if not benchmark.disabled:
         model.forward(tiles[:model.batch_size])  # warm-up outside the timing
     benchmark.pedantic(lambda: model.forward(tiles), rounds=3, warmup_rounds=0)

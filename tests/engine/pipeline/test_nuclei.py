@@ -41,6 +41,18 @@ def held_out(nuclei_dir: Path) -> list[NucleiSample]:
     return [s for s in samples if s.group in HELD_OUT]
 
 
+@pytest.fixture(scope="module")
+def validation_image(nuclei_dir: Path) -> NucleiSample:
+    """CoNSeP train_20, whole: one of the bundled model's validation images (never held out)"""
+    return next(s for s in load_consep(nuclei_dir, split="train", whole=True) if s.group == "consep/train_20")
+
+
+def _four_tiles(sample: NucleiSample) -> np.ndarray:
+    """the top-left 448 x 448 pixels of a 0.25 um/px image at the model's 0.5 um/px, as 4 tiles of 224"""
+    img = sample.image[::2, ::2][:448, :448]
+    return np.ascontiguousarray(img.reshape(2, 224, 2, 224, 3).transpose(0, 2, 1, 3, 4).reshape(4, 224, 224, 3))
+
+
 def test_bundled_model_metadata(model):
     from cellvit_optimus.heads.checkpoint import state_hash
 
@@ -196,7 +208,7 @@ def test_score_predictions_reports_per_class_recall_f1_and_pq():
     assert r["bpq"] == 1.0 and r["f1_det"] == 1.0
 
 
-def test_a_bf16_decoder_finds_the_same_nuclei_on_a_validation_image(model, nuclei_dir):
+def test_a_bf16_decoder_finds_the_same_nuclei_on_a_validation_image(model, validation_image):
     """``head_dtype="bf16"`` (the decoder in bfloat16, backbone untouched): on a whole CoNSeP validation
     image the nucleus map agrees with fp32's on nearly every pixel, and the nuclei scored against the
     annotation are as good (bPQ within 0.01, counts within 3 %)."""
@@ -204,9 +216,8 @@ def test_a_bf16_decoder_finds_the_same_nuclei_on_a_validation_image(model, nucle
 
     bf16 = NucleiModel(head_dtype="bf16")
     assert next(bf16.head.parameters()).dtype == torch.bfloat16
-    sample = next(s for s in load_consep(nuclei_dir, split="train", whole=True) if s.group == "consep/train_20")
-    tiles = np.ascontiguousarray(sample.image[::2, ::2][:448, :448].reshape(2, 224, 2, 224, 3)
-                                 .transpose(0, 2, 1, 3, 4).reshape(4, 224, 224, 3))
+    sample = validation_image
+    tiles = _four_tiles(sample)
     a, b = model.predict(tiles), bf16.predict(tiles)
     assert a.np.dtype == b.np.dtype == np.float32
     agree = float(((a.np > 0.5) == (b.np > 0.5)).mean())
@@ -387,10 +398,10 @@ def test_cells_of_a_40x_image_are_outlined_at_its_own_resolution(model, nuclei_d
     assert len(r.table) == len(r0.table)
 
 
-def test_the_model_runs_a_folded_copy_of_its_head_with_the_same_maps(model, nuclei_dir):
+def test_the_model_runs_a_folded_copy_of_its_head_with_the_same_maps(model, validation_image):
     """NucleiModel runs ``fuse_for_inference`` of the checkpoint's head (conv + batch norm folded,
-    channels-last): on a real validation image its maps match the head as trained, and the same
-    nuclei come out."""
+    channels-last): on a real validation image its NP, HV and NT maps match the head as trained to
+    1e-4."""
     from cellvit_optimus.heads.checkpoint import load_nuclei_head
     from cellvit_optimus.heads.unetr import fuse_for_inference
 
@@ -398,10 +409,7 @@ def test_the_model_runs_a_folded_copy_of_its_head_with_the_same_maps(model, nucl
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.head.modules())
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in trained.modules()) > 20
 
-    # a CoNSeP validation image (never held out), at the model's 0.5 um/px, as the first 4 tiles
-    sample = next(s for s in load_consep(nuclei_dir, split="train", whole=True) if s.group == "consep/train_20")
-    img = sample.image[::2, ::2][:448, :448]
-    tiles = np.ascontiguousarray(img.reshape(2, 224, 2, 224, 3).transpose(0, 2, 1, 3, 4).reshape(4, 224, 224, 3))
+    tiles = _four_tiles(validation_image)
     fused_maps = model.predict(tiles)
     folded = model.head
     try:
