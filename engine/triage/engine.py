@@ -192,6 +192,10 @@ class Engine:
 
     def run_key(self) -> str:
         """identity of everything that shapes a slide's outputs (a rerun with another key recomputes)"""
+        return hashlib.sha256(json.dumps(self._key_doc(), sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def _key_doc(self) -> dict[str, Any]:
+        """what :meth:`run_key` hashes"""
         # the model by content only: a copy of the same file elsewhere (another node's install, a moved
         # cache) gives the same key, so finished slides are not recomputed and Ray actors agree
         doc = {"model_hash": self._model_hash,
@@ -205,7 +209,7 @@ class Engine:
                "geojson": 3, "gzip_cells": self.config.gzip_cells}
         if self.model.head_dtype != "fp32":  # fp32 runs keep the keys they had before the option existed
             doc["head_dtype"] = self.model.head_dtype
-        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        return doc
 
     # -- running -----------------------------------------------------------------------------------
     def run(self, slides: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],

@@ -470,6 +470,7 @@ def test_a_bf16_decoder_keys_another_run_and_fp32_keeps_the_old_key(engine):
     assert bf16.model.head_dtype == "bf16" and next(bf16.model.head.parameters()).dtype == torch.bfloat16
     assert bf16.run_key() != engine.run_key()
     assert Engine(TriageConfig(**COARSE), head_dtype="fp32").run_key() == engine.run_key()
+    assert "head_dtype" not in engine._key_doc() and bf16._key_doc()["head_dtype"] == "bf16"
     with pytest.raises(ConfigError, match="head_dtype='fp16'"):
         Engine(TriageConfig(**COARSE), head_dtype="fp16")
 
