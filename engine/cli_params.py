@@ -21,8 +21,8 @@ import click
 from cellvit_optimus.engine.settings import DEFAULT_DEVICE, resolve_device
 from cellvit_optimus.engine.errors import OptimusError
 
-__all__ = ("MPP", "DEVICE", "DEVICE_HELP", "HEAD_DTYPE", "HEAD_DTYPES", "POSITIVE", "NON_NEGATIVE", "SLIDE_SUFFIXES", "NUCLEI_FORMAT",
-           "MIL_FORMAT", "checkpoint_file", "cuda_device_count", "device_unavailable", "existing_file",
+__all__ = ("MPP", "DEVICE", "DEVICE_HELP", "HEAD_DTYPE", "HEAD_DTYPES", "POSITIVE", "NON_NEGATIVE",
+           "SLIDE_SUFFIXES", "NUCLEI_FORMAT", "MIL_FORMAT", "checkpoint_file", "cuda_device_count", "device_unavailable", "existing_file",
            "read_safetensors_metadata", "resolve_device", "thresholds_file", "unwritable", "validate_device",
            "writable_dir", "writable_file")
 

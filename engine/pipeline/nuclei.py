@@ -65,6 +65,7 @@ def cpu_has_native_bf16() -> bool:
     except (AttributeError, RuntimeError):  # a torch build without oneDNN
         return False
 
+
 #: tile overlap in pixels at the nuclei MPP: the triage overlap (settings), nuclei up to 32 px radius are
 #: whole in their owner tile
 DEFAULT_OVERLAP = TRIAGE_OVERLAP_PX
