@@ -43,8 +43,9 @@ def classify(true: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray
     p_ids, p_area = np.unique(p[p > 0], return_counts=True)
     p_area_of = dict(zip(p_ids.tolist(), p_area.tolist(), strict=True))
     both = (t > 0) & (p > 0)
-    pairs, inter = np.unique(t[both] * (int(p.max()) + 1) + p[both], return_counts=True)
-    pt, pp = pairs // (int(p.max()) + 1), pairs % (int(p.max()) + 1)
+    base = int(p.max()) + 1  # (true id, pred id) pairs as one integer each
+    pairs, inter = np.unique(t[both] * base + p[both], return_counts=True)
+    pt, pp = pairs // base, pairs % base
     # each prediction's pixels on annotated nuclei, to tell a merge from a loose outline
     on_true = {int(k): int(v) for k, v in zip(*np.unique(p[both], return_counts=True), strict=True)}
     overlap = {(g, q): n for g, q, n in zip(pt.tolist(), pp.tolist(), inter.tolist(), strict=True)}
